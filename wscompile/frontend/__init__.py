@@ -1,0 +1,79 @@
+"""Frontends: trace a model into the IR, trying torch.fx first and torch.export second."""
+
+from __future__ import annotations
+
+import networkx as nx
+import torch
+from torch import nn
+
+from wscompile import ir
+from wscompile.errors import TraceError
+from wscompile.frontend import export as export_frontend
+from wscompile.frontend import fx as fx_frontend
+
+FRONTENDS = {fx_frontend.NAME: fx_frontend.trace, export_frontend.NAME: export_frontend.trace}
+
+
+def module_tree(model: nn.Module) -> dict[str, list[str]]:
+    """Module path -> direct child paths, in declaration order (root is "")."""
+    tree: dict[str, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        tree.setdefault(path, [])
+        for child_name, _ in module.named_children():
+            tree[path].append(f"{path}.{child_name}" if path else child_name)
+    return tree
+
+
+def trace(model: nn.Module, inputs: dict[str, torch.Tensor], *, frontends: list[str] | None = None,
+          label: str = "model") -> nx.DiGraph:
+    """Trace ``model`` with the first frontend that succeeds.
+
+    Raises:
+        TraceError: no frontend traced the model; the message names each frontend's failure.
+    """
+    tree = module_tree(model)
+    failures = []
+    was_training = model.training
+    model.eval()
+    try:
+        for name in frontends or list(FRONTENDS):
+            try:
+                with torch.no_grad():
+                    graph = FRONTENDS[name](model, inputs, tree)
+            except Exception as e:  # noqa: BLE001 - each tracer fails in its own way; we report all
+                failures.append(f"{name}: {_first_line(e)}")
+                continue
+            ir.verify(graph)
+            if graph.number_of_nodes() == 0:
+                failures.append(f"{name}: no operation reads a model tensor")
+                continue
+            return graph
+    finally:
+        model.train(was_training)
+    raise TraceError(
+        f"cannot trace {label}: " + "; ".join(failures)
+        + "; check the example inputs (--input-shape) or make the failing module traceable"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    where = _failing_module(error)
+    first = text[0] if text else type(error).__name__
+    return f"{type(error).__name__}: {first[:300]}{where}"
+
+
+def _failing_module(error: BaseException) -> str:
+    # torch.fx and torch.export put the user frame at the end of the traceback.
+    tb = error.__traceback__
+    last = None
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if "/torch/" not in filename and "/wscompile/" not in filename:
+            last = tb.tb_frame
+        tb = tb.tb_next
+    if last is None:
+        return ""
+    self_obj = last.f_locals.get("self")
+    owner = f" ({type(self_obj).__name__}.{last.f_code.co_name})" if isinstance(self_obj, nn.Module) else ""
+    return f" at {last.f_code.co_filename}:{last.f_lineno}{owner}"

@@ -1,0 +1,217 @@
+"""Align a student graph with its teacher: layer selection, then component mapping.
+
+1. Both models are cut into loose components and stages of repeated blocks (``blocks.py``).
+2. The two element sequences are aligned in execution order (a longest-common-subsequence
+   dynamic program): a component pairs with a component of the same family, a stage with a stage
+   whose blocks have the same width-free structure (or, failing that, share most components).
+3. Layer selection: student block ``i`` of a stage takes teacher block ``i`` ("first": first-N per
+   stage, the paper's best policy).
+4. Component mapping inside a block pair: VF2 subgraph isomorphism (networkx) on the two blocks'
+   component graphs, nodes compared by family, edges by argument position. Among isomorphisms
+   the one that best keeps execution order wins. Blocks with different structure (a ResNet
+   bottleneck vs a basic block) fall back to an order-preserving partial match; what stays
+   unmatched keeps the student's init, with the reason recorded.
+
+Names are never read: renaming or re-nesting the student's modules gives the same alignment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import islice
+
+import networkx as nx
+from networkx.algorithms import isomorphism
+
+from wscompile import ir
+from wscompile.errors import MatchError
+from wscompile.matching.blocks import Component, Element, Stage, block_hashes, segment
+from wscompile.matching.structure import Structure
+from wscompile.plan import BlockPair, StagePair
+
+MAX_ISOMORPHISMS = 64  # candidates scored per block pair; blocks have few symmetric mappings
+
+
+@dataclass
+class Alignment:
+    """Student-to-teacher correspondence of components, and the layer map behind it."""
+
+    pairs: dict[int, int]  # student component -> teacher component
+    unmatched: dict[int, str]  # student component -> why it has no teacher counterpart
+    stages: list[StagePair]  # layer selection, per student stage
+    head: set[int]  # student components forming the classifier head
+    teacher_head: set[int]  # teacher components forming the classifier head
+    block_of: dict[int, str] = field(default_factory=dict)  # student component -> its block path
+
+
+def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str = "first") -> Alignment:
+    """Align ``student`` with ``teacher``; raises MatchError when nothing at all matches."""
+    if layer_policy != "first":
+        raise MatchError(f"unknown layer policy {layer_policy!r}; use 'first'")
+    t_struct, s_struct = Structure(teacher), Structure(student)
+    t_elements = segment(t_struct)
+    s_elements = segment(s_struct)
+    # a lone block of one model is a one-block stage if the other model repeats it
+    t_elements = segment(t_struct, block_hashes(s_elements))
+    s_elements = segment(s_struct, block_hashes(t_elements))
+
+    pairs: dict[int, int] = {}
+    unmatched: dict[int, str] = {}
+    stages: list[StagePair] = []
+    block_of: dict[int, str] = {}
+    cache: dict[tuple[str, str], dict[int, int]] = {}
+
+    for t_el, s_el in _align_sequences(t_struct, s_struct, t_elements, s_elements):
+        if isinstance(s_el, Component):
+            if t_el is None:
+                unmatched[s_el.node] = "no teacher layer of this kind at this position"
+            else:
+                pairs[s_el.node] = t_el.node
+            continue
+        if s_el is None:
+            continue
+        stage_pair = StagePair(
+            student=s_el.label, teacher=t_el.label if t_el else None, student_depth=len(s_el.blocks),
+            teacher_depth=len(t_el.blocks) if t_el else 0, policy=layer_policy,
+            teacher_blocks=list(t_el.blocks) if t_el else [],
+        )
+        for i, s_block in enumerate(s_el.blocks):
+            s_nodes = s_struct.components_in[s_block]
+            for n in s_nodes:
+                block_of[n] = s_block
+            if t_el is None or i >= len(t_el.blocks):
+                reason = (f"student block {i} of {s_el.label} has no teacher block: the teacher stage has "
+                          f"{len(t_el.blocks)} blocks" if t_el else f"no teacher stage matches {s_el.label}")
+                unmatched.update({n: reason for n in s_nodes})
+                stage_pair.blocks.append(BlockPair(s_block, None, 0, len(s_nodes)))
+                continue
+            t_block = t_el.blocks[i]
+            t_nodes = t_struct.components_in[t_block]
+            mapping = _map_block(t_struct, s_struct, t_nodes, s_nodes, cache)
+            for n in s_nodes:
+                if n in mapping:
+                    pairs[n] = mapping[n]
+                else:
+                    unmatched[n] = f"no structural counterpart in teacher block {t_block}"
+            stage_pair.blocks.append(BlockPair(s_block, t_block, len(mapping), len(s_nodes)))
+        stages.append(stage_pair)
+
+    if not pairs:
+        raise MatchError(
+            "nothing in the student matched the teacher: no layer of the same kind in the same order; "
+            "are they the same family of model (e.g. both vision transformers)?"
+        )
+    return Alignment(pairs, unmatched, stages, _head(s_struct), _head(t_struct), block_of)
+
+
+def _head(structure: Structure) -> set[int]:
+    """Classifier head: dense layers whose output is a model output directly."""
+    graph = structure.graph
+    return {n for n in graph.graph[ir.OUTPUT_NODES] if structure.family[n] == "dense"}
+
+
+def _element_score(t_struct: Structure, s_struct: Structure, t_el: Element, s_el: Element) -> float:
+    if isinstance(t_el, Component) and isinstance(s_el, Component):
+        return 1.0 if t_struct.family[t_el.node] == s_struct.family[s_el.node] else 0.0
+    if isinstance(t_el, Stage) and isinstance(s_el, Stage):
+        if t_el.family_hash == s_el.family_hash:
+            return 4.0
+        t_nodes = t_struct.components_in[t_el.blocks[0]]
+        s_nodes = s_struct.components_in[s_el.blocks[0]]
+        matched = len(_order_match(t_struct, s_struct, t_nodes, s_nodes))
+        return 3.0 * matched / len(s_nodes) if matched * 2 >= len(s_nodes) else 0.0
+    return 0.0
+
+
+def _align_sequences(t_struct: Structure, s_struct: Structure, t_elements: list[Element],
+                     s_elements: list[Element]) -> list[tuple[Element | None, Element]]:
+    """Order-preserving alignment maximizing the summed element scores."""
+    n, m = len(t_elements), len(s_elements)
+    score = [[0.0] * (m + 1) for _ in range(n + 1)]
+    for i in range(n - 1, -1, -1):
+        for j in range(m - 1, -1, -1):
+            here = _element_score(t_struct, s_struct, t_elements[i], s_elements[j])
+            best = max(score[i + 1][j], score[i][j + 1])
+            if here > 0:
+                best = max(best, here + score[i + 1][j + 1])
+            score[i][j] = best
+    out: list[tuple[Element | None, Element]] = []
+    i = j = 0
+    while j < m:
+        here = _element_score(t_struct, s_struct, t_elements[i], s_elements[j]) if i < n else 0.0
+        if i < n and here > 0 and score[i][j] == here + score[i + 1][j + 1]:
+            out.append((t_elements[i], s_elements[j]))
+            i, j = i + 1, j + 1
+        elif i < n and score[i][j] == score[i + 1][j]:
+            i += 1
+        else:
+            out.append((None, s_elements[j]))
+            j += 1
+    return out
+
+
+def _map_block(t_struct: Structure, s_struct: Structure, t_nodes: list[int], s_nodes: list[int],
+               cache: dict[tuple[str, str], dict[int, int]]) -> dict[int, int]:
+    """Student node -> teacher node inside one block pair."""
+    key = (t_struct.subtree_hash_of_nodes(t_nodes), s_struct.subtree_hash_of_nodes(s_nodes))
+    if key not in cache:
+        positional = _isomorphic_match(t_struct, s_struct, t_nodes, s_nodes)
+        if positional is None:
+            positional = _order_match(t_struct, s_struct, t_nodes, s_nodes)
+        # cache by position so every block with the same structure reuses the search
+        cache[key] = {s_nodes.index(s): t_nodes.index(t) for s, t in positional.items()}
+    return {s_nodes[s]: t_nodes[t] for s, t in cache[key].items()}
+
+
+def _block_graph(struct: Structure, nodes: list[int]) -> nx.DiGraph:
+    sub = nx.DiGraph()
+    for n in nodes:
+        sub.add_node(n, family=struct.family[n])
+    for a, b in struct.graph.subgraph(nodes).edges:
+        sub.add_edge(a, b, arg=struct.graph.edges[a, b][ir.ARG])
+    return sub
+
+
+def _isomorphic_match(t_struct: Structure, s_struct: Structure, t_nodes: list[int],
+                      s_nodes: list[int]) -> dict[int, int] | None:
+    if len(t_nodes) != len(s_nodes):
+        return None
+    t_graph, s_graph = _block_graph(t_struct, t_nodes), _block_graph(s_struct, s_nodes)
+    matcher = isomorphism.DiGraphMatcher(
+        s_graph, t_graph,
+        node_match=lambda a, b: a["family"] == b["family"],
+        edge_match=lambda a, b: a["arg"] == b["arg"],
+    )
+    t_pos = {n: i for i, n in enumerate(t_nodes)}
+    s_pos = {n: i for i, n in enumerate(s_nodes)}
+    best, best_cost = None, None
+    for mapping in islice(matcher.isomorphisms_iter(), MAX_ISOMORPHISMS):
+        cost = sum(abs(s_pos[s] - t_pos[t]) for s, t in mapping.items())
+        if best_cost is None or cost < best_cost:
+            best, best_cost = dict(mapping), cost
+            if cost == 0:
+                break
+    return best
+
+
+def _order_match(t_struct: Structure, s_struct: Structure, t_nodes: list[int], s_nodes: list[int]) -> dict[int, int]:
+    """Longest common subsequence of families, in execution order."""
+    n, m = len(t_nodes), len(s_nodes)
+    lcs = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(n - 1, -1, -1):
+        for j in range(m - 1, -1, -1):
+            if t_struct.family[t_nodes[i]] == s_struct.family[s_nodes[j]]:
+                lcs[i][j] = 1 + lcs[i + 1][j + 1]
+            else:
+                lcs[i][j] = max(lcs[i + 1][j], lcs[i][j + 1])
+    out: dict[int, int] = {}
+    i = j = 0
+    while i < n and j < m:
+        if t_struct.family[t_nodes[i]] == s_struct.family[s_nodes[j]] and lcs[i][j] == 1 + lcs[i + 1][j + 1]:
+            out[s_nodes[j]] = t_nodes[i]
+            i, j = i + 1, j + 1
+        elif lcs[i + 1][j] >= lcs[i][j + 1]:
+            i += 1
+        else:
+            j += 1
+    return out

@@ -1,0 +1,124 @@
+"""The compiler, top to bottom: trace, align, plan, write.
+
+``compile`` is the whole program; each line is one stage, and each stage's result is data the
+next one reads. ``initialize`` is the same on in-memory modules, for use from Python.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+from torch import nn
+
+from wscompile import frontend
+from wscompile.matching import Alignment, align
+from wscompile.passes.apply import apply_plan
+from wscompile.passes.select import build_plan
+from wscompile.plan import SelectionPlan
+from wscompile.weights import ModuleSource, TensorSource
+
+Inputs = dict[str, torch.Tensor]
+
+
+@dataclass
+class Compiled:
+    """Everything one compilation produced."""
+
+    plan: SelectionPlan  # what was selected from where; feeds manifest and reports
+    state_dict: dict[str, torch.Tensor] | None  # the student's full state_dict (None for a dry run)
+    teacher_graph: nx.DiGraph  # IR of the teacher
+    student_graph: nx.DiGraph  # IR of the student
+    alignment: Alignment  # component and layer correspondence
+
+
+def compile(
+    teacher: nn.Module,
+    student: nn.Module,
+    *,
+    teacher_inputs: Inputs,
+    student_inputs: Inputs,
+    teacher_source: TensorSource | None = None,
+    teacher_spec: str = "<module>",
+    student_spec: str = "<module>",
+    method: str = "uniform",
+    select_head: bool = False,
+    allow_partial: bool = False,
+    write: bool = True,
+) -> Compiled:
+    """Run every stage; ``write=False`` stops after planning (``wscompile diff``)."""
+    source = teacher_source or ModuleSource(teacher)
+    # 1. frontend: both models into the IR (torch.fx, falling back to torch.export)
+    teacher_graph = frontend.trace(teacher, _on_device(teacher_inputs, teacher), label=f"teacher {teacher_spec}")
+    student_graph = frontend.trace(student, _on_device(student_inputs, student), label=f"student {student_spec}")
+    # 2. matching: stages and blocks (layer selection), then components inside blocks
+    alignment = align(teacher_graph, student_graph)
+    # 3. selection: per coupled dimension, the teacher indices each student tensor keeps
+    student_state = student.state_dict()
+    teacher_keys = {key: (source.shape(key), source.dtype(key)) for key in source.keys()}
+    plan = build_plan(alignment, teacher_graph, student_graph, student_state, teacher_keys,
+                      teacher_spec=teacher_spec, student_spec=student_spec, method=method,
+                      select_head=select_head, allow_partial=allow_partial)
+    # 4. write: read exactly the planned teacher elements into the student's state_dict
+    state = apply_plan(plan, source, student_state) if write else None
+    return Compiled(plan, state, teacher_graph, student_graph, alignment)
+
+
+def initialize(
+    teacher: nn.Module,
+    student: nn.Module,
+    example_inputs: torch.Tensor | Inputs | None = None,
+    *,
+    student_inputs: torch.Tensor | Inputs | None = None,
+    method: str = "uniform",
+    select_head: bool = False,
+    allow_partial: bool = False,
+) -> SelectionPlan:
+    """Initialize ``student`` in place with weights selected from ``teacher``.
+
+    Args:
+        teacher: the larger pretrained model.
+        student: the smaller model of the same family; its tensors are overwritten in place.
+        example_inputs: one example batch for tracing (a tensor for the first forward argument, or
+            keyword arguments). Defaults to timm's ``pretrained_cfg["input_size"]`` when present.
+        student_inputs: the student's example inputs when they differ from the teacher's.
+        method: element-selection method ("uniform", the paper's rule).
+        select_head: also select the classifier head (kept at the student's init by default).
+        allow_partial: keep the student's init for tensors larger than their teacher match
+            instead of failing.
+
+    Returns:
+        The SelectionPlan: for every student tensor, its teacher source and index rule.
+
+    Raises:
+        TraceError, MatchError, SelectionError: with a message saying what to change.
+    """
+    teacher_inputs = as_inputs(teacher, example_inputs)
+    compiled = compile(
+        teacher, student, teacher_inputs=teacher_inputs,
+        student_inputs=as_inputs(student, student_inputs if student_inputs is not None else example_inputs),
+        method=method, select_head=select_head, allow_partial=allow_partial,
+    )
+    assert compiled.state_dict is not None
+    student.load_state_dict(compiled.state_dict)
+    return compiled.plan
+
+
+def as_inputs(model: nn.Module, inputs: torch.Tensor | Inputs | None) -> Inputs:
+    """Forward keyword arguments from a tensor, a dict, or timm's default input size."""
+    if isinstance(inputs, dict):
+        return inputs
+    if inputs is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if "input_size" not in cfg:
+            raise TypeError("pass example_inputs: a tensor for the model's first forward argument or a dict")
+        inputs = torch.randn(1, *cfg["input_size"])
+    first = next(iter(inspect.signature(model.forward).parameters))
+    return {first: inputs}
+
+
+def _on_device(inputs: Inputs, model: nn.Module) -> Inputs:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

@@ -1,0 +1,131 @@
+"""The data that flows between stages: alignment, selection plan, coverage.
+
+A plan is data before it is action: the writer, the manifest and every report read the same
+``SelectionPlan``; nothing is computed twice. All fields are plain Python values so that
+``dataclasses.asdict`` gives the JSON manifest directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Values of TensorRecord.rule.
+RULE_SELECT = "select"  # subset of teacher elements, per-axis indices in `axes`
+RULE_COPY = "copy"  # same shape, copied whole
+RULE_STUDENT_INIT = "student-init"  # kept at the student's own initialization
+
+# Values of AxisRule.rule.
+AXIS_UNIFORM = "uniform"
+AXIS_FULL = "full"  # teacher and student sizes equal: every index
+AXIS_EXPLICIT = "explicit"  # indices chosen by a method (magnitude, activation, ...)
+
+
+@dataclass
+class AxisRule:
+    """How one axis of a student tensor picks teacher indices."""
+
+    teacher_size: int  # size of this axis in the teacher tensor
+    student_size: int  # size of this axis in the student tensor
+    rule: str  # AXIS_UNIFORM | AXIS_FULL | AXIS_EXPLICIT | other methods' names
+    group: str | None  # coupled-dimension group id this axis belongs to, None if local
+    blocks: int = 1  # logical blocks along the axis (fused q/k/v: 3); indices apply per block
+    step: int | None = None  # uniform rule with t % s == 0: indices are arange(s) * step
+    indices: list[int] | None = None  # indices within one block when not a plain step
+
+
+@dataclass
+class TensorRecord:
+    """One student state_dict entry and where its values come from."""
+
+    student: str  # student state_dict key
+    student_shape: list[int]
+    teacher: str | None  # teacher state_dict key, None when kept at student init
+    teacher_shape: list[int] | None
+    rule: str  # RULE_SELECT | RULE_COPY | RULE_STUDENT_INIT
+    component: str | None = None  # student IR component (op) that owns the tensor
+    axes: list[AxisRule] | None = None  # per student axis (after any reshape), for RULE_SELECT
+    reshape: str | None = None  # e.g. "linear->conv1x1": teacher viewed as the student's layout
+    is_head: bool = False  # part of the classifier head
+    reason: str | None = None  # why kept at student init, or a note (dtype converted, ...)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.student_shape:
+            n *= d
+        return n
+
+
+@dataclass
+class BlockPair:
+    """A student block and the teacher block it takes its weights from."""
+
+    student: str  # student module path of the block
+    teacher: str | None  # teacher module path, None if the student block has no counterpart
+    components_matched: int  # student components mapped inside the block
+    components_total: int  # student components in the block
+
+
+@dataclass
+class StagePair:
+    """A run of repeated blocks in the student and its teacher counterpart (layer selection)."""
+
+    student: str  # id of the student stage, e.g. "stage 2 (stages.2.blocks)"
+    teacher: str | None
+    student_depth: int
+    teacher_depth: int
+    policy: str  # layer policy, "first" for the paper's first-N
+    blocks: list[BlockPair] = field(default_factory=list)  # one per student block, in order
+    teacher_blocks: list[str] = field(default_factory=list)  # every teacher block path, in order
+
+
+@dataclass
+class GroupRecord:
+    """A coupled dimension: every member axis uses the same teacher indices."""
+
+    id: str
+    teacher_size: int
+    student_size: int
+    members: list[str]  # "tensor_name:axis" of student tensors (after per-block split)
+    rule: str  # how the indices were chosen
+    indices: list[int]  # teacher indices, length student_size
+
+
+@dataclass
+class Coverage:
+    """How much of the student comes from the teacher."""
+
+    selected_params: int  # student elements filled from the teacher
+    total_params: int  # all student elements (parameters and buffers in the state_dict)
+    fraction: float
+    selected_params_no_head: int
+    total_params_no_head: int
+    fraction_no_head: float
+
+
+@dataclass
+class UnusedTeacher:
+    """A teacher tensor that feeds no student tensor."""
+
+    teacher: str
+    teacher_shape: list[int]
+    reason: str
+
+
+@dataclass
+class SelectionPlan:
+    """Everything ``init`` decided; the single source for the writer, manifest and reports."""
+
+    teacher_spec: str
+    student_spec: str
+    method: str  # element-selection method, "uniform" for the paper's rule
+    layer_policy: str  # "first" for the paper's first-N
+    frontend: dict[str, str]  # which frontend traced each model: {"teacher": "fx", ...}
+    tensors: list[TensorRecord]
+    stages: list[StagePair]
+    groups: list[GroupRecord]
+    unused_teacher: list[UnusedTeacher]
+    teacher_params: int  # elements in the teacher state_dict
+    student_params: int
+    coverage: Coverage | None = None
+    notes: list[str] = field(default_factory=list)  # global remarks (dtype conversions, ...)
