@@ -38,7 +38,7 @@ class ExportError(WscompileError, RuntimeError):
 
 
 class ValidationError(WscompileError, AssertionError):
-    """An exported model does not reproduce the PyTorch student."""
+    """An artifact fails its check: ONNX outputs differ from PyTorch, a manifest breaks its schema."""
 
     exit_code = 1
 

@@ -114,7 +114,12 @@ def as_inputs(model: nn.Module, inputs: torch.Tensor | Inputs | None) -> Inputs:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         if "input_size" not in cfg:
             raise TypeError("pass example_inputs: a tensor for the model's first forward argument or a dict")
-        inputs = torch.randn(1, *cfg["input_size"])
+        channels, height, width = cfg["input_size"]
+        # NOTE: timm keeps pretrained_cfg's size when img_size is overridden; the patch embed knows
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if img_size:
+            height, width = img_size
+        inputs = torch.randn(1, channels, height, width)
     first = next(iter(inspect.signature(model.forward).parameters))
     return {first: inputs}
 

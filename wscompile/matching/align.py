@@ -105,9 +105,16 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str = "firs
 
 
 def _head(structure: Structure) -> set[int]:
-    """Classifier head: dense layers whose output is a model output directly."""
+    """Classifier head: dense layers whose output is a model output directly and whose width
+    differs from their input's (class logits; a BERT pooler maps the hidden width to itself)."""
     graph = structure.graph
-    return {n for n in graph.graph[ir.OUTPUT_NODES] if structure.family[n] == "dense"}
+    head = set()
+    for n in graph.graph[ir.OUTPUT_NODES]:
+        weight = next((s for s in graph.nodes[n][ir.TENSORS] if s.role == "weight"), None)
+        if structure.family[n] == "dense" and weight is not None and weight.in_axis is not None:
+            if weight.shape[weight.out_axis] != weight.shape[weight.in_axis]:
+                head.add(n)
+    return head
 
 
 def _element_score(t_struct: Structure, s_struct: Structure, t_el: Element, s_el: Element) -> float:

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import wscompile
+from wscompile.cli import main
+
+TEACHER = "timm:vit_tiny_patch16_224?img_size=32&patch_size=8&depth=4"
+STUDENT = "timm:vit_tiny_patch16_224?img_size=32&patch_size=8&depth=2&embed_dim=96&num_heads=3"
+
+
+def test_init_writes_student_and_manifest_matching_the_python_api(tmp_path):
+    out, manifest = tmp_path / "s.safetensors", tmp_path / "s.json"
+    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(out), "--manifest", str(manifest)]) == 0
+
+    saved = load_file(out)
+    torch.manual_seed(0)
+    teacher = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4)
+    student = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=96, num_heads=3)
+    teacher.load_state_dict(_teacher_from_seed())
+    wscompile.initialize(teacher, student)
+    for key, value in student.state_dict().items():
+        if not key.startswith("head."):
+            assert torch.equal(saved[key], value), key
+    doc = json.loads(manifest.read_text())
+    assert {t["student"] for t in doc["tensors"]} == set(saved)
+    assert doc["coverage"]["fraction_no_head"] == 1.0
+
+
+def _teacher_from_seed():
+    # the CLI builds the teacher with seed 0, like load_model does
+    from wscompile.specs import load_model
+
+    return load_model(TEACHER, role="teacher", seed=0).module.state_dict()
+
+
+def test_existing_output_is_not_replaced_without_force(tmp_path, capsys):
+    out = tmp_path / "s.safetensors"
+    out.write_bytes(b"keep me")
+    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(out)]) == 2
+    assert out.read_bytes() == b"keep me"
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--force" in err
+    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(out), "--force"]) == 0
+    assert out.read_bytes() != b"keep me"
+
+
+def test_wider_student_is_an_error_naming_tensors(tmp_path, capsys):
+    out = tmp_path / "s.safetensors"
+    assert main(["init", "--teacher", STUDENT, "--student", TEACHER, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "patch_embed.proj.weight" in err and "--allow-partial" in err and "Traceback" not in err
+    assert not out.exists()
+    assert main(["init", "--teacher", STUDENT, "--student", TEACHER, "--out", str(out), "--allow-partial"]) == 0
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(wscompile.SpecError):
+        main(["init", "--teacher", "nope:x", "--student", STUDENT, "--out", str(tmp_path / "s.safetensors"), "--debug"])
+
+
+def test_module_entry_point(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "wscompile", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("wscompile ")

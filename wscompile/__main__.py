@@ -1,0 +1,5 @@
+import sys
+
+from wscompile.cli import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""What the backend stage hands back: plain dataclasses, so ``dataclasses.asdict`` gives the JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# Values of ExportResult.exporter.
+EXPORTER_DYNAMO = "dynamo"  # torch.onnx.export(dynamo=True): torch.export graph, translated by onnxscript
+EXPORTER_TORCHSCRIPT = "torchscript"  # torch.onnx.export(dynamo=False): the deprecated tracing exporter
+
+
+@dataclass
+class OutputCheck:
+    """Agreement of one ONNX output with the PyTorch student on the same inputs."""
+
+    name: str  # ONNX output name
+    shape: list[int]  # shape onnxruntime returned
+    max_abs: float  # max |onnx - torch| over all elements (inf on a shape mismatch)
+    max_rel: float  # max |onnx - torch| / (|torch| + atol); atol keeps near-zero references finite
+    ok: bool  # every element within atol + rtol * |torch| (torch.allclose semantics)
+
+
+@dataclass
+class VariantResult:
+    """A reduced-precision copy of the exported model and how far it drifts from the fp32 student."""
+
+    name: str  # "fp16" or "int8"
+    method: str  # how it was made: "float16, fp32 inputs/outputs", "dynamic", "static, N calibration batches"
+    path: str  # where it was written, beside the fp32 file
+    size_bytes: int  # .onnx plus its .onnx.data, if any
+    cosine: float  # cosine similarity of flattened outputs vs the fp32 PyTorch student; worst output
+    max_abs: float  # max |variant - torch| over every output
+    top1_agreement: float | None  # share of samples with the same argmax; classifiers only
+    ort_ms: float | None  # median onnxruntime latency at batch 1; None when latency is not measured
+
+
+@dataclass
+class Latency:
+    """Median batch-1 latency of the fp32 ONNX model and of the PyTorch student."""
+
+    ort_ms: float  # onnxruntime, median over `runs`
+    torch_ms: float  # PyTorch eager under torch.inference_mode, median over `runs`
+    runs: int  # timed runs after the warm-up runs
+    provider: str  # onnxruntime execution provider that ran the model
+
+
+@dataclass
+class ExportResult:
+    """Everything ``export_student`` wrote and measured."""
+
+    onnx_path: str  # the fp32 model
+    data_path: str | None  # its external weights file; only for models over 2 GB
+    exporter: str  # EXPORTER_DYNAMO by default, EXPORTER_TORCHSCRIPT when dynamo failed
+    fallback_reason: str | None  # why the dynamo exporter was not used; None when it was
+    opset: int  # ai.onnx opset of the written model
+    input_names: list[str]  # ONNX inputs: the forward kwarg names
+    output_names: list[str]  # ONNX outputs: "logits", or the model output's tensor fields in order
+    size_bytes: int  # .onnx plus its .onnx.data, if any
+    verify_shapes: dict[str, list[int]]  # input shapes of the parity run (another batch, sequence length)
+    checks: list[OutputCheck]  # fp32 parity, one per output
+    variants: list[VariantResult] = field(default_factory=list)  # fp16 / int8 copies, when asked for
+    latency: Latency | None = None  # None when latency_runs == 0
+
+    def to_dict(self) -> dict[str, object]:
+        """Return the result as JSON-ready nested dicts and lists."""
+        return asdict(self)

@@ -1,0 +1,113 @@
+"""Command line: ``wscompile init | diff | export``. Parses arguments; the work is in commands.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from wscompile import __version__
+from wscompile.errors import WscompileError
+
+SPEC_HELP = ("model spec: timm:NAME?k=v&..., torchvision:NAME?..., hf:DIR_OR_ID?..., py:pkg.module:factory?... "
+             "or path/to/file.py:factory?... (py: and file specs import and run that code)")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,3,224,224, got {text!r}") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--seed", type=int, default=0, help="seed for the student's own init and example inputs")
+    p.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224 (text: BATCH,SEQ)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let hf: specs run code from the model directory (off by default)")
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="load .pt/.bin checkpoints that need code execution (only for files you trust)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _onnx_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--fp16", action="store_true", help="also write an fp16 copy (<name>.fp16.onnx)")
+    p.add_argument("--int8", action="store_true", help="also write a dynamically quantized int8 copy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wscompile", description="Initialize a small model from a larger pretrained one (weight selection).")
+    parser.add_argument("--version", action="version", version=f"wscompile {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="select the student's weights from the teacher and save them")
+    init.add_argument("--teacher", required=True, help=SPEC_HELP)
+    init.add_argument("--student", required=True, help=SPEC_HELP)
+    init.add_argument("--teacher-weights", help="teacher weights: .safetensors, .pt/.pth/.bin, or a Hugging Face directory")
+    init.add_argument("--out", required=True, help="student weights to write (.safetensors, full state_dict)")
+    init.add_argument("--manifest", help="JSON manifest: the teacher source and index rule of every student tensor")
+    init.add_argument("--report", help="report file; format from the extension (.txt, .md, .json, .html)")
+    init.add_argument("--onnx", help="also export the initialized student to ONNX and verify it")
+    init.add_argument("--method", default="uniform", choices=["uniform"], help="element selection (the paper's uniform rule)")
+    init.add_argument("--select-head", action="store_true", help="select the classifier head too (default: student init)")
+    init.add_argument("--allow-partial", action="store_true",
+                      help="keep the student's init where it is wider or deeper than the teacher instead of failing")
+    _onnx_options(init)
+    _common(init)
+
+    diff = sub.add_parser("diff", help="show how a student maps onto a teacher (no weights needed)")
+    diff.add_argument("--teacher", required=True, help=SPEC_HELP)
+    diff.add_argument("--student", required=True, help=SPEC_HELP)
+    diff.add_argument("--format", choices=["text", "md", "json", "html"], help="default: text, or from -o's extension")
+    diff.add_argument("-o", "--output", help="write the report here instead of printing it")
+    diff.add_argument("--select-head", action="store_true", help="report the head as selected")
+    _common(diff)
+
+    export = sub.add_parser("export", help="export a student to ONNX and verify it with onnxruntime")
+    export.add_argument("--student", required=True, help=SPEC_HELP)
+    export.add_argument("--weights", required=True, help="student weights (.safetensors from `wscompile init`)")
+    export.add_argument("--onnx", required=True, help="ONNX file to write")
+    _onnx_options(export)
+    _common(export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except WscompileError as e:
+        if args.debug:
+            raise
+        print(f"wscompile {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"wscompile {args.command}: interrupted; no output was left half-written", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from wscompile import commands
+
+    options = commands.InitOptions(
+        teacher=getattr(args, "teacher", ""), student=args.student, out=getattr(args, "out", None),
+        teacher_weights=getattr(args, "teacher_weights", None), manifest=getattr(args, "manifest", None),
+        report=getattr(args, "report", None), onnx=getattr(args, "onnx", None),
+        method=getattr(args, "method", "uniform"), select_head=getattr(args, "select_head", False),
+        allow_partial=getattr(args, "allow_partial", False), force=args.force, seed=args.seed,
+        input_shape=args.input_shape, trust_remote_code=args.trust_remote_code, unsafe_pickle=args.unsafe_pickle,
+        opset=getattr(args, "opset", None), fp16=getattr(args, "fp16", False), int8=getattr(args, "int8", False),
+    )
+    if args.command == "init":
+        commands.run_init(options)
+    elif args.command == "diff":
+        commands.run_diff(options, args.format, args.output)
+    else:
+        commands.run_export(args.student, args.weights, args.onnx, options)
+    return 0
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())

@@ -1,0 +1,566 @@
+"""One string names a model: ``"timm:NAME?k=v"``, ``"hf:DIR"``, ``"py:mod:fn"`` -> ``nn.Module`` (+ weights).
+
+Spec forms (overrides after ``?`` are ``key=value`` pairs joined by ``&``)::
+
+    timm:convnext_tiny?depths=2,2,6,2&dims=48,96,192,384   timm.create_model(NAME, pretrained=False, **kw)
+    torchvision:resnet18                                     torchvision.models.get_model(NAME, weights=None, **kw)
+    hf:path/to/dir?num_hidden_layers=3&task=masked-lm        AutoConfig.from_pretrained(DIR, **kw) -> AutoModel...
+    py:package.module:factory?width=8                        factory(**kw)
+    path/to/file.py:factory?width=8                          factory(**kw) from that file
+
+Values are Python literals (``ast.literal_eval``: ``2,2,6,2`` is a tuple, ``False`` a bool);
+anything else stays a string. ``py:`` and ``.py`` specs import and run user code by design.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import itertools
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from wscompile.errors import SpecError
+from wscompile.weights import ModuleSource, RenamedSource, TensorSource, hf_weights_path, open_weights
+
+SCHEMES = ("timm", "torchvision", "hf", "py", "file")
+SPEC_FORMS = "use timm:NAME, torchvision:NAME, hf:DIR_OR_ID, py:module:factory or path/to/file.py:factory"
+
+# Values of the hf: override `task` -> transformers auto class building the model from its config.
+HF_TASKS = {
+    "base": "AutoModel",
+    "masked-lm": "AutoModelForMaskedLM",
+    "causal-lm": "AutoModelForCausalLM",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "image-classification": "AutoModelForImageClassification",
+}
+
+DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
+DEFAULT_SEQ_LEN = 16
+
+# Values of LoadedModel.kind.
+KIND_IMAGE = "image"
+KIND_TEXT = "text"
+KIND_OTHER = "other"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec string."""
+
+    scheme: str  # one of SCHEMES
+    name: str  # model name, HF dir or id, "package.module:factory", or "path/to/file.py:factory"
+    overrides: dict[str, Any] = field(hash=False)  # parsed ?key=value&... pairs
+    text: str  # the original string
+
+
+@dataclass
+class LoadedModel:
+    """A built model, its example inputs and where its tensors are read from."""
+
+    module: nn.Module  # in eval() mode
+    spec: ModelSpec
+    kind: str  # KIND_IMAGE | KIND_TEXT | KIND_OTHER
+    inputs: dict[str, torch.Tensor]  # batch-1 forward kwargs, on the module's device (meta if on meta)
+    make_inputs: Callable[[int, int | None], dict[str, torch.Tensor]]  # (batch, seq_len) -> CPU inputs
+    source: TensorSource  # the weights file (teacher with weights) or the module's own tensors
+    on_meta: bool  # module built on the meta device: shapes only, no data
+
+
+def parse_spec(text: str) -> ModelSpec:
+    """Parse a model spec string (see the module docstring for the forms).
+
+    Raises:
+        SpecError: unknown scheme, missing name or factory, or a malformed override.
+    """
+    body, _, query = text.partition("?")
+    head, sep, _ = body.rpartition(":")
+    if sep and head.endswith(".py"):
+        scheme, name = "file", body
+    else:
+        scheme, sep, name = body.partition(":")
+        if not sep:
+            raise SpecError(f"spec {text!r} has no scheme; {SPEC_FORMS}")
+        if scheme not in SCHEMES or scheme == "file":
+            raise SpecError(f"unknown spec scheme {scheme!r} in {text!r}; {SPEC_FORMS}")
+    if not name:
+        raise SpecError(f"spec {text!r} names no model; {SPEC_FORMS}")
+    if scheme == "py" and not all(name.partition(":")[::2]):
+        raise SpecError(f"spec {text!r} needs a factory: py:package.module:factory")
+    if scheme == "file" and not name.rpartition(":")[2]:
+        raise SpecError(f"spec {text!r} needs a factory: path/to/file.py:factory")
+    return ModelSpec(scheme=scheme, name=name, overrides=_parse_overrides(query, text), text=text)
+
+
+def _parse_overrides(query: str, text: str) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for pair in query.split("&") if query else []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise SpecError(f"bad override {pair!r} in {text!r}; write key=value pairs joined by '&'")
+        if key in overrides:
+            raise SpecError(f"override {key!r} is given twice in {text!r}")
+        overrides[key] = _parse_value(value)
+    return overrides
+
+
+def _parse_value(value: str) -> Any:
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    if "," in value:
+        return tuple(_parse_value(part) for part in value.split(","))
+    return value
+
+
+@dataclass(frozen=True)
+class _Input:
+    """How to make one forward argument; ``make_inputs`` builds tensors from these."""
+
+    name: str
+    shape: tuple[int, ...]  # at the example batch size
+    role: str  # "float" (random normal), "ids" (random ints in [0, high)) or "mask" (ones)
+    dtype: torch.dtype = torch.float32
+    high: int = 1
+
+
+@dataclass
+class _Recipe:
+    """What a scheme contributes: how to build the module, its inputs, and its default weights."""
+
+    build: Callable[[], nn.Module]
+    describe_inputs: Callable[[nn.Module], tuple[str, list[_Input]]]  # -> (kind, inputs)
+    default_weights: str | None = None
+
+
+def load_model(
+    text: str,
+    *,
+    role: str,
+    weights: str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    input_shape: tuple[int, ...] | None = None,
+    trust_remote_code: bool = False,
+    unsafe_pickle: bool = False,
+) -> LoadedModel:
+    """Build the model a spec names, attach its weights and example inputs.
+
+    ``py:`` and ``path/to/file.py:`` specs import and run that code: use them only with code you trust.
+
+    Args:
+        text: the spec string, e.g. ``"timm:convnext_tiny?depths=2,2,6,2"``.
+        role: ``"teacher"`` or ``"student"``. Only a teacher takes the weights found in an ``hf:``
+            directory; a student is always built fresh from its config.
+        weights: a weights file or directory (see ``open_weights``) to load into the model.
+        device: where to build; ``"meta"`` builds without memory (shapes only) and then reads
+            weights lazily through ``source``. Models that cannot be built on meta fall back to CPU.
+        seed: torch seed set before building, so a fresh init is deterministic; also seeds inputs.
+        input_shape: shape of the main input (``BATCH,SEQ`` for text), replacing the default.
+        trust_remote_code: allow ``hf:`` configs/models defined by code in the directory.
+        unsafe_pickle: allow pickle checkpoints that need code execution.
+
+    Raises:
+        SpecError: the spec, its overrides, its inputs or its weights do not fit.
+    """
+    if role not in ("teacher", "student"):
+        raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+    spec = parse_spec(text)
+    recipe = _recipe(spec, role=role, input_shape=input_shape, trust_remote_code=trust_remote_code)
+    module = _construct(recipe.build, spec, device=device, seed=seed).eval()
+    on_meta = any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
+    kind, described = recipe.describe_inputs(module)
+
+    weights = weights or recipe.default_weights
+    source: TensorSource
+    if weights:
+        source = _fit_weights(module, open_weights(weights, unsafe_pickle=unsafe_pickle), spec, weights)
+        if not on_meta:
+            _copy_weights(module, source)
+    else:
+        source = ModuleSource(module)
+
+    def make_inputs(batch: int, seq_len: int | None = None) -> dict[str, torch.Tensor]:
+        return _make_inputs(described, batch=batch, seq_len=seq_len, seed=seed)
+
+    example_device = "meta" if on_meta else _module_device(module)
+    inputs = {name: t.to(example_device) for name, t in _make_inputs(described, None, None, seed).items()}
+    return LoadedModel(
+        module=module,
+        spec=spec,
+        kind=kind,
+        inputs=inputs,
+        make_inputs=make_inputs,
+        source=source,
+        on_meta=on_meta,
+    )
+
+
+def _recipe(spec: ModelSpec, *, role: str, input_shape: tuple[int, ...] | None, trust_remote_code: bool) -> _Recipe:
+    if spec.scheme == "timm":
+        return _timm_recipe(spec, input_shape)
+    if spec.scheme == "torchvision":
+        return _torchvision_recipe(spec, input_shape)
+    if spec.scheme == "hf":
+        return _hf_recipe(spec, role=role, input_shape=input_shape, trust_remote_code=trust_remote_code)
+    return _python_recipe(spec, input_shape)
+
+
+def _construct(build: Callable[[], nn.Module], spec: ModelSpec, *, device: str, seed: int) -> nn.Module:
+    """Run ``build`` under ``device`` with a fixed seed (restoring the global RNG afterwards)."""
+    with torch.random.fork_rng(devices=[]):
+        if device == "meta":
+            torch.manual_seed(seed)
+            try:
+                with torch.device("meta"):
+                    return _checked_module(build(), spec)
+            except SpecError:
+                raise
+            except Exception:
+                # Some constructors compute on tensor data (e.g. ``.item()``), which meta has not.
+                device = "cpu"
+        torch.manual_seed(seed)
+        try:
+            with torch.device(device):
+                return _checked_module(build(), spec)
+        except SpecError:
+            raise
+        except Exception as e:
+            raise _build_error(spec, e) from e
+
+
+def _checked_module(module: object, spec: ModelSpec) -> nn.Module:
+    if not isinstance(module, nn.Module):
+        raise SpecError(f"{spec.text!r} returned a {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+def _build_error(spec: ModelSpec, error: Exception) -> SpecError:
+    message = (str(error).strip().splitlines() or [""])[0]
+    if isinstance(error, TypeError):
+        rejected = [key for key in spec.overrides if f"'{key}'" in message]
+        if rejected:
+            return SpecError(
+                f"{spec.scheme} model {spec.name!r} does not accept override {rejected[0]!r} in {spec.text!r} "
+                f"({message}); remove it or use one of the constructor's arguments"
+            )
+    return SpecError(f"cannot build {spec.text!r}: {type(error).__name__}: {message}")
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f"did you mean {', '.join(close)}? " if close else ""
+
+
+def _first_param(module: nn.Module) -> str:
+    return next(iter(inspect.signature(module.forward).parameters), "x")
+
+
+def _image_inputs(module: nn.Module, shape: tuple[int, ...]) -> tuple[str, list[_Input]]:
+    return KIND_IMAGE, [_Input(_first_param(module), tuple(shape), "float")]
+
+
+def _timm_recipe(spec: ModelSpec, input_shape: tuple[int, ...] | None) -> _Recipe:
+    import timm
+
+    if not timm.is_model(spec.name):
+        raise SpecError(
+            f"unknown timm model {spec.name!r} in {spec.text!r}; {_suggest(spec.name, timm.list_models())}"
+            f"list names with timm.list_models('{spec.name[:4]}*')"
+        )
+
+    def describe(module: nn.Module) -> tuple[str, list[_Input]]:
+        if input_shape is not None:
+            return _image_inputs(module, input_shape)
+        channels, height, width = getattr(module, "pretrained_cfg", {}).get("input_size", DEFAULT_IMAGE_SHAPE[1:])
+        # NOTE: timm keeps the pretrained cfg's input_size even when img_size/in_chans are overridden.
+        channels = spec.overrides.get("in_chans", channels)
+        if "img_size" in spec.overrides:
+            size = spec.overrides["img_size"]
+            height, width = (size, size) if isinstance(size, int) else size
+        return _image_inputs(module, (1, channels, height, width))
+
+    return _Recipe(lambda: timm.create_model(spec.name, pretrained=False, **spec.overrides), describe)
+
+
+def _torchvision_recipe(spec: ModelSpec, input_shape: tuple[int, ...] | None) -> _Recipe:
+    import torchvision
+
+    known = torchvision.models.list_models()
+    if spec.name not in known:
+        raise SpecError(
+            f"unknown torchvision model {spec.name!r} in {spec.text!r}; {_suggest(spec.name, known)}"
+            "list names with torchvision.models.list_models()"
+        )
+
+    def describe(module: nn.Module) -> tuple[str, list[_Input]]:
+        if input_shape is not None:
+            return _image_inputs(module, input_shape)
+        size = getattr(module, "image_size", None)  # vit_* models fix their input size
+        shape = (1, 3, size, size) if isinstance(size, int) else DEFAULT_IMAGE_SHAPE
+        return _image_inputs(module, shape)
+
+    return _Recipe(lambda: torchvision.models.get_model(spec.name, weights=None, **spec.overrides), describe)
+
+
+def _hf_recipe(spec: ModelSpec, *, role: str, input_shape: tuple[int, ...] | None, trust_remote_code: bool) -> _Recipe:
+    import transformers
+
+    overrides = dict(spec.overrides)
+    task = overrides.pop("task", "base")
+    if task not in HF_TASKS:
+        raise SpecError(f"unknown hf task {task!r} in {spec.text!r}; use task= one of {', '.join(HF_TASKS)}")
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    try:
+        config, unused = transformers.AutoConfig.from_pretrained(
+            spec.name, return_unused_kwargs=True, **remote, **overrides
+        )
+    except (OSError, ValueError, KeyError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SpecError(
+            f"cannot load a Hugging Face config from {spec.name!r} ({first_line}); "
+            "pass a local directory containing config.json"
+        ) from e
+    if unused:
+        key = next(iter(unused))
+        raise SpecError(
+            f"hf config {type(config).__name__} has no attribute {key!r} (override in {spec.text!r}); "
+            f"{_suggest(key, list(config.to_dict()))}remove it or use a config attribute"
+        )
+    if hasattr(config, "use_cache"):
+        # Caches add outputs (past_key_values) that tracing and export do not want.
+        config.use_cache = False
+    auto_class = getattr(transformers, HF_TASKS[task])
+    default_weights = hf_weights_path(spec.name) if role == "teacher" and os.path.isdir(spec.name) else None
+    return _Recipe(
+        lambda: auto_class.from_config(config, **remote),
+        lambda module: _hf_inputs(module, config, spec, input_shape),
+        default_weights,
+    )
+
+
+def _hf_inputs(
+    module: nn.Module, config: Any, spec: ModelSpec, input_shape: tuple[int, ...] | None
+) -> tuple[str, list[_Input]]:
+    params = inspect.signature(module.forward).parameters
+    vision = getattr(config, "vision_config", config)
+    text = config.get_text_config()
+    inputs: list[_Input] = []
+    if "pixel_values" in params and hasattr(vision, "image_size"):
+        size = vision.image_size
+        height, width = (size, size) if isinstance(size, int) else size
+        shape = (1, getattr(vision, "num_channels", 3), height, width)
+        if input_shape is not None and "input_ids" not in params:
+            shape = tuple(input_shape)
+        inputs.append(_Input("pixel_values", shape, "float"))
+    if "input_ids" in params and hasattr(text, "vocab_size"):
+        seq_len = min(DEFAULT_SEQ_LEN, getattr(text, "max_position_embeddings", DEFAULT_SEQ_LEN))
+        batch = 1
+        if input_shape is not None:
+            if len(input_shape) != 2:
+                raise SpecError(f"{spec.text!r} takes token ids: pass --input-shape BATCH,SEQ, got {input_shape}")
+            batch, seq_len = input_shape
+        text_names = ["input_ids", "attention_mask"]
+        if getattr(config, "is_encoder_decoder", False):
+            text_names.append("decoder_input_ids")
+        for name in text_names:
+            if name in params:
+                role = "mask" if name == "attention_mask" else "ids"
+                inputs.append(_Input(name, (batch, seq_len), role, torch.int64, text.vocab_size))
+    if not inputs:
+        return _python_inputs(module, spec, input_shape)
+    names = {i.name for i in inputs}
+    kind = KIND_OTHER if {"pixel_values", "input_ids"} <= names else KIND_TEXT if "input_ids" in names else KIND_IMAGE
+    return kind, inputs
+
+
+def _python_recipe(spec: ModelSpec, input_shape: tuple[int, ...] | None) -> _Recipe:
+    target, _, factory_name = spec.name.rpartition(":")
+    user_module = _import_file(target, spec) if spec.scheme == "file" else _import_module(target, spec)
+    factory = getattr(user_module, factory_name, None)
+    if not callable(factory):
+        raise SpecError(f"{target!r} has no callable {factory_name!r} (spec {spec.text!r})")
+    return _Recipe(lambda: factory(**spec.overrides), lambda module: _python_inputs(module, spec, input_shape))
+
+
+def _import_module(name: str, spec: ModelSpec) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise SpecError(f"cannot import {name!r} for {spec.text!r} ({e}); check that it is on PYTHONPATH") from e
+
+
+def _import_file(path: str, spec: ModelSpec) -> Any:
+    if not os.path.isfile(path):
+        raise SpecError(f"python file '{path}' in {spec.text!r} does not exist")
+    # A stable, unique module name, so classes defined in the file can be found again by name.
+    digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+    name = f"wscompile_user_{os.path.splitext(os.path.basename(path))[0]}_{digest}"
+    file_spec = importlib.util.spec_from_file_location(name, path)
+    if file_spec is None or file_spec.loader is None:
+        raise SpecError(f"cannot load python file '{path}' in {spec.text!r}")
+    user_module = importlib.util.module_from_spec(file_spec)
+    sys.modules[name] = user_module
+    try:
+        file_spec.loader.exec_module(user_module)
+    except Exception as e:
+        del sys.modules[name]
+        raise SpecError(f"running '{path}' failed: {type(e).__name__}: {e}") from e
+    return user_module
+
+
+def _python_inputs(module: nn.Module, spec: ModelSpec, input_shape: tuple[int, ...] | None) -> tuple[str, list[_Input]]:
+    if input_shape is not None:
+        return _kind_of([_Input(_first_param(module), tuple(input_shape), "float")])
+    examples = getattr(module, "example_inputs", None)
+    if isinstance(examples, torch.Tensor):
+        examples = {_first_param(module): examples}
+    if not isinstance(examples, dict) or not examples:
+        raise SpecError(
+            f"cannot tell the inputs of {spec.text!r}; pass --input-shape 1,3,32,32 (the shape of its first "
+            "forward argument) or give the model an `example_inputs` attribute (a tensor or a dict of them)"
+        )
+    inputs = []
+    for name, tensor in examples.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise SpecError(f"example_inputs[{name!r}] of {spec.text!r} is a {type(tensor).__name__}, not a tensor")
+        shape = tuple(tensor.shape)
+        if tensor.dtype == torch.bool:
+            inputs.append(_Input(name, shape, "mask", torch.bool))
+        elif tensor.is_floating_point():
+            inputs.append(_Input(name, shape, "float", tensor.dtype))
+        else:
+            high = int(tensor.max()) + 1 if tensor.numel() and not tensor.is_meta else 1
+            inputs.append(_Input(name, shape, "ids", tensor.dtype, high))
+    return _kind_of(inputs)
+
+
+def _kind_of(inputs: list[_Input]) -> tuple[str, list[_Input]]:
+    if any(i.role == "ids" for i in inputs):
+        return KIND_TEXT, inputs
+    if len(inputs) == 1 and len(inputs[0].shape) == 4:
+        return KIND_IMAGE, inputs
+    return KIND_OTHER, inputs
+
+
+def _make_inputs(inputs: list[_Input], batch: int | None, seq_len: int | None, seed: int) -> dict[str, torch.Tensor]:
+    """CPU tensors for ``inputs``; ``None`` keeps the described batch size / sequence length."""
+    generator = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for spec in inputs:
+        shape = list(spec.shape)
+        if batch is not None and shape:
+            shape[0] = batch
+        if seq_len is not None and spec.role in ("ids", "mask") and len(shape) >= 2:
+            shape[1] = seq_len
+        if spec.role == "float":
+            out[spec.name] = torch.randn(shape, generator=generator, dtype=spec.dtype)
+        elif spec.role == "ids":
+            out[spec.name] = torch.randint(0, spec.high, shape, generator=generator, dtype=spec.dtype)
+        else:
+            mask = torch.ones(shape, dtype=spec.dtype)
+            if len(shape) >= 2 and shape[0] > 1 and shape[1] > 1:
+                # Padding at the end of the second row, so masks are exercised.
+                mask[1, -max(1, shape[1] // 4) :] = 0
+            out[spec.name] = mask
+    return out
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _fit_weights(module: nn.Module, source: TensorSource, spec: ModelSpec, path: str) -> RenamedSource:
+    """``source`` under the module's state_dict names, or a SpecError listing what does not fit."""
+    state = module.state_dict(keep_vars=True)
+    expected = {key: tuple(tensor.shape) for key, tensor in state.items()}
+    file_keys = list(source.keys())
+    rename = _best_rename(file_keys, list(expected))
+    names: dict[str, str] = {}
+    unexpected: list[str] = []
+    # Non-persistent buffers (e.g. HF position_ids) are in old checkpoints but not in state_dict.
+    transient = {key for key, _ in module.named_buffers()} - set(expected)
+    for file_key in file_keys:
+        key = rename(file_key)
+        if key in expected:
+            names.setdefault(key, file_key)
+        elif key not in transient:
+            unexpected.append(file_key)
+    # A tied weight is saved once; its other names read the same file tensor.
+    tied: dict[int, list[str]] = {}
+    for key, tensor in state.items():
+        tied.setdefault(id(tensor), []).append(key)
+    for key, tensor in state.items():
+        if key not in names:
+            loaded = next((names[other] for other in tied[id(tensor)] if other in names), None)
+            if loaded is not None:
+                names[key] = loaded
+    missing = [key for key in expected if key not in names]
+    mismatched = [
+        f"{key} {tuple(source.shape(names[key]))} in file vs {shape} in model"
+        for key, shape in expected.items()
+        if key in names and tuple(source.shape(names[key])) != shape
+    ]
+    problems = [
+        f"{len(found)} {what} ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''})"
+        for what, found in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if found
+    ]
+    if problems:
+        raise SpecError(
+            f"weights '{path}' do not fit {spec.text!r}: {'; '.join(problems)}; "
+            "check that they were saved from this model with the same overrides"
+        )
+    return RenamedSource(source, {key: names[key] for key in expected})
+
+
+def _best_rename(file_keys: list[str], module_keys: list[str]) -> Callable[[str], str]:
+    """The key renaming (none, strip a prefix, add a prefix) that fits the most file keys."""
+    candidates: list[Callable[[str], str]] = [lambda key: key]
+    # Wrappers (DDP's "module.", Lightning's "model.") prefix every key of a checkpoint.
+    for prefix in _shared_prefixes(file_keys, need=len(file_keys)):
+        candidates.append(lambda key, p=prefix: key.removeprefix(p))
+    # A base-model checkpoint loaded into a model with a head ("bert." + base keys).
+    for prefix in _shared_prefixes(module_keys, need=(len(module_keys) + 1) // 2):
+        candidates.append(lambda key, p=prefix: p + key)
+    wanted = set(module_keys)
+    # max keeps the first of equal scores, so no renaming wins ties.
+    return max(candidates, key=lambda rename: sum(rename(key) in wanted for key in file_keys))
+
+
+def _shared_prefixes(keys: list[str], *, need: int) -> list[str]:
+    """Prefixes of one or two dotted components that at least ``need`` keys start with."""
+    counts: Counter[str] = Counter()
+    for key in keys:
+        parts = key.split(".")
+        for depth in (1, 2):
+            if len(parts) > depth:
+                counts[".".join(parts[:depth]) + "."] += 1
+    return [prefix for prefix, count in counts.items() if count >= need > 0]
+
+
+def _copy_weights(module: nn.Module, source: TensorSource) -> None:
+    """Copy every state_dict tensor from ``source``, one at a time (dtype converted by ``copy_``)."""
+    with torch.no_grad():
+        for key, tensor in module.state_dict().items():
+            tensor.copy_(source.read(key))

@@ -1,0 +1,393 @@
+"""Teacher tensors, read lazily.
+
+Nothing in wscompile assumes the whole teacher is in memory: passes ask a ``TensorSource`` for one
+tensor at a time, with the indices they need along each axis, so a file-backed source can read only
+those elements (safetensors ``get_slice``) and a module-backed source just indexes its tensors.
+
+``open_weights`` opens any supported weights file or Hugging Face directory as a source: a single
+``.safetensors`` file, a sharded ``*.safetensors.index.json``, or a PyTorch checkpoint
+(``.pt/.pth/.bin/.ckpt``, sharded ``pytorch_model.bin.index.json``). File sources count the bytes
+they read in ``bytes_read``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from wscompile.errors import SpecError
+
+# One entry per axis: None for the whole axis, or the teacher indices to keep (ascending).
+AxisIndex = Sequence[int] | None
+
+# Files looked for in a Hugging Face model directory, in order of preference.
+HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# Checkpoint dict keys that hold the actual state_dict (training frameworks wrap it).
+STATE_DICT_WRAPPERS = ("model", "state_dict", "model_state_dict", "module", "ema")
+
+# Reading axis 0 run by run costs one call per run; past this many runs one bounding read is cheaper.
+_MAX_ROW_RUNS = 64
+
+_SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def take(tensor: torch.Tensor, index: Sequence[AxisIndex]) -> torch.Tensor:
+    """Index ``tensor`` axis by axis; ``None`` keeps an axis whole."""
+    out = tensor
+    for axis, idx in enumerate(index):
+        if idx is not None:
+            out = out.index_select(axis, torch.as_tensor(list(idx), dtype=torch.long, device=out.device))
+    return out
+
+
+class TensorSource(Protocol):
+    """Read access to a model's named tensors (parameters and persistent buffers)."""
+
+    def keys(self) -> Iterator[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def dtype(self, key: str) -> torch.dtype: ...
+
+    def read(self, key: str, index: Sequence[AxisIndex] | None = None) -> torch.Tensor:
+        """The tensor ``key`` restricted to ``index`` (all of it when None), on the CPU."""
+        ...
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class DictSource:
+    """Tensors held in a mapping (a loaded checkpoint), indexed on read without copying first."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._tensors = dict(tensors)
+        self.bytes_read = 0
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].dtype
+
+    def read(self, key: str, index: Sequence[AxisIndex] | None = None) -> torch.Tensor:
+        tensor = self._tensors[key].detach()
+        if tensor.device.type == "meta":
+            raise RuntimeError(f"teacher tensor {key!r} has no data (meta device); pass --teacher-weights")
+        out = take(tensor, index) if index is not None else tensor
+        self.bytes_read += _nbytes(out)
+        return out
+
+
+class ModuleSource(DictSource):
+    """Tensors of an in-memory module's ``state_dict`` (no copy)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module.state_dict(keep_vars=False))
+
+
+class SafetensorsSource:
+    """One ``.safetensors`` file, memory-mapped; reads touch only the requested elements' range."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._header = _read_safetensors_header(path)
+        try:
+            self._file = safe_open(path, framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+            raise SpecError(f"'{path}' is not a valid safetensors file ({e}); re-download or re-save it") from e
+        self.bytes_read = 0
+
+    def keys(self) -> Iterator[str]:
+        return (key for key in self._header if key != "__metadata__")
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._header[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self._header[key]["dtype"]
+        if name not in _SAFETENSORS_DTYPES:
+            raise SpecError(f"tensor {key!r} in '{self.path}' has dtype {name}, which wscompile cannot read")
+        return _SAFETENSORS_DTYPES[name]
+
+    def read(self, key: str, index: Sequence[AxisIndex] | None = None) -> torch.Tensor:
+        if key not in self._header or key == "__metadata__":
+            raise KeyError(key)
+        if index is None or all(idx is None for idx in index):
+            out = self._file.get_tensor(key)
+            self.bytes_read += _nbytes(out)
+            return out
+        shape = self.shape(key)
+        positions = [None if idx is None else torch.as_tensor(list(idx), dtype=torch.long) for idx in index]
+        positions += [None] * (len(shape) - len(positions))
+        rows = positions[0]
+        if rows is not None and rows.numel() > 0 and len(_runs(rows)) <= _MAX_ROW_RUNS:
+            # Few runs of consecutive rows (first-N layers, contiguous blocks): read each run alone
+            # so rows between them are never touched.
+            parts = [self._read_box(key, [slice(lo, hi)] + positions[1:]) for lo, hi in _runs(rows)]
+            out = torch.cat(parts)
+            order = _order_within_runs(rows)
+            return out if order is None else out.index_select(0, order)
+        return self._read_box(key, positions)
+
+    def _read_box(self, key: str, positions: list[torch.Tensor | slice | None]) -> torch.Tensor:
+        """Read the bounding box of ``positions`` per axis, then pick the positions inside it."""
+        box: list[slice] = []
+        inner: list[torch.Tensor | None] = []
+        for pos in positions:
+            if pos is None or isinstance(pos, slice):
+                box.append(pos or slice(None))
+                inner.append(None)
+            elif pos.numel() == 0:
+                box.append(slice(0, 0))
+                inner.append(None)
+            else:
+                lo, hi = int(pos.min()), int(pos.max()) + 1
+                box.append(slice(lo, hi))
+                contiguous = pos.numel() == hi - lo and bool((pos == torch.arange(lo, hi)).all())
+                inner.append(None if contiguous else pos - lo)
+        out = self._file.get_slice(key)[tuple(box)]
+        self.bytes_read += _nbytes(out)
+        for axis, pos in enumerate(inner):
+            if pos is not None:
+                out = out.index_select(axis, pos)
+        return out
+
+
+def _runs(rows: torch.Tensor) -> list[tuple[int, int]]:
+    """Maximal ranges [lo, hi) of consecutive values among the sorted unique ``rows``."""
+    values = sorted(set(rows.tolist()))
+    runs: list[tuple[int, int]] = []
+    for value in values:
+        if runs and runs[-1][1] == value:
+            runs[-1] = (runs[-1][0], value + 1)
+        else:
+            runs.append((value, value + 1))
+    return runs
+
+
+def _order_within_runs(rows: torch.Tensor) -> torch.Tensor | None:
+    """Positions of ``rows`` in the concatenated runs, or None when they are already in order."""
+    values = sorted(set(rows.tolist()))
+    if rows.tolist() == values:
+        return None
+    where = {value: i for i, value in enumerate(values)}
+    return torch.tensor([where[value] for value in rows.tolist()], dtype=torch.long)
+
+
+def _read_safetensors_header(path: str) -> dict[str, Any]:
+    """The JSON header, after checking that the file holds every byte the header promises."""
+    if not os.path.isfile(path):
+        raise SpecError(f"weights file '{path}' does not exist")
+    size = os.path.getsize(path)
+    corrupt = f"'{path}' is truncated or corrupt (not a complete safetensors file); re-download or re-save it"
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise SpecError(corrupt)
+        (header_len,) = struct.unpack("<Q", prefix)
+        if 8 + header_len > size:
+            raise SpecError(corrupt)
+        try:
+            header = json.loads(fh.read(header_len))
+            data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise SpecError(corrupt) from e
+    if 8 + header_len + data_end > size:
+        raise SpecError(corrupt)
+    return header
+
+
+class ShardedSource:
+    """Several weight files behind one key space (a ``*.index.json`` weight map); shards open on first use."""
+
+    def __init__(self, weight_map: Mapping[str, str], open_shard: Callable[[str], TensorSource]) -> None:
+        self._weight_map = dict(weight_map)
+        self._open_shard = open_shard
+        self._shards: dict[str, TensorSource] = {}
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(getattr(shard, "bytes_read", 0) for shard in self._shards.values())
+
+    def _shard(self, key: str) -> TensorSource:
+        path = self._weight_map[key]
+        if path not in self._shards:
+            self._shards[path] = self._open_shard(path)
+        return self._shards[path]
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._weight_map)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shard(key).shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._shard(key).dtype(key)
+
+    def read(self, key: str, index: Sequence[AxisIndex] | None = None) -> torch.Tensor:
+        return self._shard(key).read(key, index)
+
+
+class RenamedSource:
+    """Another source seen under new names: ``names`` maps each exposed key to the inner source's key.
+
+    Used to present a checkpoint in its module's naming (``module.`` prefix stripped, a tied weight
+    exposed under both of its names).
+    """
+
+    def __init__(self, source: TensorSource, names: Mapping[str, str]) -> None:
+        self.inner = source
+        self._names = dict(names)
+
+    @property
+    def bytes_read(self) -> int:
+        return getattr(self.inner, "bytes_read", 0)
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.inner.shape(self._names[key])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.inner.dtype(self._names[key])
+
+    def read(self, key: str, index: Sequence[AxisIndex] | None = None) -> torch.Tensor:
+        return self.inner.read(self._names[key], index)
+
+
+def hf_weights_path(directory: str) -> str | None:
+    """The weights file of a Hugging Face model directory, or None when it has none."""
+    for name in HF_WEIGHT_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def open_weights(path: str, *, unsafe_pickle: bool = False) -> TensorSource:
+    """Open a weights file or a Hugging Face model directory as a lazy ``TensorSource``.
+
+    Args:
+        path: a ``.safetensors`` file, a ``*.index.json`` shard map, a PyTorch checkpoint
+            (``.pt/.pth/.bin/.ckpt``), or a directory holding one of ``HF_WEIGHT_FILES``.
+        unsafe_pickle: let ``torch.load`` run code embedded in a pickle checkpoint. Only for
+            files from a trusted source.
+
+    Returns:
+        A source keyed by the names stored in the file (checkpoint wrappers such as
+        ``{"state_dict": ...}`` unwrapped; non-tensor entries dropped). Dtypes are as stored.
+
+    Raises:
+        SpecError: the path is missing, of an unknown format, truncated or corrupt, or a pickle
+            that needs code execution while ``unsafe_pickle`` is False.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = hf_weights_path(path)
+        if found is None:
+            raise SpecError(f"directory '{path}' has no weights (looked for {', '.join(HF_WEIGHT_FILES)})")
+        path = found
+    if not os.path.exists(path):
+        raise SpecError(f"weights file '{path}' does not exist")
+    if path.endswith(".index.json"):
+        return _open_sharded(path, unsafe_pickle=unsafe_pickle)
+    if path.endswith(".safetensors"):
+        return SafetensorsSource(path)
+    if path.endswith(TORCH_SUFFIXES):
+        return DictSource(_load_torch_checkpoint(path, unsafe_pickle=unsafe_pickle))
+    raise SpecError(
+        f"cannot tell the format of '{path}'; use a .safetensors, {'/'.join(TORCH_SUFFIXES)} file, "
+        "a *.index.json shard map or a Hugging Face model directory"
+    )
+
+
+def _open_sharded(index_path: str, *, unsafe_pickle: bool) -> ShardedSource:
+    try:
+        with open(index_path, encoding="utf-8") as fh:
+            weight_map = json.load(fh)["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SpecError(f"'{index_path}' is not a valid shard index (needs a 'weight_map' object)") from e
+    directory = os.path.dirname(index_path)
+    shard_paths = {key: os.path.join(directory, name) for key, name in weight_map.items()}
+    missing = sorted({p for p in shard_paths.values() if not os.path.isfile(p)})
+    if missing:
+        raise SpecError(f"shard index '{index_path}' names missing files: {', '.join(missing[:5])}")
+    return ShardedSource(shard_paths, lambda shard: open_weights(shard, unsafe_pickle=unsafe_pickle))
+
+
+def _load_torch_checkpoint(path: str, *, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=True)
+        except RuntimeError as e:
+            # NOTE: mmap needs the zip format (torch >= 1.6); legacy files load fully into memory.
+            if "mmap" not in str(e):
+                raise
+            loaded = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise SpecError(
+                f"'{path}' is a pickle that needs code execution to load; re-save it as safetensors, "
+                "or pass --unsafe-pickle if you trust its source"
+            ) from e
+        raise SpecError(f"'{path}' is truncated or corrupt (cannot unpickle it: {e})") from e
+    except Exception as e:  # torch.load raises many types (RuntimeError, KeyError, EOFError, ...)
+        raise SpecError(f"'{path}' is truncated or corrupt (torch.load failed: {type(e).__name__}: {e})") from e
+    tensors = _unwrap_state_dict(loaded)
+    if not tensors:
+        raise SpecError(f"'{path}' holds no tensors; expected a state_dict or a checkpoint containing one")
+    return tensors
+
+
+def _unwrap_state_dict(loaded: object) -> dict[str, torch.Tensor]:
+    if isinstance(loaded, nn.Module):
+        loaded = loaded.state_dict()
+    while isinstance(loaded, Mapping):
+        inner = next(
+            (loaded[k] for k in STATE_DICT_WRAPPERS if isinstance(loaded.get(k), (Mapping, nn.Module))),
+            None,
+        )
+        if isinstance(inner, nn.Module):
+            inner = inner.state_dict()
+        if inner is None or not any(isinstance(v, (torch.Tensor, Mapping)) for v in inner.values()):
+            break
+        loaded = inner
+    if not isinstance(loaded, Mapping):
+        return {}
+    return {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
