@@ -31,6 +31,7 @@ class AxisRule:
     blocks: int = 1  # logical blocks along the axis (fused q/k/v: 3); indices apply per block
     step: int | None = None  # uniform rule with t % s == 0: indices are arange(s) * step
     indices: list[int] | None = None  # indices within one block when not a plain step
+    offset: int = 0  # start of the teacher range read: block 1 of a fused q/k/v for a separate k
 
 
 @dataclass

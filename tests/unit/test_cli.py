@@ -51,12 +51,17 @@ def test_existing_output_is_not_replaced_without_force(tmp_path, capsys):
 
 
 def test_wider_student_is_an_error_naming_tensors(tmp_path, capsys):
-    out = tmp_path / "s.safetensors"
-    assert main(["init", "--teacher", STUDENT, "--student", TEACHER, "--out", str(out)]) == 2
+    out, manifest = tmp_path / "s.safetensors", tmp_path / "s.json"
+    wide_mlp = TEACHER + "&mlp_ratio=8"  # wider than the teacher in the MLP only
+    assert main(["init", "--teacher", TEACHER, "--student", wide_mlp, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "patch_embed.proj.weight" in err and "--allow-partial" in err and "Traceback" not in err
+    assert "blocks.0.mlp.fc1.weight" in err and "--allow-partial" in err and "Traceback" not in err
     assert not out.exists()
-    assert main(["init", "--teacher", STUDENT, "--student", TEACHER, "--out", str(out), "--allow-partial"]) == 0
+    args = ["init", "--teacher", TEACHER, "--student", wide_mlp, "--out", str(out), "--manifest", str(manifest)]
+    assert main(args + ["--allow-partial"]) == 0
+    kept = {t["student"]: t["reason"] for t in json.loads(manifest.read_text())["tensors"] if t["teacher"] is None}
+    assert "larger than its teacher match" in kept["blocks.0.mlp.fc1.weight"]
+    assert "blocks.0.attn.qkv.weight" not in kept
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -288,6 +288,7 @@ def test_manifest_validates_and_round_trips(plan):
         "blocks": 3,
         "step": 2,
         "indices": None,
+        "offset": 0,
     }
     text = render(plan, "json")
     assert json.loads(text) == manifest

@@ -42,6 +42,8 @@ class Alignment:
     head: set[int]  # student components forming the classifier head
     teacher_head: set[int]  # teacher components forming the classifier head
     block_of: dict[int, str] = field(default_factory=dict)  # student component -> its block path
+    parts: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # ^ student component -> (part, parts): it reads one part of a fused teacher projection
 
 
 def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str = "first") -> Alignment:
@@ -59,7 +61,8 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str = "firs
     unmatched: dict[int, str] = {}
     stages: list[StagePair] = []
     block_of: dict[int, str] = {}
-    cache: dict[tuple[str, str], dict[int, int]] = {}
+    parts: dict[int, tuple[int, int]] = {}
+    cache: dict[tuple[str, str], dict[int, tuple[int, int | None]]] = {}
 
     for t_el, s_el in _align_sequences(t_struct, s_struct, t_elements, s_elements):
         if isinstance(s_el, Component):
@@ -90,7 +93,9 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str = "firs
             mapping = _map_block(t_struct, s_struct, t_nodes, s_nodes, cache)
             for n in s_nodes:
                 if n in mapping:
-                    pairs[n] = mapping[n]
+                    pairs[n], part = mapping[n]
+                    if part is not None:
+                        parts[n] = (part, _fused_parts(t_struct, pairs[n]))
                 else:
                     unmatched[n] = f"no structural counterpart in teacher block {t_block}"
             stage_pair.blocks.append(BlockPair(s_block, t_block, len(mapping), len(s_nodes)))
@@ -101,7 +106,7 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str = "firs
             "nothing in the student matched the teacher: no layer of the same kind in the same order; "
             "are they the same family of model (e.g. both vision transformers)?"
         )
-    return Alignment(pairs, unmatched, stages, _head(s_struct), _head(t_struct), block_of)
+    return Alignment(pairs, unmatched, stages, _head(s_struct), _head(t_struct), block_of, parts)
 
 
 def _head(structure: Structure) -> set[int]:
@@ -158,38 +163,63 @@ def _align_sequences(t_struct: Structure, s_struct: Structure, t_elements: list[
 
 
 def _map_block(t_struct: Structure, s_struct: Structure, t_nodes: list[int], s_nodes: list[int],
-               cache: dict[tuple[str, str], dict[int, int]]) -> dict[int, int]:
-    """Student node -> teacher node inside one block pair."""
+               cache: dict[tuple[str, str], dict[int, tuple[int, int | None]]]) -> dict[int, tuple[int, int | None]]:
+    """Student node -> (teacher node, part of a fused teacher node or None) inside one block pair."""
     key = (t_struct.subtree_hash_of_nodes(t_nodes), s_struct.subtree_hash_of_nodes(s_nodes))
     if key not in cache:
-        positional = _isomorphic_match(t_struct, s_struct, t_nodes, s_nodes)
+        t_units = [(n, None) for n in t_nodes]
+        positional = _isomorphic_match(t_struct, s_struct, t_units, s_nodes)
+        if positional is None and any(_fused_parts(t_struct, n) > 1 for n in t_nodes):
+            # a fused q/k/v teacher against separate q, k, v: try again with its parts as layers
+            t_units = [(n, part) for n in t_nodes for part in _part_range(t_struct, n)]
+            positional = _isomorphic_match(t_struct, s_struct, t_units, s_nodes)
         if positional is None:
             positional = _order_match(t_struct, s_struct, t_nodes, s_nodes)
+            positional = {s: (t, None) for s, t in positional.items()}
         # cache by position so every block with the same structure reuses the search
-        cache[key] = {s_nodes.index(s): t_nodes.index(t) for s, t in positional.items()}
-    return {s_nodes[s]: t_nodes[t] for s, t in cache[key].items()}
+        cache[key] = {s_nodes.index(s): (t_nodes.index(t), part) for s, (t, part) in positional.items()}
+    return {s_nodes[s]: (t_nodes[t], part) for s, (t, part) in cache[key].items()}
 
 
-def _block_graph(struct: Structure, nodes: list[int]) -> nx.DiGraph:
+def _fused_parts(struct: Structure, node: int) -> int:
+    weight = next((s for s in struct.graph.nodes[node][ir.TENSORS] if s.role == "weight"), None)
+    if weight is None or weight.out_axis is None:
+        return 1
+    return dict(getattr(weight, "blocks", ())).get(weight.out_axis, 1)
+
+
+def _part_range(struct: Structure, node: int) -> list[int | None]:
+    k = _fused_parts(struct, node)
+    return list(range(k)) if k > 1 else [None]
+
+
+def _block_graph(struct: Structure, units: list) -> nx.DiGraph:
+    """Block graph over units: node ids, or (node, part) pairs when fused layers are split."""
     sub = nx.DiGraph()
-    for n in nodes:
-        sub.add_node(n, family=struct.family[n])
+    by_node: dict[int, list] = {}
+    for unit in units:
+        node = unit[0] if isinstance(unit, tuple) else unit
+        sub.add_node(unit, family=struct.family[node])
+        by_node.setdefault(node, []).append(unit)
+    nodes = list(by_node)
     for a, b in struct.graph.subgraph(nodes).edges:
-        sub.add_edge(a, b, arg=struct.graph.edges[a, b][ir.ARG])
+        for ua in by_node[a]:
+            for ub in by_node[b]:
+                sub.add_edge(ua, ub, arg=struct.graph.edges[a, b][ir.ARG])
     return sub
 
 
-def _isomorphic_match(t_struct: Structure, s_struct: Structure, t_nodes: list[int],
-                      s_nodes: list[int]) -> dict[int, int] | None:
-    if len(t_nodes) != len(s_nodes):
+def _isomorphic_match(t_struct: Structure, s_struct: Structure, t_units: list[tuple[int, int | None]],
+                      s_nodes: list[int]) -> dict[int, tuple[int, int | None]] | None:
+    if len(t_units) != len(s_nodes):
         return None
-    t_graph, s_graph = _block_graph(t_struct, t_nodes), _block_graph(s_struct, s_nodes)
+    t_graph, s_graph = _block_graph(t_struct, t_units), _block_graph(s_struct, s_nodes)
     matcher = isomorphism.DiGraphMatcher(
         s_graph, t_graph,
         node_match=lambda a, b: a["family"] == b["family"],
         edge_match=lambda a, b: a["arg"] == b["arg"],
     )
-    t_pos = {n: i for i, n in enumerate(t_nodes)}
+    t_pos = {u: i for i, u in enumerate(t_units)}
     s_pos = {n: i for i, n in enumerate(s_nodes)}
     best, best_cost = None, None
     for mapping in islice(matcher.isomorphisms_iter(), MAX_ISOMORPHISMS):

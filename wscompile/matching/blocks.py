@@ -1,8 +1,9 @@
 """Layer structure: cut a model into loose components and stages of repeated blocks.
 
 A *block* is a module that is repeated: consecutive sibling modules with equal exact subtree
-hashes (same components, same shapes, same wiring) and at least two components each. A run of
-such siblings is a *stage*. A module that only occurs once in a model still counts as a block
+hashes (same components, same shapes, same wiring), at least two components each, each reading
+the previous one's output. A run of such siblings is a *stage*; it may open with an *entry block*
+of the same structure plus a few layers (a ResNet block with its downsample shortcut). A module that only occurs once in a model still counts as a block
 when its width-free hash equals a block of the other model (a one-block stage of a shallow
 student). Everything else is expanded into its parts, so how the user nested their modules
 (wrappers, ``nn.Sequential`` vs attributes) does not change the result; only execution order and
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from wscompile.matching.structure import Structure
+from wscompile.matching.structure import Structure, lcs_length
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Stage:
     parent: str  # module path holding the blocks
     index: int = 0  # position among the model's stages
     label: str = field(default="")
+    block_hashes: tuple[str, ...] = ()  # width-free hashes of the distinct blocks, entry block first
 
     def describe(self) -> str:
         return f"stage {self.index} ({self.parent or 'root'}, {len(self.blocks)} blocks)"
@@ -52,7 +54,8 @@ def segment(structure: Structure, other_block_hashes: frozenset[str] = frozenset
 
 
 def block_hashes(elements: list[Element]) -> frozenset[str]:
-    return frozenset(e.family_hash for e in elements if isinstance(e, Stage))
+    """Width-free hashes of every block of every stage (entry blocks included)."""
+    return frozenset(h for e in elements if isinstance(e, Stage) for h in e.block_hashes)
 
 
 def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[Element]:
@@ -66,6 +69,15 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
     for n in structure.direct_components(path):
         items.append((n, "component", n))
     items.sort(key=lambda item: item[0])
+
+    def run_end(start: int) -> int:
+        first = structure.subtree_hash(items[start][2])
+        end = start
+        while (end + 1 < len(items) and items[end + 1][1] == "module"
+               and structure.subtree_hash(items[end + 1][2]) == first):
+            end += 1
+        return end
+
     seen: set[int] = set()
     out: list[Element] = []
     i = 0
@@ -77,20 +89,48 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
                 seen.add(value)
             i += 1
             continue
-        j = i
-        run_hash = structure.subtree_hash(value)
-        while j + 1 < len(items) and items[j + 1][1] == "module" and structure.subtree_hash(items[j + 1][2]) == run_hash:
-            j += 1
+        j = run_end(i)
         run = [items[k][2] for k in range(i, j + 1)]
+        if len(run) == 1 and j + 1 < len(items) and items[j + 1][1] == "module" and _is_entry(structure, value, items[j + 1][2]):
+            # an entry block (downsampling, widening) followed by its repeated blocks
+            end = run_end(j + 1)
+            run = [value] + [items[k][2] for k in range(j + 1, end + 1)]
+            j = end
         i = j + 1
-        big_enough = len(comps[run[0]]) >= 2
-        family_hash = structure.subtree_hash(run[0], "family")
-        if big_enough and (len(run) >= 2 or family_hash in others):
+        repeated = run[1] if len(run) > 1 and structure.subtree_hash(run[0]) != structure.subtree_hash(run[1]) else run[0]
+        hashes = tuple(dict.fromkeys(structure.subtree_hash(b, "family") for b in run))
+        big_enough = all(len(comps[b]) >= 2 for b in run)
+        if big_enough and (len(run) >= 2 or hashes[0] in others) and _chained(structure, run):
             inner = _segment(structure, run[0], others)
             if not any(isinstance(e, Stage) for e in inner):
-                out.append(Stage(blocks=run, first_node=order, family_hash=family_hash, parent=path))
+                out.append(Stage(blocks=run, first_node=order, family_hash=structure.subtree_hash(repeated, "family"),
+                                 parent=path, block_hashes=hashes))
                 continue
         for member in run:
             out.extend(e for e in _segment(structure, member, others) if not (isinstance(e, Component) and e.node in seen))
             seen.update(e.node for e in out if isinstance(e, Component))
     return out
+
+
+def _chained(structure: Structure, run: list[str]) -> bool:
+    """Blocks of a stage run one after another: each reads what the previous one wrote.
+
+    Parallel branches of equal shape (a ResNet-style block's last conv and its shortcut conv) are
+    not a stage.
+    """
+    graph = structure.graph
+    for before, after in zip(run, run[1:]):
+        later = set(structure.components_in[after])
+        if not any(b in later for a in structure.components_in[before] for b in graph.successors(a)):
+            return False
+    return True
+
+
+def _is_entry(structure: Structure, entry: str, block: str) -> bool:
+    """Whether ``entry`` is a variant of ``block`` opening a stage (a ResNet block with downsample)."""
+    entry_nodes, block_nodes = structure.components_in[entry], structure.components_in[block]
+    if len(block_nodes) < 2 or len(entry_nodes) > 2 * len(block_nodes) + 2:
+        return False
+    families = structure.family
+    shared = lcs_length([families[n] for n in entry_nodes], [families[n] for n in block_nodes])
+    return shared >= 0.75 * len(block_nodes)

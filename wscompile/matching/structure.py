@@ -91,3 +91,14 @@ class Structure:
             # networkx >= 3.5 warns that directed hashes changed; we only compare hashes within one run
             warnings.simplefilter("ignore", UserWarning)
             return nx.weisfeiler_lehman_graph_hash(sub, node_attr="label", edge_attr="label", iterations=3)
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence of two label sequences."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]

@@ -129,16 +129,24 @@ def build_plan(
                 record.teacher = None
                 continue
             record.reshape, teacher_axes = view
+            part, parts = alignment.parts.get(s_node, (0, 1))
             axes: list[AxisRule] = []
             larger = False
             for s_axis, t_axis in enumerate(teacher_axes):
                 s_size = s_slot.shape[s_axis]
                 t_size = 1 if t_axis is None else t_slot.shape[t_axis]
+                offset = 0
+                fused_in_teacher = t_axis is not None and _blocks(t_slot, t_axis)
+                if parts > 1 and t_axis == t_slot.out_axis:
+                    # this student layer is one part of a fused teacher layer (k of q/k/v)
+                    t_size //= parts
+                    offset = part * t_size
+                    fused_in_teacher = 1
                 if s_size > t_size:
                     larger = True
                     break
                 k = _blocks(s_slot, s_axis)
-                if k > 1 and (t_axis is None or _blocks(t_slot, t_axis) != k or t_size % k):
+                if k > 1 and (fused_in_teacher != k or t_size % k):
                     k = 1
                 space = None
                 if s_axis == s_slot.out_axis:
@@ -146,7 +154,7 @@ def build_plan(
                 elif s_axis == s_slot.in_axis and s_size > 1:
                     space = Space(s_node, "in")
                 group = group_for(space, t_size // k, s_size // k)
-                axes.append(_axis_rule(t_size, s_size, k, group, method, choose))
+                axes.append(_axis_rule(t_size, s_size, k, group, method, choose, offset))
                 if group is not None:
                     group.members.append(f"{s_slot.name}:{s_axis}")
             if larger:
@@ -170,7 +178,8 @@ def build_plan(
     if problems and not allow_partial:
         raise SelectionError("; ".join(problems) + "; pass --allow-partial to keep the student's init for them")
 
-    _add_untraced(records, student_state)
+    _add_untraced(records, student_state, _untraced_sources(alignment, teacher_graph, student_graph),
+                  teacher_keys)
     _check_dtypes(records, student_state, teacher_keys)
     ordered = [records[k] for k in student_state if k in records]
     unused = _unused_teacher(alignment, teacher_graph, teacher_keys, used_teacher, select_head)
@@ -190,14 +199,14 @@ def _blocks(slot: ir.TensorSlot, axis: int) -> int:
 
 
 def _axis_rule(t_size: int, s_size: int, blocks: int, group: GroupRecord | None, method: str,
-               choose: Method) -> AxisRule:
+               choose: Method, offset: int) -> AxisRule:
     t_block, s_block = t_size // blocks, s_size // blocks
     gid = group.id if group else None
     if t_size == s_size:
-        return AxisRule(t_size, s_size, AXIS_FULL, gid, blocks)
+        return AxisRule(t_size, s_size, AXIS_FULL, gid, blocks, offset=offset)
     indices = group.indices if group else choose(t_block, s_block, None)
     step = uniform_step(t_block, s_block) if method == AXIS_UNIFORM else None
-    return AxisRule(t_size, s_size, method, gid, blocks, step, None if step else list(indices))
+    return AxisRule(t_size, s_size, method, gid, blocks, step, None if step else list(indices), offset)
 
 
 def teacher_index(record: TensorRecord, group_indices: dict[str, list[int]]) -> list[list[int] | None]:
@@ -206,7 +215,12 @@ def teacher_index(record: TensorRecord, group_indices: dict[str, list[int]]) -> 
     _, teacher_axes = _view_axes(record)
     index: list[list[int] | None] = [None] * len(record.teacher_shape)
     for rule, t_axis in zip(record.axes, teacher_axes):
-        if t_axis is None or rule.rule == AXIS_FULL:
+        if t_axis is None:
+            continue
+        if rule.rule == AXIS_FULL and rule.offset == 0 and rule.teacher_size == record.teacher_shape[t_axis]:
+            continue  # the whole teacher axis
+        if rule.rule == AXIS_FULL:
+            index[t_axis] = list(range(rule.offset, rule.offset + rule.teacher_size))
             continue
         if rule.group is not None:
             within = group_indices[rule.group]
@@ -215,7 +229,7 @@ def teacher_index(record: TensorRecord, group_indices: dict[str, list[int]]) -> 
         else:
             within = rule.indices or []
         block = rule.teacher_size // rule.blocks
-        index[t_axis] = [b * block + i for b in range(rule.blocks) for i in within]
+        index[t_axis] = [rule.offset + b * block + i for b in range(rule.blocks) for i in within]
     return index
 
 
@@ -236,8 +250,22 @@ def to_student_layout(tensor: torch.Tensor, record: TensorRecord) -> torch.Tenso
     return tensor.reshape(record.student_shape)
 
 
-def _add_untraced(records: dict[str, TensorRecord], student_state: dict[str, torch.Tensor]) -> None:
-    """Student tensors no traced op reads: tied aliases follow their twin, the rest keep init."""
+def _untraced_sources(alignment: Alignment, teacher_graph: nx.DiGraph, student_graph: nx.DiGraph) -> dict[str, str]:
+    """Student module path -> matched teacher module path, for tensors no traced op reads.
+
+    A BatchNorm's ``num_batches_tracked`` only changes in training mode, so an eval-mode trace never
+    reads it; it still belongs to the module whose other tensors were matched.
+    """
+    modules = {}
+    for s_node, t_node in alignment.pairs.items():
+        modules.setdefault(student_graph.nodes[s_node][ir.MODULE], teacher_graph.nodes[t_node][ir.MODULE])
+    return modules
+
+
+def _add_untraced(records: dict[str, TensorRecord], student_state: dict[str, torch.Tensor],
+                  module_pairs: dict[str, str], teacher_keys: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """Student tensors no traced op reads: tied aliases follow their twin, tensors of a matched
+    module take the same-role tensor of its teacher module when shapes agree, the rest keep init."""
     by_storage = {}
     for key, record in records.items():
         tensor = student_state.get(key)
@@ -251,6 +279,14 @@ def _add_untraced(records: dict[str, TensorRecord], student_state: dict[str, tor
             base = records[twin]
             records[key] = TensorRecord(key, list(tensor.shape), base.teacher, base.teacher_shape, base.rule,
                                         base.component, base.axes, base.reshape, base.is_head, f"tied to {twin}")
+            continue
+        module, _, local = key.rpartition(".")
+        teacher_module = module_pairs.get(module)
+        teacher_key = None if teacher_module is None else f"{teacher_module}.{local}".lstrip(".")
+        if teacher_key in teacher_keys and teacher_keys[teacher_key][0] == tuple(tensor.shape):
+            full = [AxisRule(d, d, AXIS_FULL, None) for d in tensor.shape]
+            records[key] = TensorRecord(key, list(tensor.shape), teacher_key, list(tensor.shape), RULE_COPY,
+                                        module, full, reason="buffer of a matched layer, not read in eval mode")
         else:
             records[key] = TensorRecord(key, list(tensor.shape), None, None, RULE_STUDENT_INIT,
                                         reason="not read by any traced operation")

@@ -18,7 +18,7 @@ from wscompile.errors import MissingDependencyError, ValidationError
 from wscompile.plan import AxisRule, SelectionPlan, StagePair, TensorRecord
 
 # Major: a field removed, renamed or changing meaning. Minor: a field added.
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 MAX_LISTED_PROBLEMS = 20  # a wholly wrong document would otherwise give thousands
 
 
@@ -31,6 +31,7 @@ def _axis(axis: AxisRule) -> dict[str, Any]:
         "blocks": axis.blocks,
         "step": axis.step,
         "indices": None if axis.indices is None else list(axis.indices),
+        "offset": axis.offset,
     }
 
 
