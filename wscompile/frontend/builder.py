@@ -152,6 +152,7 @@ class Source:
     tensor_shape: Callable[[str], tuple[int, ...]]  # shape of a model tensor by key
     frontend: str
     module_tree: dict[str, list[str]]
+    arg_names: dict[str, tuple[str, ...]] | None = None  # per-op argument names overriding FUNCTIONAL_ARGS
 
 
 def _flat_inputs(node: torch.fx.Node, names: tuple[str, ...] | None) -> Iterator[tuple[int, str | None, torch.fx.Node]]:
@@ -197,7 +198,7 @@ def build_ir(src: Source) -> nx.DiGraph:
         graph.add_node(cid, **{
             ir.KIND: op_kind(op) if op != "param" else ir.KIND_PARAM,
             ir.OP: op, ir.TENSORS: slots, ir.MODULE: module, ir.ORDER: cid,
-            ir.OUT_SHAPE: src.shape(fx_node), ir.HEADS: None, ir.CONV_GROUPS: None,
+            ir.OUT_SHAPE: src.shape(fx_node), ir.HEADS: None, ir.ROTARY: False, ir.CONV_GROUPS: None,
         })
         fx_of[cid] = fx_node
         return cid
@@ -233,7 +234,7 @@ def build_ir(src: Source) -> nx.DiGraph:
         if op in SHAPE_OPS or (node.op == "call_function" and op == "getattr" and "shape" in node.args):
             shape_expr.add(node)
             continue
-        names = FUNCTIONAL_ARGS.get(op) if op else None
+        names = ((src.arg_names or {}).get(op) or FUNCTIONAL_ARGS.get(op)) if op else None
         inputs = [(p, r, sub) for p, r, sub in _flat_inputs(node, names) if sub not in shape_expr]
         if leaf is None and node.all_input_nodes and all(sub in shape_expr for sub in node.all_input_nodes):
             shape_expr.add(node)  # arithmetic on sizes
@@ -333,9 +334,10 @@ def _annotate_layouts(graph: nx.DiGraph, fx_of: dict[int, torch.fx.Node], src: S
         if not out_shape:
             continue
         width = out_shape[-1]
-        blocks, heads = _layout_of_users(node, width, src)
+        blocks, heads, rotary = _layout_of_users(node, width, src)
         if heads:
             data[ir.HEADS] = heads
+            data[ir.ROTARY] = rotary
         if blocks > 1:
             data[ir.TENSORS] = [
                 replace(s, blocks=((s.out_axis, blocks),)) if s.out_axis is not None else s
@@ -351,32 +353,70 @@ def _conv_in_channels(node: torch.fx.Node, src: Source) -> int | None:
     return None
 
 
-def _layout_of_users(node: torch.fx.Node, width: int, src: Source) -> tuple[int, int | None]:
-    # Follow the output through view-like ops (no more than a few) to the first reshape or split.
+def _layout_of_users(node: torch.fx.Node, width: int, src: Source) -> tuple[int, int | None, bool]:
+    """(fused blocks, heads, rotary) read off the ops consuming a projection's output."""
+    blocks, heads = 1, None
     frontier = [node]
-    for _ in range(4):
+    for _ in range(6):
         next_frontier = []
         for n in frontier:
             for user in n.users:
                 name = src.op_name(user) or ""
                 shape = src.shape(user)
-                if name in RESHAPES and shape and len(shape) >= 2:
-                    for m in (3, 2):
-                        tail = shape[-m:]
-                        if len(shape) > m and math.prod(tail) == width and all(d > 1 for d in tail):
-                            if m == 3 and tail[0] in (2, 3):
-                                return tail[0], tail[1]
-                            if m == 2:
-                                return 1, tail[0]
-                if name in SPLITS:
-                    chunks = user.args[1] if len(user.args) > 1 else user.kwargs.get("chunks")
-                    if name == "chunk" and isinstance(chunks, int) and chunks in (2, 3):
-                        return chunks, None
-                    if name in ("split", "split_with_sizes") and isinstance(chunks, (list, tuple)) and len(set(chunks)) == 1 and len(chunks) in (2, 3):
-                        return len(chunks), None
-                    if name == "split" and isinstance(chunks, int) and width % chunks == 0 and width // chunks in (2, 3):
-                        return width // chunks, None
-                if name in ("permute", "transpose", "contiguous", "to", "type_as", "view_as", "float", "clone"):
+                if name in RESHAPES and shape and len(shape) >= 2 and heads is None:
+                    found = _heads_in_shape(shape, width)
+                    if found:
+                        blocks, heads = found
+                        next_frontier.append(user)
+                        continue
+                    if shape[-1] == width:  # a view that keeps the features whole
+                        next_frontier.append(user)
+                if name in SPLITS and heads is None:
+                    split = _split_parts(user, width)
+                    if split:
+                        return split, None, False
+                if heads is not None and _is_half_slice(user, src, shape_of=n):
+                    # rotate_half: x[..., :d/2] and x[..., d/2:] pair dims i and i + d/2
+                    return blocks, heads, True
+                if name in VIEW_LIKE:
                     next_frontier.append(user)
         frontier = next_frontier
-    return 1, None
+    return blocks, heads, False
+
+
+VIEW_LIKE = {"permute", "transpose", "contiguous", "to", "type_as", "view_as", "float", "clone", "_to_copy"}
+
+
+def _heads_in_shape(shape: tuple[int, ...], width: int) -> tuple[int, int] | None:
+    """A reshape of ``width`` into ``[..., k, H, d]`` (k blocks of H heads) or ``[..., H, d]``."""
+    for m in (3, 2):
+        tail = shape[-m:]
+        if len(shape) > m and math.prod(tail) == width and all(d > 1 for d in tail):
+            if m == 3 and tail[0] in (2, 3):
+                return tail[0], tail[1]
+            if m == 2:
+                return 1, tail[0]
+    return None
+
+
+def _split_parts(user: torch.fx.Node, width: int) -> int | None:
+    """Equal parts of a chunk/split of the last axis: a fused gate/up or q/k/v output."""
+    name = getattr(user.target, "__name__", str(user.target))
+    chunks = user.args[1] if len(user.args) > 1 else user.kwargs.get("chunks", user.kwargs.get("split_size"))
+    if "chunk" in name and isinstance(chunks, int) and chunks in (2, 3):
+        return chunks
+    if isinstance(chunks, (list, tuple)) and len(set(chunks)) == 1 and len(chunks) in (2, 3):
+        return len(chunks)
+    if isinstance(chunks, int) and chunks and width % chunks == 0 and width // chunks in (2, 3):
+        return width // chunks
+    return None
+
+
+def _is_half_slice(user: torch.fx.Node, src: Source, shape_of: torch.fx.Node) -> bool:
+    shape = src.shape(shape_of)
+    if not shape or (src.op_name(user) or "") not in ("slice", "getitem", "narrow"):
+        return False
+    half = shape[-1] // 2
+    args = [a for a in user.args[1:] if isinstance(a, int)]
+    out = src.shape(user)
+    return bool(out) and out[-1] == half and len(out) == len(shape) and (half in args or not args)

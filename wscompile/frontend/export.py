@@ -49,5 +49,5 @@ def trace(model: nn.Module, inputs: dict[str, torch.Tensor], module_tree: dict[s
     return build_ir(Source(
         graph=program.graph_module.graph, tensor_name=tensor_name, leaf_module=lambda node: None,
         op_name=_op_name, shape=shape, tensor_shape=tensor_shape, frontend=NAME,
-        module_tree=module_tree,
+        module_tree=module_tree, arg_names={"embedding": ("weight", "input")},  # aten.embedding(weight, indices)
     ))

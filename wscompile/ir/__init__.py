@@ -29,6 +29,7 @@ ORDER = "order"  # execution order, equal to the node id
 OUT_SHAPE = "out_shape"  # shape of the component's output (tuple) or None if unknown
 FUSED_BLOCKS = "fused_blocks"  # output channels are k stacked logical blocks (fused q/k/v: 3)
 HEADS = "heads"  # attention heads read from the output layout, None if not an attention projection
+ROTARY = "rotary"  # the heads' dims are rotated in pairs (i, i + d/2) by rotary position embeddings
 CONV_GROUPS = "conv_groups"  # groups of a convolution (depthwise: == channels)
 
 # Edge attributes.

@@ -22,6 +22,8 @@ from wscompile import ir
 from wscompile.errors import SelectionError
 from wscompile.matching.align import Alignment
 from wscompile.matching.coupling import Space, coupled_spaces
+from wscompile.passes.heads import RULE as HEADS_RULE
+from wscompile.passes.heads import head_layouts
 from wscompile.passes.uniform import uniform_indices, uniform_step
 from wscompile.plan import (
     AXIS_FULL,
@@ -86,6 +88,7 @@ def build_plan(
         raise SelectionError(f"unknown selection method {method!r}; choose from {', '.join(METHODS)}")
     choose = METHODS[method]
     spaces = coupled_spaces(student_graph)
+    structured = head_layouts(alignment, teacher_graph, student_graph)
     groups: dict[tuple, GroupRecord] = {}
     records: dict[str, TensorRecord] = {}
     too_large: list[str] = []
@@ -99,6 +102,12 @@ def build_plan(
             gid = f"g{len(groups)}"
             indices = list(range(t_size)) if t_size == s_size else choose(t_size, s_size, gid)
             groups[key] = GroupRecord(gid, t_size, s_size, [], AXIS_FULL if t_size == s_size else method, indices)
+        return groups[key]
+
+    def structured_group(space: Space, t_size: int, s_size: int, indices: list[int]) -> GroupRecord:
+        key = (spaces.find(space), t_size, s_size, tuple(indices))
+        if key not in groups:
+            groups[key] = GroupRecord(f"g{len(groups)}", t_size, s_size, [], HEADS_RULE, list(indices))
         return groups[key]
 
     for s_node in sorted(student_graph.nodes):
@@ -153,8 +162,13 @@ def build_plan(
                     space = Space(s_node, "out")
                 elif s_axis == s_slot.in_axis and s_size > 1:
                     space = Space(s_node, "in")
-                group = group_for(space, t_size // k, s_size // k)
-                axes.append(_axis_rule(t_size, s_size, k, group, method, choose, offset))
+                explicit = structured.get((s_node, space.side)) if space and t_size != s_size and k == 1 else None
+                if explicit is not None:
+                    group = structured_group(space, t_size, s_size, explicit)
+                    axes.append(AxisRule(t_size, s_size, HEADS_RULE, group.id, 1, None, explicit, offset))
+                else:
+                    group = group_for(space, t_size // k, s_size // k)
+                    axes.append(_axis_rule(t_size, s_size, k, group, method, choose, offset))
                 if group is not None:
                     group.members.append(f"{s_slot.name}:{s_axis}")
             if larger:
@@ -180,6 +194,7 @@ def build_plan(
 
     _add_untraced(records, student_state, _untraced_sources(alignment, teacher_graph, student_graph),
                   teacher_keys)
+    _unify_ties(records, student_state)
     _check_dtypes(records, student_state, teacher_keys)
     ordered = [records[k] for k in student_state if k in records]
     unused = _unused_teacher(alignment, teacher_graph, teacher_keys, used_teacher, select_head)
@@ -264,21 +279,11 @@ def _untraced_sources(alignment: Alignment, teacher_graph: nx.DiGraph, student_g
 
 def _add_untraced(records: dict[str, TensorRecord], student_state: dict[str, torch.Tensor],
                   module_pairs: dict[str, str], teacher_keys: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
-    """Student tensors no traced op reads: tied aliases follow their twin, tensors of a matched
-    module take the same-role tensor of its teacher module when shapes agree, the rest keep init."""
-    by_storage = {}
-    for key, record in records.items():
-        tensor = student_state.get(key)
-        if tensor is not None and tensor.numel():
-            by_storage.setdefault((tensor.data_ptr(), tuple(tensor.shape)), key)
+    """Student tensors no traced op reads: a tensor of a matched module takes the same-role
+    tensor of its teacher module when shapes agree; the rest keep init (tied aliases are settled
+    afterwards by ``_unify_ties``)."""
     for key, tensor in student_state.items():
         if key in records:
-            continue
-        twin = by_storage.get((tensor.data_ptr(), tuple(tensor.shape))) if tensor.numel() and tensor.device.type != "meta" else None
-        if twin is not None and records[twin].rule != RULE_STUDENT_INIT:
-            base = records[twin]
-            records[key] = TensorRecord(key, list(tensor.shape), base.teacher, base.teacher_shape, base.rule,
-                                        base.component, base.axes, base.reshape, base.is_head, f"tied to {twin}")
             continue
         module, _, local = key.rpartition(".")
         teacher_module = module_pairs.get(module)
@@ -290,6 +295,29 @@ def _add_untraced(records: dict[str, TensorRecord], student_state: dict[str, tor
         else:
             records[key] = TensorRecord(key, list(tensor.shape), None, None, RULE_STUDENT_INIT,
                                         reason="not read by any traced operation")
+
+
+def _unify_ties(records: dict[str, TensorRecord], student_state: dict[str, torch.Tensor]) -> None:
+    """Keys sharing one tensor (tied embeddings, an LM head tied to the input embedding) get one plan.
+
+    Loading the student writes the storage once per key, so differing plans would overwrite each
+    other; the member filled from the teacher (outside the head first) decides for all.
+    """
+    tied: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for key, tensor in student_state.items():
+        if tensor.numel() and tensor.device.type != "meta":
+            tied.setdefault((tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size(),
+                             tuple(tensor.shape)), []).append(key)
+    for keys in tied.values():
+        if len(keys) < 2:
+            continue
+        ranked = sorted(keys, key=lambda k: (records[k].teacher is None, records[k].is_head, keys.index(k)))
+        base = records[ranked[0]]
+        for key in ranked[1:]:
+            record = records[key]
+            record.teacher, record.teacher_shape, record.rule = base.teacher, base.teacher_shape, base.rule
+            record.axes, record.reshape = base.axes, base.reshape
+            record.reason = f"tied to {base.student}"
 
 
 def _check_dtypes(records: dict[str, TensorRecord], student_state: dict[str, torch.Tensor],
