@@ -1,8 +1,9 @@
 """Layer structure: cut a model into loose components and stages of repeated blocks.
 
 A *block* is a module that is repeated: consecutive sibling modules with equal exact subtree
-hashes (same components, same shapes, same wiring), at least two components each, each reading
-the previous one's output. A run of such siblings is a *stage*; it may open with an *entry block*
+hashes (same components, same shapes, same wiring), each reading the previous one's output, and
+either three or more of them or two of at least three components (two conv + norm pairs in a row
+are just nesting). A run of such siblings is a *stage*; it may open with an *entry block*
 of the same structure plus a few layers (a ResNet block with its downsample shortcut). A module that only occurs once in a model still counts as a block
 when its width-free hash equals a block of the other model (a one-block stage of a shallow
 student). Everything else is expanded into its parts, so how the user nested their modules
@@ -100,7 +101,9 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
         repeated = run[1] if len(run) > 1 and structure.subtree_hash(run[0]) != structure.subtree_hash(run[1]) else run[0]
         hashes = tuple(dict.fromkeys(structure.subtree_hash(b, "family") for b in run))
         big_enough = all(len(comps[b]) >= 2 for b in run)
-        if big_enough and (len(run) >= 2 or hashes[0] in others) and _chained(structure, run):
+        # two repeats of a two-layer unit (conv + norm) is how people nest layers, not evidence of a stage
+        repeated = len(run) >= 3 or (len(run) == 2 and all(len(comps[b]) >= 3 for b in run))
+        if big_enough and (repeated or hashes[0] in others) and _chained(structure, run):
             inner = _segment(structure, run[0], others)
             if not any(isinstance(e, Stage) for e in inner):
                 out.append(Stage(blocks=run, first_node=order, family_hash=structure.subtree_hash(repeated, "family"),
