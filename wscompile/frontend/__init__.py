@@ -35,6 +35,11 @@ def trace(model: nn.Module, inputs: dict[str, torch.Tensor], *, frontends: list[
     failures = []
     was_training = model.training
     model.eval()
+    # NOTE: a decoder's KV cache is an output object torch.export cannot flatten; tracing needs none
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if cached:
+        config.use_cache = False
     try:
         for name in frontends or list(FRONTENDS):
             try:
@@ -50,6 +55,8 @@ def trace(model: nn.Module, inputs: dict[str, torch.Tensor], *, frontends: list[
             return graph
     finally:
         model.train(was_training)
+        if cached:
+            config.use_cache = cached
     raise TraceError(
         f"cannot trace {label}: " + "; ".join(failures)
         + "; check the example inputs (--input-shape) or make the failing module traceable"

@@ -24,6 +24,8 @@ from wscompile.matching.align import Alignment
 from wscompile.matching.coupling import Space, coupled_spaces
 from wscompile.passes.heads import RULE as HEADS_RULE
 from wscompile.passes.heads import head_layouts
+from wscompile.passes.interpolate import RULE as INTERPOLATE
+from wscompile.passes.interpolate import resamplable, resample
 from wscompile.passes.uniform import uniform_indices, uniform_step
 from wscompile.plan import (
     AXIS_FULL,
@@ -38,6 +40,8 @@ from wscompile.plan import (
     TensorRecord,
     UnusedTeacher,
 )
+
+AXIS_PREFIX = "prefix"  # the first student_size ids of a token/position table
 
 HEAD_REASON = "classifier head: kept at the student's init (pass --select-head to select it)"
 
@@ -151,9 +155,17 @@ def build_plan(
                     t_size //= parts
                     offset = part * t_size
                     fused_in_teacher = 1
+                kind = s_data[ir.KIND]
+                if kind == ir.KIND_PARAM and len(s_slot.shape) == 3 and s_axis == 1 and resamplable(t_size, s_size):
+                    axes.append(AxisRule(t_size, s_size, INTERPOLATE, None))  # a position grid
+                    continue
                 if s_size > t_size:
                     larger = True
                     break
+                if kind == ir.KIND_EMBEDDING and s_axis == 0 and s_size < t_size:
+                    # rows are token or position ids: a smaller table keeps the first ids
+                    axes.append(AxisRule(t_size, s_size, AXIS_PREFIX, None, indices=list(range(s_size))))
+                    continue
                 k = _blocks(s_slot, s_axis)
                 if k > 1 and (fused_in_teacher != k or t_size % k):
                     k = 1
@@ -237,6 +249,8 @@ def teacher_index(record: TensorRecord, group_indices: dict[str, list[int]]) -> 
         if rule.rule == AXIS_FULL:
             index[t_axis] = list(range(rule.offset, rule.offset + rule.teacher_size))
             continue
+        if rule.rule == INTERPOLATE:
+            continue  # read whole, resized by to_student_layout
         if rule.group is not None:
             within = group_indices[rule.group]
         elif rule.step is not None:
@@ -260,8 +274,12 @@ def _view_axes(record: TensorRecord) -> tuple[str | None, list[int | None]]:
 
 
 def to_student_layout(tensor: torch.Tensor, record: TensorRecord) -> torch.Tensor:
+    """Selected teacher elements in the student's layout (transposed, reshaped, resampled)."""
     if record.reshape == "transpose":
         tensor = tensor.t()
+    for axis, rule in enumerate(record.axes or []):
+        if rule.rule == INTERPOLATE:
+            tensor = resample(tensor, rule.student_size, axis)
     return tensor.reshape(record.student_shape)
 
 
