@@ -132,13 +132,6 @@ def slot_blocks(op: str, role: str) -> tuple[tuple[int, int], ...]:
     return ()
 
 
-@dataclass(frozen=True)
-class Slot(ir.TensorSlot):
-    """A TensorSlot plus fused blocks along an axis: ((axis, k), ...)."""
-
-    blocks: tuple[tuple[int, int], ...] = ()
-
-
 @dataclass
 class Source:
     """What a frontend knows about its fx graph beyond the graph itself."""
@@ -193,7 +186,7 @@ def build_ir(src: Source) -> nx.DiGraph:
     fx_of: dict[int, torch.fx.Node] = {}
     outputs: set[int] = set()
 
-    def add_component(op: str, module: str, slots: list[Slot], fx_node: torch.fx.Node) -> int:
+    def add_component(op: str, module: str, slots: list[ir.TensorSlot], fx_node: torch.fx.Node) -> int:
         cid = len(fx_of)
         graph.add_node(cid, **{
             ir.KIND: op_kind(op) if op != "param" else ir.KIND_PARAM,
@@ -207,7 +200,7 @@ def build_ir(src: Source) -> nx.DiGraph:
         if key not in loose:
             shape = src.tensor_shape(key)
             out_axis, in_axis = slot_axes("param", "param", shape)
-            loose[key] = add_component("param", _owner(key), [Slot("param", key, shape, out_axis, in_axis)], fx_node)
+            loose[key] = add_component("param", _owner(key), [ir.TensorSlot("param", key, shape, out_axis, in_axis)], fx_node)
         return loose[key]
 
     for node in src.graph.nodes:
@@ -245,20 +238,20 @@ def build_ir(src: Source) -> nx.DiGraph:
             tensor_expr[node] = frozenset().union(*(tensor_expr[s] for _, _, s in inputs)) if inputs else frozenset()
             continue
 
-        slots: list[Slot] = []
+        slots: list[ir.TensorSlot] = []
         module = ""
         if leaf is not None:
             op, module, tensors = leaf
             for role, key, shape in tensors:
                 out_axis, in_axis = slot_axes(op, role, shape)
-                slots.append(Slot(role, key, shape, out_axis, in_axis, slot_blocks(op, role)))
+                slots.append(ir.TensorSlot(role, key, shape, out_axis, in_axis, slot_blocks(op, role)))
         elif names is not None:
             for _, role, sub in inputs:
                 if sub in tensor_expr and role not in DATA_ROLES:
                     for key in sorted(tensor_expr[sub]):
                         shape = src.tensor_shape(key)
                         out_axis, in_axis = slot_axes(op, role or "weight", shape)
-                        slots.append(Slot(role or "weight", key, shape, out_axis, in_axis))
+                        slots.append(ir.TensorSlot(role or "weight", key, shape, out_axis, in_axis))
             if slots:
                 module = _owner(slots[0].name)
 

@@ -60,6 +60,7 @@ class TensorSlot:
     shape: tuple[int, ...]
     out_axis: int | None  # axis indexing the component's output channels, None if none
     in_axis: int | None  # axis indexing the component's input channels, None if none
+    blocks: tuple[tuple[int, int], ...] = ()  # (axis, k): the axis stacks k logical blocks (fused q/k/v)
 
 
 def components(graph: nx.DiGraph) -> list[int]:

@@ -122,7 +122,7 @@ def _chained(structure: Structure, run: list[str]) -> bool:
     not a stage.
     """
     graph = structure.graph
-    for before, after in zip(run, run[1:]):
+    for before, after in zip(run, run[1:], strict=False):
         later = set(structure.components_in[after])
         if not any(b in later for a in structure.components_in[before] for b in graph.successors(a)):
             return False
