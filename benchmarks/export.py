@@ -3,7 +3,7 @@
 Random weights (no downloads): parity and agreement measure the export and the precision loss, not
 accuracy. Every model goes through ``wscompile.backend.export_student`` exactly as the CLI runs it.
 
-    python benchmarks/export.py [--runs 10]
+    python benchmarks/export.py [--runs 10] [--threads 1]
 
 Writes ``benchmarks/results/export.md`` and ``benchmarks/results/export.csv``.
 """
@@ -99,7 +99,7 @@ def fmt(value: object, digits: int = 2) -> str:
     return str(value)
 
 
-def write_markdown(rows: list[dict[str, object]], runs: int, path: Path) -> None:
+def write_markdown(rows: list[dict[str, object]], args: argparse.Namespace, path: Path) -> None:
     header = (
         "| model | role | params (M) | fp32 / fp16 / int8 (MB) | parity max abs diff | ok | "
         "fp16 cosine / top-1 | int8 cosine / top-1 | onnxruntime / PyTorch (ms) | fp16 / int8 ort (ms) |"
@@ -107,15 +107,19 @@ def write_markdown(rows: list[dict[str, object]], runs: int, path: Path) -> None
     lines = [
         "# ONNX export: teacher vs student",
         "",
-        f"`python benchmarks/export.py --runs {runs}`: torch {torch.__version__}, timm {timm.__version__}, "
-        f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider), {platform.machine()}, "
-        f"{os.cpu_count()} CPU cores shared with other jobs, {IMAGE_SIZE} px, random weights.",
+        f"`python benchmarks/export.py --runs {args.runs} --threads {args.threads}`: torch {torch.__version__}, "
+        f"timm {timm.__version__}, onnxruntime {onnxruntime.__version__} (CPUExecutionProvider), "
+        f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, {IMAGE_SIZE} px, random weights.",
         "",
         "- parity: fp32 ONNX vs PyTorch at batch 3 (exported at batch 1), tolerance atol 1e-4 + rtol 1e-3.",
         "- fp16 (`convert_float_to_float16`, fp32 I/O) and int8 (`quantize_dynamic`) vs the fp32 PyTorch model",
         "  on 16 random images: cosine similarity of the logits, top-1 agreement.",
-        f"- latency: batch 1, median of {runs} runs after 5 warm-up runs; PyTorch eager under",
-        "  `torch.inference_mode`. Timings are noisy on shared cores; compare within a row.",
+        f"- latency: batch 1, {args.threads} thread(s) for both runtimes, median of {args.runs} runs after 5 warm-up",
+        "  runs, PyTorch eager (`torch.inference_mode`) then onnxruntime fp32, fp16, int8. The cores are shared",
+        "  with other jobs: timings are noisy.",
+        "- `quantize_dynamic` turns Conv into ConvInteger, which onnxruntime's CPU kernels run slower than fp32",
+        "  Conv: for CNNs pass calibration batches (static QDQ quantization) when speed matters.",
+        "- top-1 agreement is fragile with random weights (nearly tied logits); read it with the cosine.",
         "",
         header,
         "|" + "---|" * (header.count("|") - 1),
@@ -147,7 +151,10 @@ def write_csv(rows: list[dict[str, object]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10, help="timed batch-1 runs per runtime (default 10)")
+    parser.add_argument("--threads", type=int, default=1, help="threads for PyTorch and onnxruntime (default 1)")
     args = parser.parse_args()
+    # onnxruntime sessions take PyTorch's thread count: one budget for both runtimes.
+    torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as directory:
@@ -155,7 +162,7 @@ def main() -> None:
             for name, role in ((teacher, "teacher"), (student, "student")):
                 print(f"{name} ({role})", flush=True)
                 rows.append(measure(name, role, args.runs, directory))
-    write_markdown(rows, args.runs, RESULTS / "export.md")
+    write_markdown(rows, args, RESULTS / "export.md")
     write_csv(rows, RESULTS / "export.csv")
     print(f"wrote {RESULTS / 'export.md'} and {RESULTS / 'export.csv'}")
 

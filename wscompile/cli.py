@@ -9,7 +9,7 @@ from wscompile import __version__
 from wscompile.errors import WscompileError
 
 SPEC_HELP = ("model spec: timm:NAME?k=v&..., torchvision:NAME?..., hf:DIR_OR_ID?..., py:pkg.module:factory?... "
-             "or path/to/file.py:factory?... (py: and file specs import and run that code)")
+             "or path/to/file.py:factory?... (py: and file specs import and run that code: use only code you trust)")
 
 
 def _shape(text: str) -> tuple[int, ...]:

@@ -1,26 +1,47 @@
 """What each CLI subcommand does: load specs, run the pipeline, write outputs.
 
 Every output path is checked before any model is built, so bad paths fail in milliseconds and
-nothing is half-written; every file is written atomically (``outputs.py``).
+nothing is half-written; every file is written atomically (``outputs.py``). Before a model is
+built in memory, the bytes it will take are counted on the meta device and compared with the
+memory available (``check_memory``), so a run too large for the machine fails with the sizes
+instead of being killed by the kernel.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from wscompile import pipeline, reports
-from wscompile.errors import SpecError
-from wscompile.outputs import check_outputs, save_safetensors
+from wscompile.errors import MatchError, ResourceError, SpecError
+from wscompile.outputs import (
+    check_output_dir,
+    check_outputs,
+    is_directory_output,
+    stream_safetensors,
+    stream_safetensors_dir,
+)
+from wscompile.passes.apply import student_layout, student_tensors
 from wscompile.plan import SelectionPlan
 from wscompile.specs import LoadedModel, load_model, parse_spec
-from wscompile.weights import hf_weights_path, open_weights
+from wscompile.weights import TensorSource, hf_weights_path, open_weights
 
 Log = Callable[[str], None]
+T = TypeVar("T")
+
+# Environment variable: bytes of memory a run may use, replacing the detected available memory.
+MEMORY_LIMIT_ENV = "WSCOMPILE_MEMORY_LIMIT"
+# Copies of the student's tensors alive at once during `init`: the built module (the selected
+# tensors are streamed to --out one at a time, see `_write_student`).
+STUDENT_COPIES_INIT = 1
+# Default largest shard of a directory --out (bytes), as transformers' save_pretrained.
+MAX_SHARD_SIZE = 5 * 10**9
 
 
 @dataclass
@@ -29,7 +50,7 @@ class InitOptions:
 
     teacher: str  # teacher model spec
     student: str  # student model spec
-    out: str | None = None  # student .safetensors
+    out: str | None = None  # student .safetensors, or a directory (ending in '/' or existing): HF shards
     teacher_weights: str | None = None  # teacher weights file or HF directory
     manifest: str | None = None  # JSON manifest path
     report: str | None = None  # report path, format from the extension
@@ -45,6 +66,8 @@ class InitOptions:
     opset: int | None = None
     fp16: bool = False
     int8: bool = False
+    progress: bool | None = None  # progress bar on stderr while writing; None: when stderr is a terminal
+    max_shard_size: int = MAX_SHARD_SIZE  # bytes per shard of a directory --out
 
 
 def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, LoadedModel]:
@@ -53,9 +76,12 @@ def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, 
     has_file = options.teacher_weights is not None or (
         teacher_spec.scheme == "hf" and hf_weights_path(teacher_spec.name) is not None
     )
+    teacher_device = "meta" if has_file or not need_values else "cpu"
+    check_memory(options, teacher_in_memory=teacher_device == "cpu",
+                 student_copies=STUDENT_COPIES_INIT if need_values else 1)
     teacher = load_model(
         options.teacher, role="teacher", weights=options.teacher_weights,
-        device="meta" if has_file or not need_values else "cpu", seed=options.seed,
+        device=teacher_device, seed=options.seed,
         input_shape=options.input_shape, trust_remote_code=options.trust_remote_code,
         unsafe_pickle=options.unsafe_pickle,
     )
@@ -66,23 +92,97 @@ def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, 
     return teacher, student
 
 
+def check_memory(options: InitOptions, *, teacher_in_memory: bool, student_copies: int) -> None:
+    """Refuse a run whose tensors would not fit in memory, before allocating any of them.
+
+    Both models are first built on the meta device (shapes only; a ``py:`` factory runs twice).
+    A teacher read from a weights file is streamed and not counted.
+
+    Raises:
+        ResourceError: the estimate exceeds ``available_memory()``; the message gives the sizes.
+    """
+    available, origin = available_memory()
+    student = _tensor_bytes(options.student, "student", options)
+    teacher = _tensor_bytes(options.teacher, "teacher", options) if teacher_in_memory else 0
+    needed = student_copies * student + teacher
+    if needed <= available:
+        return
+    parts = [f"{student_copies} x {_size(student)} for student {options.student}"]
+    advice = "use a smaller student or a machine with more memory"
+    if teacher:
+        parts.append(f"{_size(teacher)} for teacher {options.teacher} built in memory")
+        if student_copies * student <= available:
+            advice = "pass --teacher-weights so the teacher is read from disk instead of built in memory"
+    raise ResourceError(
+        f"not enough memory: this run needs about {_size(needed)} ({' + '.join(parts)}) but {_size(available)} "
+        f"is available ({origin}); {advice}, or set {MEMORY_LIMIT_ENV}=BYTES if the estimate is wrong"
+    )
+
+
+def available_memory() -> tuple[int, str]:
+    """Bytes this process may allocate, and where the number comes from.
+
+    ``WSCOMPILE_MEMORY_LIMIT`` (bytes) when set; otherwise the smallest of MemAvailable in
+    /proc/meminfo, the room left under a cgroup v2 ``memory.max``, and physical memory.
+    """
+    limit = os.environ.get(MEMORY_LIMIT_ENV)
+    if limit:
+        try:
+            return int(limit), MEMORY_LIMIT_ENV
+        except ValueError:
+            raise SpecError(f"{MEMORY_LIMIT_ENV} must be a whole number of bytes, got {limit!r}") from None
+    found = [(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "physical memory")]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    found.append((int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"))
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as fh:
+            cgroup_max = fh.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as fh:
+            cgroup_current = int(fh.read())
+        if cgroup_max != "max":
+            found.append((int(cgroup_max) - cgroup_current, "cgroup memory.max"))
+    except (OSError, ValueError):
+        pass
+    return min(found)
+
+
+def _tensor_bytes(spec: str, role: str, options: InitOptions) -> int:
+    """Bytes of a model's state_dict, counted on the meta device (a tied tensor once)."""
+    module = load_model(spec, role=role, device="meta", seed=options.seed, input_shape=options.input_shape,
+                        trust_remote_code=options.trust_remote_code, unsafe_pickle=options.unsafe_pickle).module
+    unique = {id(t): t for t in module.state_dict(keep_vars=True).values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
-    paths = [options.out, options.manifest, options.report, options.onnx]
+    out_dir = options.out is not None and is_directory_output(options.out)
+    paths = [None if out_dir else options.out, options.manifest, options.report, options.onnx]
     check_outputs(paths, force=options.force)
+    if out_dir:
+        check_output_dir(options.out, force=options.force)
     if options.report:
         reports.format_from_path(options.report)
     teacher, student = load_pair(options, need_values=True)
+    # With --out the student's tensors go straight to the file (below), never all in memory.
     compiled = pipeline.compile(
         teacher.module, student.module, teacher_inputs=teacher.inputs, student_inputs=student.inputs,
         teacher_source=teacher.source, teacher_spec=options.teacher, student_spec=options.student,
         method=options.method, select_head=options.select_head, allow_partial=options.allow_partial,
+        write=not options.out,
     )
-    plan, state = compiled.plan, compiled.state_dict
-    assert state is not None
+    plan = compiled.plan
+    check_something_matched(compiled)
     if options.out:
-        metadata = {"format": "pt", "wscompile.teacher": options.teacher, "wscompile.student": options.student,
-                    "wscompile.method": options.method}
-        save_safetensors(options.out, state, metadata, force=options.force)
+        _write_student(options, plan, teacher.source, student.module.state_dict())
     if options.manifest:
         reports.write_report(plan, options.manifest, fmt="json", force=options.force)
     if options.report:
@@ -92,9 +192,67 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
         if path:
             log(f"wrote {path}")
     if options.onnx:
+        if options.out:
+            written = open_weights(options.out)
+            state = {key: written.read(key) for key in written.keys()}  # noqa: SIM118 - a source, not a dict
+        else:
+            state = compiled.state_dict
         student.module.load_state_dict(state)
         _export(student, options.onnx, options, log)
     return plan
+
+
+def _write_student(options: InitOptions, plan: SelectionPlan, teacher: TensorSource,
+                   student_state: dict[str, torch.Tensor]) -> None:
+    """Stream the student's tensors to ``options.out``: read, select, write and drop one at a time."""
+    metadata = student_metadata(options)
+    layout = student_layout(plan, student_state)
+    show = sys.stderr.isatty() if options.progress is None else options.progress
+    tensors = _with_progress(student_tensors(plan, teacher, student_state), len(layout), teacher, show=show)
+    if is_directory_output(options.out):
+        stream_safetensors_dir(options.out, layout, tensors, metadata, force=options.force,
+                               max_shard_size=options.max_shard_size)
+    else:
+        stream_safetensors(options.out, layout, tensors, metadata, force=options.force)
+
+
+def student_metadata(options: InitOptions) -> dict[str, str]:
+    """The ``__metadata__`` of the student's safetensors file: where its weights came from."""
+    return {"format": "pt", "wscompile.teacher": options.teacher, "wscompile.student": options.student,
+            "wscompile.method": options.method}
+
+
+def _with_progress(items: Iterator[T], total: int, teacher: TensorSource, *, show: bool) -> Iterator[T]:
+    """``items``, with a progress bar on stderr counting them and the teacher bytes read so far."""
+    from tqdm import tqdm
+
+    teacher_bytes = sum(math.prod(teacher.shape(key)) * teacher.dtype(key).itemsize
+                        for key in teacher.keys())  # noqa: SIM118 - a source, not a dict
+    with tqdm(total=total, unit="tensor", desc="writing student", file=sys.stderr, disable=not show) as bar:
+        for item in items:
+            yield item
+            bar.set_postfix_str(f"teacher read {_size(getattr(teacher, 'bytes_read', 0))} of {_size(teacher_bytes)}",
+                                refresh=False)
+            bar.update()
+
+
+def check_something_matched(compiled: pipeline.Compiled) -> None:
+    """Refuse to write a student none of whose layers outside the head has a teacher counterpart
+    (a CNN and a text transformer); layers matched but kept for being larger (--allow-partial) count.
+
+    Raises:
+        MatchError: naming one unmatched student tensor and why.
+    """
+    alignment = compiled.alignment
+    body = [n for n in compiled.student_graph.nodes if n not in alignment.head]
+    if not body or any(n in alignment.pairs for n in body):
+        return
+    kept = next((r for r in compiled.plan.tensors if not r.is_head), None)
+    example = f" (e.g. {kept.student}: {kept.reason})" if kept else ""
+    raise MatchError(
+        f"nothing in the student matched the teacher: no student layer outside the head has a teacher counterpart"
+        f"{example}; are they the same family of model (e.g. both vision transformers)?"
+    )
 
 
 def run_diff(options: InitOptions, fmt: str | None, output: str | None, log: Log = print) -> SelectionPlan:

@@ -33,6 +33,10 @@ class OutputError(WscompileError, OSError):
     """An output file cannot be written (exists without --force, directory not writable)."""
 
 
+class ResourceError(WscompileError, MemoryError):
+    """A request that would not fit in memory, predicted from tensor shapes before allocating."""
+
+
 class ExportError(WscompileError, RuntimeError):
     """ONNX export failed."""
 

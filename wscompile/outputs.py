@@ -3,18 +3,24 @@
 Outputs are checked before any expensive work (``check_outputs``), then each is written to a hidden
 temporary file in its target directory and renamed over the target only once complete
 (``atomic_output``): an interrupted run leaves either the old file or the new one, never half of
-one, and never a stray temporary. An existing file is replaced only with ``force``.
+one. An exception or Ctrl-C deletes the temporary; a process killed outright (SIGKILL, power loss)
+cannot, so the next write of the same target deletes temporaries whose process is gone. An
+existing file is replaced only with ``force``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import secrets
+import shutil
+import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import save as safetensors_bytes
@@ -22,6 +28,9 @@ from safetensors.torch import save as safetensors_bytes
 from wscompile.errors import OutputError
 
 PathLike = str | os.PathLike[str]
+
+# Temporaries older than this process and named after a dead process are left by a killed run.
+_PROCESS_START = time.time()
 
 
 def check_output(path: PathLike, *, force: bool) -> Path:
@@ -89,7 +98,8 @@ def atomic_output(path: PathLike, *, force: bool) -> Iterator[Path]:
             ``path`` appeared meanwhile and ``force`` is False.
     """
     target = check_output(path, force=force)
-    temp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    _remove_stale_temps(target)
+    temp = target.parent / f"{_temp_prefix(target)}{os.getpid()}-{secrets.token_hex(4)}"
     try:
         yield temp
         if not temp.is_file():
@@ -103,6 +113,39 @@ def atomic_output(path: PathLike, *, force: bool) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
         raise
     _fsync_directory(target.parent)
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Delete temporaries of ``target`` left by killed runs.
+
+    A temporary is stale when the process id in its name is not running and it was last written
+    before this process started; another run still writing the same target is never disturbed.
+    """
+    prefix = _temp_prefix(target)
+    for name in os.listdir(target.parent):
+        pid = name[len(prefix):].partition("-")[0]
+        if not name.startswith(prefix) or not pid.isdigit() or _process_running(int(pid)):
+            continue
+        stale = target.parent / name
+        try:
+            if stale.stat().st_mtime < _PROCESS_START:
+                stale.unlink()
+        except OSError:
+            pass  # removed meanwhile, or not ours to remove: harmless either way
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by another user
+    return True
 
 
 def _fsync(path: Path) -> None:
@@ -135,8 +178,10 @@ def save_safetensors(
     cloned, since safetensors stores each one separately.
     """
     data = safetensors_bytes(_standalone(tensors), metadata=metadata)
-    with atomic_output(path, force=force) as temp:
-        temp.write_bytes(_sorted_header(data))
+    header, body = _sorted_header(data)
+    with atomic_output(path, force=force) as temp, open(temp, "wb") as fh:
+        fh.write(header)
+        fh.write(body)
 
 
 def _standalone(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -153,13 +198,208 @@ def _standalone(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _sorted_header(data: bytes) -> bytes:
-    """``data`` with its JSON header re-serialized with sorted keys.
+def _sorted_header(data: bytes) -> tuple[bytes, memoryview]:
+    """``data``'s length prefix and JSON header re-serialized with sorted keys, and the rest of it.
 
+    The tensor bytes are returned as a view, not copied: they are as large as the student.
     NOTE: safetensors writes ``__metadata__`` from a hash map whose order changes from run to run.
     """
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
+    return _encode_header(header), memoryview(data)[8 + header_len :]
+
+
+def _encode_header(header: dict[str, Any]) -> bytes:
+    """Length prefix and JSON header with sorted keys, as ``save_safetensors`` writes them."""
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes to align the data
-    return len(text).to_bytes(8, "little") + text + data[8 + header_len :]
+    return len(text).to_bytes(8, "little") + text
+
+
+# Student tensors to write, by name: (shape, dtype).
+Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
+# Files in a Hugging Face style output directory.
+SINGLE_FILE = "model.safetensors"
+SHARD_FILE = "model-{index:05d}-of-{count:05d}.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def stream_safetensors(
+    path: PathLike, layout: Layout, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str],
+    *, force: bool,
+) -> None:
+    """Write tensors to one safetensors file as they are produced, atomically.
+
+    The header is written first, from ``layout``; each tensor is then written at its offset when
+    it arrives, in any order, and dropped, so at most one is in memory. The file is byte-identical
+    to ``save_safetensors`` on the same tensors.
+
+    Raises:
+        OutputError: as ``atomic_output``.
+        ValueError: ``tensors`` does not yield exactly the tensors of ``layout``.
+    """
+    with atomic_output(path, force=force) as temp:
+        _stream_files({temp: layout}, tensors, metadata)
+
+
+def stream_safetensors_dir(
+    path: PathLike, layout: Layout, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str],
+    *, force: bool, max_shard_size: int,
+) -> list[str]:
+    """Write a Hugging Face style weights directory as tensors are produced, atomically.
+
+    One ``model.safetensors`` when the tensors take at most ``max_shard_size`` bytes; otherwise
+    shards of at most that size (a larger tensor gets a shard of its own), in ``layout`` order, and
+    ``model.safetensors.index.json`` naming each tensor's shard. Everything is written into a
+    temporary directory renamed onto ``path`` at the end.
+
+    Returns:
+        The file names written, shards first.
+    """
+    shards = _split(layout, max_shard_size)
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        SHARD_FILE.format(index=i + 1, count=len(shards)) for i in range(len(shards))
+    ]
+    with atomic_output_dir(path, force=force) as temp:
+        _stream_files({temp / name: shard for name, shard in zip(names, shards, strict=True)}, tensors, metadata)
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(_nbytes(shape, dtype) for shape, dtype in layout.values())},
+                "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key in shard},
+            }
+            (temp / SHARD_INDEX).write_text(json.dumps(index, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+            names.append(SHARD_INDEX)
+    return names
+
+
+def safetensors_header(layout: Layout, metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """The header ``save_safetensors`` writes for tensors of these shapes and dtypes, and where in
+    the file each tensor's bytes start.
+
+    NOTE: safetensors orders the data by dtype, then name; the order and the dtype names are asked
+    of the installed library with one-element stand-ins rather than copied from its source.
+    """
+    stand_ins = safetensors_bytes({key: torch.zeros(1, dtype=dtype) for key, (_, dtype) in layout.items()})
+    stand_in_header = json.loads(stand_ins[8 : 8 + int.from_bytes(stand_ins[:8], "little")])
+    order = sorted(layout, key=lambda key: stand_in_header[key]["data_offsets"][0])
+    header: dict[str, Any] = {"__metadata__": metadata}
+    end = 0
+    for key in order:
+        shape, dtype = layout[key]
+        start, end = end, end + _nbytes(shape, dtype)
+        header[key] = {"dtype": stand_in_header[key]["dtype"], "shape": list(shape), "data_offsets": [start, end]}
+    encoded = _encode_header(header)
+    return encoded, {key: len(encoded) + header[key]["data_offsets"][0] for key in layout}
+
+
+def is_directory_output(path: PathLike) -> bool:
+    """Whether ``path`` names an output directory: it ends in a path separator or is one."""
+    return str(path).endswith(("/", os.sep)) or Path(path).is_dir()
+
+
+def check_output_dir(path: PathLike, *, force: bool) -> Path:
+    """Check that the directory ``path`` can be written: created, an empty one filled, or, with
+    ``force``, one holding only weights files wscompile writes replaced.
+
+    Raises:
+        OutputError: it is a file, it holds other files, it holds weights and ``force`` is False,
+            or its parent cannot be written.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"'{path}' is a file; give a directory (ending in '/') or a .safetensors path")
+    if not target.exists():
+        return check_output(target, force=force)
+    ours = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+    others = sorted(child.name for child in target.iterdir() if not ours.fullmatch(child.name))
+    if others:
+        raise OutputError(f"'{path}' holds files wscompile did not write ({', '.join(others[:3])}); "
+                          "give a new or empty directory")
+    if any(target.iterdir()) and not force:
+        raise OutputError(f"'{path}' exists; pass --force to replace it")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"directory '{target.parent}' is not writable; choose another output path or fix its permissions")
+    return target
+
+
+@contextmanager
+def atomic_output_dir(path: PathLike, *, force: bool) -> Iterator[Path]:
+    """``atomic_output`` for a directory: yield an empty temporary directory, rename it onto ``path``.
+
+    With ``force`` an existing ``path`` is moved aside, replaced and then deleted.
+    """
+    target = check_output_dir(path, force=force)
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    temp = target.parent / f".{target.name}.tmp-{token}"
+    temp.mkdir()
+    try:
+        yield temp
+        for child in temp.iterdir():
+            _fsync(child)
+        old = None
+        if target.exists():
+            check_output_dir(path, force=force)  # again: it may have changed while this process worked
+            old = target.parent / f".{target.name}.old-{token}"
+            os.replace(target, old)
+        try:
+            os.replace(temp, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)
+            raise
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    _fsync_directory(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _stream_files(files: dict[Path, Layout], tensors: Iterable[tuple[str, torch.Tensor]],
+                  metadata: dict[str, str]) -> None:
+    """Write each file's header, then every tensor at its offset in its file, as they arrive."""
+    where: dict[str, tuple[BinaryIO, int, tuple[tuple[int, ...], torch.dtype]]] = {}
+    with ExitStack() as stack:
+        for path, layout in files.items():
+            header, offsets = safetensors_header(layout, metadata)
+            fh = stack.enter_context(open(path, "wb"))
+            fh.write(header)
+            fh.truncate(len(header) + sum(_nbytes(shape, dtype) for shape, dtype in layout.values()))
+            where.update({key: (fh, offsets[key], layout[key]) for key in layout})
+        written: set[str] = set()
+        for key, tensor in tensors:
+            if key not in where or key in written:
+                raise ValueError(f"tensor {key!r} is {'written twice' if key in written else 'not in the layout'}")
+            fh, offset, (shape, dtype) = where[key]
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"tensor {key!r} is {tuple(tensor.shape)} {tensor.dtype}, the layout says {shape} {dtype}")
+            fh.seek(offset)
+            fh.write(_as_bytes(tensor))
+            written.add(key)
+        missing = where.keys() - written
+        if missing:
+            raise ValueError(f"{len(missing)} tensor(s) of the layout were never written, e.g. {min(missing)!r}")
+
+
+def _split(layout: Layout, max_shard_size: int) -> list[Layout]:
+    """``layout`` cut into consecutive runs of at most ``max_shard_size`` bytes (at least one tensor each)."""
+    shards: list[Layout] = [{}]
+    size = 0
+    for key, (shape, dtype) in layout.items():
+        nbytes = _nbytes(shape, dtype)
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][key] = (shape, dtype)
+        size += nbytes
+    return shards
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in C order, without copying a contiguous CPU tensor."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")

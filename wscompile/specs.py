@@ -325,13 +325,19 @@ def _hf_recipe(spec: ModelSpec, *, role: str, input_shape: tuple[int, ...] | Non
     task = overrides.pop("task", "base")
     if task not in HF_TASKS:
         raise SpecError(f"unknown hf task {task!r} in {spec.text!r}; use task= one of {', '.join(HF_TASKS)}")
-    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    # NOTE: always explicit: when it is left out, transformers asks on stdin whether to run the code.
+    remote = {"trust_remote_code": trust_remote_code}
     try:
         config, unused = transformers.AutoConfig.from_pretrained(
             spec.name, return_unused_kwargs=True, **remote, **overrides
         )
     except (OSError, ValueError, KeyError) as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "trust_remote_code" in str(e):
+            raise SpecError(
+                f"{spec.name!r} defines its model with its own Python code ({first_line}); wscompile does not run "
+                "it unless you pass --trust-remote-code, which you should only do for code you trust"
+            ) from e
         raise SpecError(
             f"cannot load a Hugging Face config from {spec.name!r} ({first_line}); "
             "pass a local directory containing config.json"

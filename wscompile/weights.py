@@ -83,6 +83,10 @@ class TensorSource(Protocol):
         """The tensor ``key`` restricted to ``index`` (all of it when None), on the CPU."""
         ...
 
+    def prefetch(self, key: str, index: Sequence[AxisIndex] | None = None) -> None:
+        """Hint that ``read(key, index)`` comes soon: a file source may start reading it in the background."""
+        ...
+
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
@@ -112,6 +116,9 @@ class DictSource:
         self.bytes_read += _nbytes(out)
         return out
 
+    def prefetch(self, key: str, index: Sequence[AxisIndex] | None = None) -> None:
+        pass  # already in memory
+
 
 class ModuleSource(DictSource):
     """Tensors of an in-memory module's ``state_dict`` (no copy)."""
@@ -121,16 +128,52 @@ class ModuleSource(DictSource):
 
 
 class SafetensorsSource:
-    """One ``.safetensors`` file, memory-mapped; reads touch only the requested elements' range."""
+    """One ``.safetensors`` file, memory-mapped; reads touch only the requested elements' range.
+
+    NOTE: the file is mapped anew for every read. Pages touched through a mapping count in the
+    process's resident set until it is unmapped, so one long-lived mapping would grow the RSS to
+    every byte read from the teacher; a mapping per read bounds it by the tensor being read.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._header = _read_safetensors_header(path)
+        with open(path, "rb") as fh:
+            self._data_start = 8 + int.from_bytes(fh.read(8), "little")
         try:
-            self._file = safe_open(path, framework="pt", device="cpu")
+            with self._open():
+                pass
         except Exception as e:  # safetensors raises its own SafetensorError, or OSError
             raise SpecError(f"'{path}' is not a valid safetensors file ({e}); re-download or re-save it") from e
         self.bytes_read = 0
+
+    def _open(self):
+        return safe_open(self.path, framework="pt", device="cpu")
+
+    def prefetch(self, key: str, index: Sequence[AxisIndex] | None = None) -> None:
+        rows = index[0] if index else None
+        self._will_need(key, slice(None) if not rows else slice(min(rows), max(rows) + 1))
+
+    def _will_need(self, key: str, rows: slice) -> None:
+        """Ask the kernel to read the bytes of ``key``'s ``rows`` into the page cache, in the background.
+
+        NOTE: page faults on a mapping read the disk a few pages at a time; one read-ahead request
+        for the whole range lets it be read at the disk's sequential speed.
+        """
+        if not hasattr(os, "posix_fadvise"):
+            return
+        start, end = self._header[key]["data_offsets"]
+        shape = self.shape(key)
+        if shape and shape[0]:
+            row_bytes = (end - start) // shape[0]
+            lo, hi, _ = rows.indices(shape[0])
+            start, end = start + lo * row_bytes, start + max(lo, hi) * row_bytes
+        if end > start:  # NOTE: a length of 0 would mean "to the end of the file"
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, self._data_start + start, end - start, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def keys(self) -> Iterator[str]:
         return (key for key in self._header if key != "__metadata__")
@@ -148,7 +191,9 @@ class SafetensorsSource:
         if key not in self._header or key == "__metadata__":
             raise KeyError(key)
         if index is None or all(idx is None for idx in index):
-            out = self._file.get_tensor(key)
+            self._will_need(key, slice(None))
+            with self._open() as file:
+                out = file.get_tensor(key)
             self.bytes_read += _nbytes(out)
             return out
         shape = self.shape(key)
@@ -167,25 +212,38 @@ class SafetensorsSource:
     def _read_box(self, key: str, positions: list[torch.Tensor | slice | None]) -> torch.Tensor:
         """Read the bounding box of ``positions`` per axis, then pick the positions inside it."""
         box: list[slice] = []
-        inner: list[torch.Tensor | None] = []
+        inner: list[torch.Tensor | slice] = []
         for pos in positions:
             if pos is None or isinstance(pos, slice):
                 box.append(pos or slice(None))
-                inner.append(None)
+                inner.append(slice(None))
             elif pos.numel() == 0:
                 box.append(slice(0, 0))
-                inner.append(None)
+                inner.append(slice(None))
             else:
                 lo, hi = int(pos.min()), int(pos.max()) + 1
                 box.append(slice(lo, hi))
-                contiguous = pos.numel() == hi - lo and bool((pos == torch.arange(lo, hi)).all())
-                inner.append(None if contiguous else pos - lo)
-        out = self._file.get_slice(key)[tuple(box)]
+                inner.append(_as_slice(pos - lo))
+        self._will_need(key, box[0] if box else slice(None))
+        with self._open() as file:
+            out = file.get_slice(key)[tuple(box)]
         self.bytes_read += _nbytes(out)
+        # Evenly spaced positions (the uniform rule's steps) become a strided view: no gather.
+        out = out[tuple(pos if isinstance(pos, slice) else slice(None) for pos in inner)]
         for axis, pos in enumerate(inner):
-            if pos is not None:
+            if isinstance(pos, torch.Tensor):
                 out = out.index_select(axis, pos)
         return out
+
+
+def _as_slice(positions: torch.Tensor) -> torch.Tensor | slice:
+    """``positions`` (starting at 0) as a slice when evenly spaced and increasing, else unchanged."""
+    if positions.numel() == 1:
+        return slice(0, 1) if int(positions[0]) == 0 else positions
+    step = int(positions[1] - positions[0])
+    if int(positions[0]) == 0 and step > 0 and bool((positions.diff() == step).all()):
+        return slice(0, int(positions[-1]) + 1, step)
+    return positions
 
 
 def _runs(rows: torch.Tensor) -> list[tuple[int, int]]:
@@ -262,6 +320,9 @@ class ShardedSource:
     def read(self, key: str, index: Sequence[AxisIndex] | None = None) -> torch.Tensor:
         return self._shard(key).read(key, index)
 
+    def prefetch(self, key: str, index: Sequence[AxisIndex] | None = None) -> None:
+        self._shard(key).prefetch(key, index)
+
 
 class RenamedSource:
     """Another source seen under new names: ``names`` maps each exposed key to the inner source's key.
@@ -289,6 +350,9 @@ class RenamedSource:
 
     def read(self, key: str, index: Sequence[AxisIndex] | None = None) -> torch.Tensor:
         return self.inner.read(self._names[key], index)
+
+    def prefetch(self, key: str, index: Sequence[AxisIndex] | None = None) -> None:
+        self.inner.prefetch(self._names[key], index)
 
 
 def hf_weights_path(directory: str) -> str | None:

@@ -137,10 +137,15 @@ def write_onnx(
         Which exporter wrote the file, and the graph's input and output names.
 
     Raises:
-        ExportError: Neither exporter produced a file with the requested dynamic axes.
+        ExportError: The model fails on ``inputs``, or neither exporter produced a file with the
+            requested dynamic axes.
     """
-    with torch.inference_mode():
-        example = flatten_outputs(model(**inputs), kind)
+    try:
+        with torch.inference_mode():
+            example = flatten_outputs(model(**inputs), kind)
+    except Exception as e:  # the student's own code: any failure means the example inputs do not fit
+        shapes = {name: list(tensor.shape) for name, tensor in inputs.items()}
+        raise ExportError(f"{type(model).__name__} fails on the example inputs {shapes}: {e}") from e
     if not example:
         raise ExportError(f"{type(model).__name__} returns no tensors; ONNX export needs at least one tensor output")
     input_names = list(inputs)

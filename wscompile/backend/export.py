@@ -3,9 +3,11 @@
 Outputs are checked before any work (``outputs.check_outputs``). Everything is then written to a
 private staging directory beside ``onnx_path`` and moved into place (``outputs.atomic_output``) only
 after export, parity check, variants and latency all succeeded: a file at ``onnx_path`` is always
-complete and verified, and a failure leaves nothing behind. Staging whole files, not single temp
-names, is needed because an ``.onnx`` refers to its ``.onnx.data`` by file name. Weights stay inline in the one ``.onnx`` file unless they exceed what protobuf can hold;
-then they go to ``<name>.onnx.data`` beside it.
+complete and verified, and a failure leaves nothing behind. Whole files are staged, not written
+under temporary names, because an ``.onnx`` refers to its ``.onnx.data`` by file name.
+
+Weights stay inline in the one ``.onnx`` file unless they exceed what protobuf can hold; then they
+go to ``<name>.onnx.data`` beside it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -163,34 +166,26 @@ def _export_staged(
     except ValidationError as e:
         raise ValidationError(f"{e}; {onnx_path} was not written") from e
 
-    writers = {
-        FP16: lambda source, path: write_fp16(source, path, external_data=external_data),
-        INT8: lambda source, path: write_int8(source, path, calib=calib, external_data=external_data),
-    }
-    variant_results = []
+    variant_results, variant_sessions = [], []
     if variants:
         agreement_inputs = make_inputs(AGREEMENT_BATCH, check_seq_len)
         reference = run_torch(model, agreement_inputs, kind)
-    for name in variants:
-        final = variant_path(onnx_path, name)
-        path = _staged(staging, final)
-        method = writers[name](staged, path)
-        variant_results.append(
-            _measure_variant(name, method, path, final, agreement_inputs, reference, inputs, kind, latency_runs, log)
-        )
-
-    measured = None
-    if latency_runs > 0:
-        measured = Latency(
-            ort_ms=timing.ort_ms(session, inputs, latency_runs),
-            torch_ms=timing.torch_ms(model, inputs, latency_runs),
-            runs=latency_runs,
-            provider=session.get_providers()[0],
-        )
-        log(
-            f"latency at batch 1 (median of {latency_runs}): onnxruntime {measured.ort_ms:.2f} ms "
-            f"({measured.provider}), PyTorch eager {measured.torch_ms:.2f} ms"
-        )
+        for name in variants:
+            variant, variant_session = _make_variant(
+                name,
+                staged,
+                onnx_path,
+                staging,
+                agreement_inputs,
+                reference,
+                kind=kind,
+                calib=calib,
+                external_data=external_data,
+                log=log,
+            )
+            variant_results.append(variant)
+            variant_sessions.append(variant_session)
+    measured = _measure_latency(model, inputs, session, variant_results, variant_sessions, latency_runs, log)
     return ExportResult(
         onnx_path=onnx_path,
         data_path=onnx_path + ".data" if external_data else None,
@@ -207,29 +202,60 @@ def _export_staged(
     )
 
 
-def _measure_variant(
+def _make_variant(
     name: str,
-    method: str,
-    path: str,
-    final: str,
+    fp32_path: str,
+    onnx_path: str,
+    staging: str,
     agreement_inputs: dict[str, torch.Tensor],
     reference: list[tuple[str, np.ndarray]],
-    latency_inputs: dict[str, torch.Tensor],
+    *,
     kind: str,
-    latency_runs: int,
+    calib: list[dict[str, torch.Tensor]] | None,
+    external_data: bool,
     log: Callable[[str], None],
-) -> VariantResult:
-    """Agreement with the fp32 student, size and latency of one staged variant."""
+) -> tuple[VariantResult, Any]:
+    """Write one staged variant and measure its agreement; return it with its open session."""
+    final = variant_path(onnx_path, name)
+    path = _staged(staging, final)
+    if name == FP16:
+        method = write_fp16(fp32_path, path, external_data=external_data)
+    else:
+        method = write_int8(fp32_path, path, calib=calib, external_data=external_data)
     session = open_session(path)
     cosine, max_abs, top1 = agreement(run_session(session, agreement_inputs), reference, kind)
-    ort_ms = timing.ort_ms(session, latency_inputs, latency_runs) if latency_runs > 0 else None
-    result = VariantResult(name, method, final, _size(path), cosine, max_abs, top1, ort_ms)
+    variant = VariantResult(name, method, final, _size(path), cosine, max_abs, top1, ort_ms=None)
     log(
-        f"{name} ({method}) {final}: {_mb(result.size_bytes)}, cosine {cosine:.5f}, max abs diff {max_abs:.3g}"
+        f"{name} ({method}) {final}: {_mb(variant.size_bytes)}, cosine {cosine:.5f}, max abs diff {max_abs:.3g}"
         + (f", top-1 agreement {top1:.0%}" if top1 is not None else "")
-        + (f", onnxruntime {ort_ms:.2f} ms" if ort_ms is not None else "")
     )
-    return result
+    return variant, session
+
+
+def _measure_latency(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    session: Any,
+    variants: list[VariantResult],
+    variant_sessions: list[Any],
+    runs: int,
+    log: Callable[[str], None],
+) -> Latency | None:
+    """Batch-1 medians of PyTorch, the fp32 model and every variant (whose ``ort_ms`` is filled in)."""
+    if runs <= 0:
+        return None
+    runners = {"PyTorch eager": timing.torch_runner(model, inputs), "onnxruntime": timing.ort_runner(session, inputs)}
+    for variant, variant_session in zip(variants, variant_sessions, strict=True):
+        runners[f"onnxruntime {variant.name}"] = timing.ort_runner(variant_session, inputs)
+    medians = timing.medians_ms(runners, runs)
+    for variant in variants:
+        variant.ort_ms = medians[f"onnxruntime {variant.name}"]
+    provider = session.get_providers()[0]
+    log(
+        f"latency at batch 1, median of {runs} ({provider}): "
+        + ", ".join(f"{name} {ms:.2f} ms" for name, ms in medians.items())
+    )
+    return Latency(ort_ms=medians["onnxruntime"], torch_ms=medians["PyTorch eager"], runs=runs, provider=provider)
 
 
 def _make_staging(onnx_path: str) -> str:

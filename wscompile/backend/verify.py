@@ -45,10 +45,15 @@ def providers() -> list[str]:
 
 
 def open_session(path: str) -> Any:
-    """An onnxruntime ``InferenceSession`` on ``path``; load failures become ValidationError."""
+    """An onnxruntime ``InferenceSession`` on ``path``; load failures become ValidationError.
+
+    The session gets PyTorch's thread budget (``torch.get_num_threads()``, the physical cores by
+    default, as onnxruntime's own default), so latency comparisons run both with the same threads.
+    """
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: initializer-pruning warnings are noise here
+    options.intra_op_num_threads = torch.get_num_threads()
     try:
         return ort.InferenceSession(path, sess_options=options, providers=providers())
     except Exception as e:  # onnxruntime raises its own unrelated exception types

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+from contextlib import redirect_stderr, redirect_stdout
+
 import networkx as nx
 import torch
 from torch import nn
@@ -43,7 +46,8 @@ def trace(model: nn.Module, inputs: dict[str, torch.Tensor], *, frontends: list[
     try:
         for name in frontends or list(FRONTENDS):
             try:
-                with torch.no_grad():
+                # tracers print partial graphs and tracebacks of their own; the error says enough
+                with torch.no_grad(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
                     graph = FRONTENDS[name](model, inputs, tree)
             except Exception as e:  # noqa: BLE001 - each tracer fails in its own way; we report all
                 failures.append(f"{name}: {_first_line(e)}")

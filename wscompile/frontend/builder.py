@@ -384,11 +384,13 @@ def _heads_in_shape(shape: tuple[int, ...], width: int) -> tuple[int, int] | Non
     """A reshape of ``width`` into ``[..., k, H, d]`` (k blocks of H heads) or ``[..., H, d]``."""
     for m in (3, 2):
         tail = shape[-m:]
-        if len(shape) > m and math.prod(tail) == width and all(d > 1 for d in tail):
-            if m == 3 and tail[0] in (2, 3):
-                return tail[0], tail[1]
-            if m == 2:
-                return 1, tail[0]
+        if len(shape) <= m or math.prod(tail) != width:
+            continue
+        # [k, H, d] stays recognisable with one head or one dim per head: k says it is fused
+        if m == 3 and tail[0] in (2, 3) and width > tail[0]:
+            return tail[0], tail[1]
+        if m == 2 and all(d > 1 for d in tail):
+            return 1, tail[0]
     return None
 
 

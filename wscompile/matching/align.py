@@ -51,11 +51,18 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str = "firs
     if layer_policy != "first":
         raise MatchError(f"unknown layer policy {layer_policy!r}; use 'first'")
     t_struct, s_struct = Structure(teacher), Structure(student)
-    t_elements = segment(t_struct)
-    s_elements = segment(s_struct)
-    # a lone block of one model is a one-block stage if the other model repeats it
-    t_elements = segment(t_struct, block_hashes(s_elements))
-    s_elements = segment(s_struct, block_hashes(t_elements))
+    t_struct.head, s_struct.head = _terminal(t_struct), _terminal(s_struct)
+    t_elements, s_elements = segment(t_struct), segment(s_struct)
+    # a lone block of one model is a one-block stage if the other model repeats it; promoting one
+    # side can promote blocks of the other, so iterate until neither changes (two rounds suffice
+    # in practice; four bounds it)
+    for _ in range(4):
+        t_next = segment(t_struct, block_hashes(s_elements))
+        s_next = segment(s_struct, block_hashes(t_next))
+        if block_hashes(t_next) == block_hashes(t_elements) and block_hashes(s_next) == block_hashes(s_elements):
+            t_elements, s_elements = t_next, s_next
+            break
+        t_elements, s_elements = t_next, s_next
 
     pairs: dict[int, int] = {}
     unmatched: dict[int, str] = {}
@@ -101,12 +108,25 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str = "firs
             stage_pair.blocks.append(BlockPair(s_block, t_block, len(mapping), len(s_nodes)))
         stages.append(stage_pair)
 
-    if not pairs:
+    if not any(s not in s_struct.head for s in pairs):
+        first = min(student.nodes)
+        example = student.nodes[first][ir.TENSORS][0].name
         raise MatchError(
-            "nothing in the student matched the teacher: no layer of the same kind in the same order; "
+            f"nothing in the student matched the teacher: no layer of the same kind in the same order "
+            f"(e.g. {example}, a {s_struct.family[first]} layer, has no counterpart); "
             "are they the same family of model (e.g. both vision transformers)?"
         )
     return Alignment(pairs, unmatched, stages, _head(s_struct), _head(t_struct), block_of, parts)
+
+
+def _terminal(structure: Structure) -> set[int]:
+    """Dense layers whose output only feeds the model output (classifiers, poolers, LM heads).
+
+    A layer read by other layers too (the first projection of a residual stream that reaches the
+    output through additions) is not one.
+    """
+    graph = structure.graph
+    return {n for n in graph.graph[ir.OUTPUT_NODES] if structure.family[n] == "dense" and graph.out_degree(n) == 0}
 
 
 def _head(structure: Structure) -> set[int]:
@@ -114,9 +134,9 @@ def _head(structure: Structure) -> set[int]:
     differs from their input's (class logits; a BERT pooler maps the hidden width to itself)."""
     graph = structure.graph
     head = set()
-    for n in graph.graph[ir.OUTPUT_NODES]:
+    for n in _terminal(structure):
         weight = next((s for s in graph.nodes[n][ir.TENSORS] if s.role == "weight"), None)
-        if structure.family[n] == "dense" and weight is not None and weight.in_axis is not None:
+        if weight is not None and weight.in_axis is not None:
             if weight.shape[weight.out_axis] != weight.shape[weight.in_axis]:
                 head.add(n)
     return head
@@ -124,6 +144,8 @@ def _head(structure: Structure) -> set[int]:
 
 def _element_score(t_struct: Structure, s_struct: Structure, t_el: Element, s_el: Element) -> float:
     if isinstance(t_el, Component) and isinstance(s_el, Component):
+        if (t_el.node in t_struct.head) != (s_el.node in s_struct.head):
+            return 0.0  # an output layer only pairs with an output layer
         return 1.0 if t_struct.family[t_el.node] == s_struct.family[s_el.node] else 0.0
     if isinstance(t_el, Stage) and isinstance(s_el, Stage):
         if t_el.family_hash == s_el.family_hash:

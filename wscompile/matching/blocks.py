@@ -61,12 +61,17 @@ def block_hashes(elements: list[Element]) -> frozenset[str]:
 
 def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[Element]:
     comps = structure.components_in
+    position = {n: i for i, n in enumerate(comps.get(path, []))}
     items: list[tuple[int, str, object]] = []
     for child in structure.tree.get(path, []):
         nodes = comps.get(child)
-        # a module reached twice (shared) is counted where its components first run
-        if nodes and all(structure.graph.nodes[n]["module"].startswith(child) for n in nodes[:1]):
+        if not nodes:
+            continue
+        if position[nodes[-1]] - position[nodes[0]] + 1 == len(nodes):
             items.append((nodes[0], "module", child))
+        else:
+            # its layers run in several places (two norms kept in one list): each counts where it runs
+            items.extend((n, "component", n) for n in nodes)
     for n in structure.direct_components(path):
         items.append((n, "component", n))
     items.sort(key=lambda item: item[0])
@@ -105,7 +110,11 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
         repeated = len(run) >= 3 or (len(run) == 2 and all(len(comps[b]) >= 3 for b in run))
         if big_enough and (repeated or hashes[0] in others) and _chained(structure, run):
             inner = _segment(structure, run[0], others)
-            if not any(isinstance(e, Stage) for e in inner):
+            whole = set(comps[run[0]])
+            # a stage inside the block is a deeper level of repetition, unless it is the block's
+            # own layers held in one child (``self.layers = ModuleList([...])``)
+            if not any(isinstance(e, Stage) and (len(e.blocks) > 1 or set(comps[e.blocks[0]]) != whole)
+                       for e in inner):
                 out.append(Stage(blocks=run, first_node=order, family_hash=structure.subtree_hash(repeated, "family"),
                                  parent=path, block_hashes=hashes))
                 continue

@@ -54,6 +54,7 @@ class Structure:
         self.family = {n: family(graph.nodes[n]) for n in graph.nodes}
         self.exact = {n: exact(graph.nodes[n]) for n in graph.nodes}
         self._hash_cache: dict[tuple[str, str], str] = {}
+        self.head: set[int] = set()  # output layers (terminal dense components), set by the aligner
 
     @cached_property
     def components_in(self) -> dict[str, list[int]]:

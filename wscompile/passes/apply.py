@@ -1,11 +1,17 @@
-"""Write a selection plan: read the planned teacher elements, produce the student's state_dict.
+"""Write a selection plan: read the planned teacher elements, produce the student's tensors.
 
 Teacher tensors are read one at a time through a ``TensorSource`` with exactly the indices the
 plan names, so a file-backed teacher never has to be in memory whole. Values are converted to the
 student tensor's dtype (an fp16/bf16 teacher initializes an fp32 student).
+
+``student_tensors`` yields the student's tensors one by one, computed when asked for: a writer that
+saves each before asking for the next (``outputs.stream_safetensors``) holds one teacher read and
+one student tensor at a time, whatever the models' sizes. ``apply_plan`` collects them in memory.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -14,17 +20,33 @@ from wscompile.plan import RULE_STUDENT_INIT, SelectionPlan
 from wscompile.weights import TensorSource
 
 
-def apply_plan(plan: SelectionPlan, teacher: TensorSource, student_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The student's full state_dict: planned tensors from the teacher, the rest as given."""
+def student_tensors(
+    plan: SelectionPlan, teacher: TensorSource, student_state: dict[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) for every student tensor in plan order: planned ones from the teacher, the rest
+    as given in ``student_state``. Each tensor is contiguous, on the CPU, in the student's dtype."""
     group_indices = {g.id: g.indices for g in plan.groups}
-    out: dict[str, torch.Tensor] = {}
+    planned = [r for r in plan.tensors if r.rule != RULE_STUDENT_INIT]
+    following = dict(zip((r.student for r in planned), planned[1:], strict=False))  # last: none
     for record in plan.tensors:
         current = student_state[record.student]
         if record.rule == RULE_STUDENT_INIT:
-            out[record.student] = current.detach().clone()
+            yield record.student, current.detach().clone()
             continue
-        index = teacher_index(record, group_indices)
-        values = teacher.read(record.teacher, index)
+        values = teacher.read(record.teacher, teacher_index(record, group_indices))
+        upcoming = following.get(record.student)
+        if upcoming is not None:
+            # A file source reads the next tensor while this one is converted and written.
+            teacher.prefetch(upcoming.teacher, teacher_index(upcoming, group_indices))
         values = to_student_layout(values, record).to(dtype=current.dtype)
-        out[record.student] = values.contiguous()
-    return out
+        yield record.student, values.contiguous()
+
+
+def student_layout(plan: SelectionPlan, student_state: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of every tensor ``student_tensors`` yields, in the same order, before any is read."""
+    return {r.student: (tuple(r.student_shape), student_state[r.student].dtype) for r in plan.tensors}
+
+
+def apply_plan(plan: SelectionPlan, teacher: TensorSource, student_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The student's full state_dict: planned tensors from the teacher, the rest as given."""
+    return dict(student_tensors(plan, teacher, student_state))

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from wscompile.passes.choice import Choice
+
 NAME = "uniform"
 
 
@@ -31,3 +33,8 @@ def uniform_indices(teacher_size: int, student_size: int) -> list[int]:
 def uniform_step(teacher_size: int, student_size: int) -> int | None:
     """The stride when the rule is a plain step, else None."""
     return teacher_size // student_size if teacher_size % student_size == 0 else None
+
+
+def choose(choice: Choice) -> list[int]:
+    """The uniform method: evenly spaced indices, whatever the teacher's values."""
+    return uniform_indices(choice.teacher_size, choice.student_size)

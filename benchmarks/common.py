@@ -1,0 +1,301 @@
+"""Shared pieces of the effectiveness benchmarks: inits, schedule, curves, tables, plots.
+
+Every benchmark compares *inits* of the same student: ``random-init`` (the student's own
+initialization) and ``ws-<method>`` (wscompile weight selection with that element-selection
+method). A run records a learning curve, a list of ``Point`` (init, seed, step, metric values);
+the summary reduces the curves of all seeds to final scores (mean ± std), the score at step 0, and
+the steps each init needs to reach random init's final score.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+import wscompile  # noqa: E402
+from wscompile.passes.select import METHODS  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+RANDOM_INIT = "random-init"
+# Element-selection methods of the paper; those the installed wscompile lacks are skipped with a note.
+PAPER_METHODS = "uniform,consecutive,magnitude,activation,random"
+
+
+@dataclass
+class Point:
+    """One evaluation of one run."""
+
+    config: str  # student configuration, e.g. "3L-192"
+    init: str  # RANDOM_INIT or "ws-<method>"
+    seed: int
+    step: int  # optimizer steps taken before this evaluation
+    metrics: dict[str, float]  # metric name -> value on the held-out set
+    seconds: float = 0.0  # wall time of the run so far (training and evaluation)
+
+
+@dataclass
+class Metric:
+    """A metric as the tables and plots show it."""
+
+    key: str  # key in Point.metrics
+    label: str  # column / axis label
+    digits: int = 3  # decimals in tables
+
+
+@dataclass
+class Summary:
+    """One (config, init) over all seeds."""
+
+    config: str
+    init: str
+    seeds: int
+    step0: dict[str, tuple[float, float]]  # metric -> (mean, std) before training
+    final: dict[str, tuple[float, float]]  # metric -> (mean, std) after the last step
+    steps_to_random_final: dict[str, int | None]  # first evaluated step where the seed-mean curve
+    # reaches random init's final seed-mean; None if never
+    seconds: float  # mean wall time per run
+
+
+def set_threads(threads: int) -> None:
+    """Use few threads: the benchmarks run on shared CPU cores."""
+    torch.set_num_threads(threads)
+
+
+def parse_methods(spec: str) -> tuple[list[str], list[str]]:
+    """Split a comma list of selection methods into (available, notes on the skipped ones)."""
+    available, notes = [], []
+    for method in (name.strip() for name in spec.split(",")):
+        if not method:
+            continue
+        if method in METHODS:
+            available.append(method)
+        else:
+            notes.append(
+                f"method {method!r} skipped: not in this wscompile "
+                f"(wscompile.passes.select.METHODS = {sorted(METHODS)})"
+            )
+    return available, notes
+
+
+def init_names(methods: list[str]) -> list[str]:
+    return [RANDOM_INIT] + [f"ws-{method}" for method in methods]
+
+
+def apply_init(init: str, teacher: torch.nn.Module, student: torch.nn.Module, example_inputs) -> str:
+    """Initialize ``student`` in place for ``init``; returns a one-line coverage note."""
+    if init == RANDOM_INIT:
+        return "student's own init"
+    method = init.removeprefix("ws-")
+    plan = wscompile.initialize(teacher, student, example_inputs, method=method)
+    coverage = plan.coverage
+    return f"{coverage.fraction_no_head:.1%} of non-head elements from the teacher ({plan.frontend['student']})"
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the base lr over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def eval_steps(total: int, every: int) -> list[int]:
+    """Steps at which a run is evaluated: 0, every ``every`` steps, and the last one."""
+    return sorted({0, total, *range(every, total, every)})
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def seed_mean_curve(points: list[Point], key: str) -> list[tuple[int, float, float]]:
+    """(step, mean, std) over seeds, per evaluated step."""
+    steps = sorted({p.step for p in points})
+    return [(step, *_mean_std([p.metrics[key] for p in points if p.step == step])) for step in steps]
+
+
+def summarize(points: list[Point], metrics: list[Metric]) -> list[Summary]:
+    """Reduce all runs to one Summary per (config, init), in first-seen order."""
+    keys = list(dict.fromkeys((p.config, p.init) for p in points))
+    summaries = []
+    for config, init in keys:
+        runs = [p for p in points if p.config == config and p.init == init]
+        baseline = [p for p in points if p.config == config and p.init == RANDOM_INIT]
+        first, last = min(p.step for p in runs), max(p.step for p in runs)
+        step0, final, reach = {}, {}, {}
+        for metric in metrics:
+            step0[metric.key] = _mean_std([p.metrics[metric.key] for p in runs if p.step == first])
+            final[metric.key] = _mean_std([p.metrics[metric.key] for p in runs if p.step == last])
+            reach[metric.key] = None
+            if baseline:
+                target = seed_mean_curve(baseline, metric.key)[-1][1]
+                reach[metric.key] = next(
+                    (step for step, mean, _ in seed_mean_curve(runs, metric.key) if mean >= target), None
+                )
+        seconds = statistics.fmean(max(p.seconds for p in runs if p.seed == seed) for seed in {p.seed for p in runs})
+        summaries.append(Summary(config, init, len({p.seed for p in runs}), step0, final, reach, seconds))
+    return summaries
+
+
+def _pm(value: tuple[float, float], digits: int) -> str:
+    return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+
+
+def summary_table(summaries: list[Summary], metrics: list[Metric], last_step: int) -> list[str]:
+    """Markdown table: per (config, init), step-0 and final scores and steps to random's final."""
+    header = ["student", "init", "seeds"]
+    for metric in metrics:
+        header += [f"{metric.label} @0", f"{metric.label} @{last_step}", f"steps to random's final {metric.label}"]
+    header.append("s / run")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in summaries:
+        cells = [s.config, s.init, str(s.seeds)]
+        for metric in metrics:
+            reach = s.steps_to_random_final[metric.key]
+            cells += [
+                _pm(s.step0[metric.key], metric.digits),
+                _pm(s.final[metric.key], metric.digits),
+                "never" if reach is None else str(reach),
+            ]
+        cells.append(f"{s.seconds:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_summary_csv(summaries: list[Summary], metrics: list[Metric], path: Path) -> None:
+    columns = ["config", "init", "seeds", "seconds_per_run"]
+    for metric in metrics:
+        columns += [
+            f"{metric.key}_step0_mean",
+            f"{metric.key}_step0_std",
+            f"{metric.key}_final_mean",
+            f"{metric.key}_final_std",
+            f"{metric.key}_steps_to_random_final",
+        ]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for s in summaries:
+            row: list[object] = [s.config, s.init, s.seeds, f"{s.seconds:.1f}"]
+            for metric in metrics:
+                reach = s.steps_to_random_final[metric.key]
+                row += [
+                    f"{s.step0[metric.key][0]:.6f}",
+                    f"{s.step0[metric.key][1]:.6f}",
+                    f"{s.final[metric.key][0]:.6f}",
+                    f"{s.final[metric.key][1]:.6f}",
+                    "" if reach is None else reach,
+                ]
+            writer.writerow(row)
+
+
+def write_curves_csv(points: list[Point], metrics: list[Metric], path: Path) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["config", "init", "seed", "step", "seconds", *(m.key for m in metrics)])
+        for p in points:
+            writer.writerow(
+                [p.config, p.init, p.seed, p.step, f"{p.seconds:.1f}", *(f"{p.metrics[m.key]:.6f}" for m in metrics)]
+            )
+
+
+def plot_curves(points: list[Point], metrics: list[Metric], title: str, path: Path) -> None:
+    """One panel per (metric, config): seed-mean curve per init with a ±std band."""
+    configs = list(dict.fromkeys(p.config for p in points))
+    inits = list(dict.fromkeys(p.init for p in points))
+    fig, axes = plt.subplots(
+        len(metrics), len(configs), figsize=(4.2 * len(configs), 3.2 * len(metrics)), squeeze=False, sharex="col"
+    )
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, metric in enumerate(metrics):
+        for col, config in enumerate(configs):
+            ax = axes[row][col]
+            for i, init in enumerate(inits):
+                runs = [p for p in points if p.config == config and p.init == init]
+                if not runs:
+                    continue
+                steps, means, stds = zip(*seed_mean_curve(runs, metric.key), strict=True)
+                low = [m - s for m, s in zip(means, stds, strict=True)]
+                high = [m + s for m, s in zip(means, stds, strict=True)]
+                color = colors[i % len(colors)]
+                ax.plot(steps, means, marker="o", markersize=3, color=color, label=init)
+                ax.fill_between(steps, low, high, color=color, alpha=0.2)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(config, fontsize=10)
+            if row == len(metrics) - 1:
+                ax.set_xlabel("training step")
+            if col == 0:
+                ax.set_ylabel(metric.label)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(
+    stem: str,
+    out: Path,
+    points: list[Point],
+    metrics: list[Metric],
+    *,
+    title: str,
+    preamble: Iterable[str],
+    findings: Callable[[list[Summary]], list[str]] | None = None,
+) -> list[Summary]:
+    """Write ``<stem>.md``, ``<stem>.csv`` (summary), ``<stem>_curves.csv`` and ``<stem>.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = summarize(points, metrics)
+    last_step = max(p.step for p in points)
+    lines = [f"# {title}", "", *preamble, "", *summary_table(summaries, metrics, last_step), ""]
+    if findings:
+        lines += [*findings(summaries), ""]
+    lines += [f"Learning curves: `{stem}.png` (mean ± std over seeds); every evaluation: `{stem}_curves.csv`.", ""]
+    (out / f"{stem}.md").write_text("\n".join(lines), encoding="utf-8")
+    write_summary_csv(summaries, metrics, out / f"{stem}.csv")
+    write_curves_csv(points, metrics, out / f"{stem}_curves.csv")
+    plot_curves(points, metrics, title, out / f"{stem}.png")
+    return summaries
+
+
+def compare_to_random(summaries: list[Summary], metric: Metric) -> list[str]:
+    """One sentence per (config, ws-init): final score vs random init's, in units of their std."""
+    lines = []
+    for s in summaries:
+        if s.init == RANDOM_INIT:
+            continue
+        base = next((b for b in summaries if b.config == s.config and b.init == RANDOM_INIT), None)
+        if base is None:
+            continue
+        (mean, std), (base_mean, base_std) = s.final[metric.key], base.final[metric.key]
+        spread = max(std, base_std)
+        verdict = (
+            "better than"
+            if mean - base_mean > 2 * spread
+            else "worse than"
+            if base_mean - mean > 2 * spread
+            else "not clearly different from"
+        )
+        reach = s.steps_to_random_final[metric.key]
+        lines.append(
+            f"- {s.config}, {s.init}: final {metric.label} {mean:.{metric.digits}f} vs random init "
+            f"{base_mean:.{metric.digits}f} ({mean - base_mean:+.{metric.digits}f}; {verdict} random "
+            f"init at 2 × the larger std); reaches random init's final score "
+            + (f"at step {reach}." if reach is not None else "at no evaluated step.")
+        )
+    return lines
