@@ -114,9 +114,9 @@ def write_markdown(rows: list[dict[str, object]], args: argparse.Namespace, path
         "- parity: fp32 ONNX vs PyTorch at batch 3 (exported at batch 1), tolerance atol 1e-4 + rtol 1e-3.",
         "- fp16 (`convert_float_to_float16`, fp32 I/O) and int8 (`quantize_dynamic`) vs the fp32 PyTorch model",
         "  on 16 random images: cosine similarity of the logits, top-1 agreement.",
-        f"- latency: batch 1, {args.threads} thread(s) for both runtimes, median of {args.runs} runs after 5 warm-up",
-        "  runs, PyTorch eager (`torch.inference_mode`) then onnxruntime fp32, fp16, int8. The cores are shared",
-        "  with other jobs: timings are noisy.",
+        f"- latency: batch 1, threads {args.threads} for both runtimes, median of {args.runs} runs after 5 warm-up",
+        "  runs; PyTorch eager (`torch.inference_mode`), then onnxruntime fp32, fp16, int8. The cores are",
+        "  shared with other jobs: timings are noisy.",
         "- `quantize_dynamic` turns Conv into ConvInteger, which onnxruntime's CPU kernels run slower than fp32",
         "  Conv: for CNNs pass calibration batches (static QDQ quantization) when speed matters.",
         "- top-1 agreement is fragile with random weights (nearly tied logits); read it with the cosine.",
@@ -140,12 +140,19 @@ def write_markdown(rows: list[dict[str, object]], args: argparse.Namespace, path
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def csv_value(value: object) -> object:
+    """Floats to 6 significant digits (parity differences are ~1e-7), None as an empty cell."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else value
+
+
 def write_csv(rows: list[dict[str, object]], path: Path) -> None:
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: fmt(row.get(key), 6) for key in COLUMNS})
+            writer.writerow({key: csv_value(row.get(key)) for key in COLUMNS})
 
 
 def main() -> None:

@@ -7,6 +7,9 @@ import sys
 
 from wscompile import __version__
 from wscompile.errors import WscompileError
+from wscompile.matching.layers import POLICIES
+from wscompile.passes.heads import HEAD_MODES
+from wscompile.passes.select import METHODS
 
 SPEC_HELP = ("model spec: timm:NAME?k=v&..., torchvision:NAME?..., hf:DIR_OR_ID?..., py:pkg.module:factory?... "
              "or path/to/file.py:factory?... (py: and file specs import and run that code: use only code you trust)")
@@ -30,6 +33,26 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _selection_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="uniform", choices=list(METHODS),
+                   help="element selection per coupled dimension: uniform (the paper's rule, default), consecutive "
+                        "(first indices), random (--seed), magnitude (teacher weight norms), activation (teacher "
+                        "activations on --calib)")
+    p.add_argument("--layers", default="first", metavar="POLICY",
+                   help=f"layer selection per stage: {', '.join(POLICIES)} (on --calib), or an explicit map "
+                        "'STAGE:BLOCK,...;...' of student stage index to teacher block indices, e.g. '0:0,2,4;1:0,1' "
+                        "(default: first, the paper's)")
+    p.add_argument("--heads", default="split", choices=list(HEAD_MODES),
+                   help="attention heads: split (heads and head dims shrink, default) or whole (each student head "
+                        "is a whole teacher head; head_dim must be equal)")
+    p.add_argument("--rescale", action="store_true",
+                   help="multiply weights whose input axis shrank by sqrt(teacher_in / student_in)")
+    p.add_argument("--calib", metavar="PATH",
+                   help="calibration inputs for --method activation and --layers importance: a .pt/.safetensors file "
+                        "of input tensors named like the forward arguments, a folder of images, or a text file "
+                        "(one sample per line; hf: teachers)")
+
+
 def _onnx_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--fp16", action="store_true", help="also write an fp16 copy (<name>.fp16.onnx)")
@@ -50,10 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--manifest", help="JSON manifest: the teacher source and index rule of every student tensor")
     init.add_argument("--report", help="report file; format from the extension (.txt, .md, .json, .html)")
     init.add_argument("--onnx", help="also export the initialized student to ONNX and verify it")
-    init.add_argument("--method", default="uniform", choices=["uniform"], help="element selection (the paper's uniform rule)")
     init.add_argument("--select-head", action="store_true", help="select the classifier head too (default: student init)")
     init.add_argument("--allow-partial", action="store_true",
                       help="keep the student's init where it is wider or deeper than the teacher instead of failing")
+    _selection_options(init)
     _onnx_options(init)
     _common(init)
 
@@ -63,12 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--format", choices=["text", "md", "json", "html"], help="default: text, or from -o's extension")
     diff.add_argument("-o", "--output", help="write the report here instead of printing it")
     diff.add_argument("--select-head", action="store_true", help="report the head as selected")
+    _selection_options(diff)
     _common(diff)
 
     export = sub.add_parser("export", help="export a student to ONNX and verify it with onnxruntime")
     export.add_argument("--student", required=True, help=SPEC_HELP)
     export.add_argument("--weights", required=True, help="student weights (.safetensors from `wscompile init`)")
     export.add_argument("--onnx", required=True, help="ONNX file to write")
+    export.add_argument("--verify-only", action="store_true",
+                        help="only check an existing ONNX file against the PyTorch student (exit 1 if it differs)")
     _onnx_options(export)
     _common(export)
     return parser
@@ -95,7 +121,9 @@ def _run(args: argparse.Namespace) -> int:
         teacher=getattr(args, "teacher", ""), student=args.student, out=getattr(args, "out", None),
         teacher_weights=getattr(args, "teacher_weights", None), manifest=getattr(args, "manifest", None),
         report=getattr(args, "report", None), onnx=getattr(args, "onnx", None),
-        method=getattr(args, "method", "uniform"), select_head=getattr(args, "select_head", False),
+        method=getattr(args, "method", "uniform"), layers=getattr(args, "layers", "first"),
+        heads=getattr(args, "heads", "split"), rescale=getattr(args, "rescale", False),
+        calib=getattr(args, "calib", None), select_head=getattr(args, "select_head", False),
         allow_partial=getattr(args, "allow_partial", False), force=args.force, seed=args.seed,
         input_shape=args.input_shape, trust_remote_code=args.trust_remote_code, unsafe_pickle=args.unsafe_pickle,
         opset=getattr(args, "opset", None), fp16=getattr(args, "fp16", False), int8=getattr(args, "int8", False),
@@ -105,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "diff":
         commands.run_diff(options, args.format, args.output)
     else:
-        commands.run_export(args.student, args.weights, args.onnx, options)
+        commands.run_export(args.student, args.weights, args.onnx, options, verify_only=args.verify_only)
     return 0
 
 

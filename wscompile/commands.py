@@ -19,7 +19,7 @@ from typing import TypeVar
 import torch
 
 from wscompile import pipeline, reports
-from wscompile.errors import MatchError, ResourceError, SpecError
+from wscompile.errors import MatchError, ResourceError, SelectionError, SpecError
 from wscompile.outputs import (
     check_output_dir,
     check_outputs,
@@ -55,7 +55,11 @@ class InitOptions:
     manifest: str | None = None  # JSON manifest path
     report: str | None = None  # report path, format from the extension
     onnx: str | None = None  # ONNX export of the initialized student
-    method: str = "uniform"
+    method: str = "uniform"  # element selection: uniform, consecutive, random, magnitude, activation
+    layers: str = "first"  # layer policy: first, uniform, last, drop-middle, importance, or "0:0,2,4;1:0,1"
+    heads: str = "split"  # attention heads: split (heads and head dims shrink) or whole
+    rescale: bool = False  # scale weights whose input shrank by sqrt(teacher_in / student_in)
+    calib: str | None = None  # calibration inputs (activation, importance): tensor file, image folder, text file
     select_head: bool = False
     allow_partial: bool = False
     force: bool = False
@@ -71,12 +75,12 @@ class InitOptions:
 
 
 def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, LoadedModel]:
-    """Teacher (on the meta device when its values come from a file) and student."""
+    """Teacher (on the meta device when its values come from a file and it never runs) and student."""
     teacher_spec = parse_spec(options.teacher)
     has_file = options.teacher_weights is not None or (
         teacher_spec.scheme == "hf" and hf_weights_path(teacher_spec.name) is not None
     )
-    teacher_device = "meta" if has_file or not need_values else "cpu"
+    teacher_device = "meta" if (has_file or not need_values) and not needs_calibration(options) else "cpu"
     check_memory(options, teacher_in_memory=teacher_device == "cpu",
                  student_copies=STUDENT_COPIES_INIT if need_values else 1)
     teacher = load_model(
@@ -171,13 +175,14 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
         check_output_dir(options.out, force=options.force)
     if options.report:
         reports.format_from_path(options.report)
+    check_selection(options)
     teacher, student = load_pair(options, need_values=True)
     # With --out the student's tensors go straight to the file (below), never all in memory.
     compiled = pipeline.compile(
         teacher.module, student.module, teacher_inputs=teacher.inputs, student_inputs=student.inputs,
         teacher_source=teacher.source, teacher_spec=options.teacher, student_spec=options.student,
-        method=options.method, select_head=options.select_head, allow_partial=options.allow_partial,
-        write=not options.out,
+        select_head=options.select_head, allow_partial=options.allow_partial, write=not options.out,
+        **selection_options(options, teacher),
     )
     plan = compiled.plan
     check_something_matched(compiled)
@@ -255,15 +260,44 @@ def check_something_matched(compiled: pipeline.Compiled) -> None:
     )
 
 
+def needs_calibration(options: InitOptions) -> bool:
+    """Whether the teacher runs on calibration inputs (activation method, importance layer policy)."""
+    return options.method == "activation" or options.layers.strip() == "importance"
+
+
+def check_selection(options: InitOptions) -> None:
+    """Fail on a bad --layers or a missing --calib before any model is built."""
+    from wscompile.matching.layers import parse_layer_policy
+
+    parse_layer_policy(options.layers)
+    if needs_calibration(options) and not options.calib:
+        wants = "--method activation" if options.method == "activation" else "--layers importance"
+        raise SelectionError(f"{wants} ranks by the teacher's activations on real inputs: pass --calib with a "
+                             ".pt/.safetensors file of input tensors, a folder of images or a text file")
+
+
+def selection_options(options: InitOptions, teacher: LoadedModel) -> dict:
+    """The selection keyword arguments of ``pipeline.compile``, calibration inputs loaded."""
+    calibration, label = None, None
+    if needs_calibration(options):
+        from wscompile.calib import load_calibration
+
+        calibration, label = load_calibration(options.calib, teacher)
+    return dict(method=options.method, layer_policy=options.layers, heads=options.heads, rescale=options.rescale,
+                seed=options.seed, calibration=calibration, calibration_label=label)
+
+
 def run_diff(options: InitOptions, fmt: str | None, output: str | None, log: Log = print) -> SelectionPlan:
     if output:
         check_outputs([output], force=options.force)
         fmt = fmt or reports.format_from_path(output)
-    teacher, student = load_pair(options, need_values=False)
+    check_selection(options)
+    # magnitude reads teacher weights: from the file if there is one, else from the built teacher
+    teacher, student = load_pair(options, need_values=options.method == "magnitude")
     compiled = pipeline.compile(
         teacher.module, student.module, teacher_inputs=teacher.inputs, student_inputs=student.inputs,
         teacher_source=teacher.source, teacher_spec=options.teacher, student_spec=options.student,
-        method=options.method, select_head=options.select_head, allow_partial=True, write=False,
+        select_head=options.select_head, allow_partial=True, write=False, **selection_options(options, teacher),
     )
     if output:
         reports.write_report(compiled.plan, output, fmt=fmt, force=options.force)
@@ -274,8 +308,13 @@ def run_diff(options: InitOptions, fmt: str | None, output: str | None, log: Log
     return compiled.plan
 
 
-def run_export(student_spec: str, weights: str, onnx_path: str, options: InitOptions, log: Log = print):
-    check_outputs([onnx_path], force=options.force)
+def run_export(student_spec: str, weights: str, onnx_path: str, options: InitOptions, log: Log = print,
+               *, verify_only: bool = False):
+    """Export the student with ``weights`` to ``onnx_path`` and verify it, or only verify an existing file."""
+    if verify_only and not os.path.isfile(onnx_path):
+        raise SpecError(f"'{onnx_path}' does not exist; drop --verify-only to export it")
+    if not verify_only:
+        check_outputs([onnx_path], force=options.force)
     student = load_model(student_spec, role="student", seed=options.seed, input_shape=options.input_shape,
                          trust_remote_code=options.trust_remote_code)
     source = open_weights(weights, unsafe_pickle=options.unsafe_pickle)
@@ -286,6 +325,11 @@ def run_export(student_spec: str, weights: str, onnx_path: str, options: InitOpt
                         "was it written by `wscompile init` for this student spec?")
     state = {key: source.read(key) for key in expected}
     student.module.load_state_dict(state)
+    if verify_only:
+        from wscompile.backend import verify_onnx
+
+        with torch.no_grad():
+            return verify_onnx(onnx_path, student.module, student.make_inputs, kind=student.kind, log=log)
     return _export(student, onnx_path, options, log)
 
 
@@ -309,8 +353,10 @@ def summary(plan: SelectionPlan) -> str:
     ]
     for stage in plan.stages:
         teacher = stage.teacher or "no teacher stage"
-        lines.append(f"  {stage.student} <- {teacher}: first {min(stage.student_depth, stage.teacher_depth)} "
-                     f"of {stage.teacher_depth} blocks")
+        taken = [stage.teacher_blocks.index(b.teacher) for b in stage.blocks if b.teacher is not None]
+        which = (f"first {len(taken)}" if stage.policy == "first"
+                 else f"{stage.policy} {', '.join(map(str, taken))}")
+        lines.append(f"  {stage.student} <- {teacher}: {which} of {stage.teacher_depth} blocks")
     kept = [r for r in plan.tensors if r.teacher is None]
     if kept:
         lines.append(f"  {len(kept)} tensor(s) kept at the student's init, e.g. {kept[0].student}: {kept[0].reason}")

@@ -75,3 +75,25 @@ def test_module_entry_point(tmp_path):
 
     result = subprocess.run([sys.executable, "-m", "wscompile", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("wscompile ")
+
+
+def test_export_verifies_and_a_corrupted_onnx_fails_with_per_output_differences(tmp_path, capsys):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    weights, model = tmp_path / "s.safetensors", tmp_path / "s.onnx"
+    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(weights), "--onnx", str(model)]) == 0
+    assert "logits" in capsys.readouterr().out
+    assert main(["export", "--student", STUDENT, "--weights", str(weights), "--onnx", str(model), "--verify-only"]) == 0
+
+    proto = onnx.load(str(model))
+    biggest = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
+    values = numpy_helper.to_array(biggest).copy()
+    # a scale, not a shift: a shift of the head weight is invisible after a zero-mean LayerNorm
+    biggest.CopyFrom(numpy_helper.from_array(values * 3.0, biggest.name))
+    onnx.save(proto, str(model))
+    capsys.readouterr()
+    assert main(["export", "--student", STUDENT, "--weights", str(weights), "--onnx", str(model), "--verify-only"]) == 1
+    err = capsys.readouterr().err
+    assert "logits" in err and "max abs diff" in err and err.count("\n") == 1
