@@ -81,8 +81,8 @@ def generate_teacher(directory: Path, size: str) -> None:
 
     config = transformers.LlamaConfig(**SIZES[size]["teacher"], max_position_embeddings=4096, dtype="bfloat16",
                                       tie_word_embeddings=False)
-    marker = directory / "complete"
-    if marker.exists() and json.loads(marker.read_text()) == config.to_dict():
+    marker = directory / "complete"  # the config, written last: a complete earlier run is reused
+    if marker.exists() and marker.read_text() == config.to_json_string():
         print(f"teacher exists: {directory}")
         return
     shutil.rmtree(directory, ignore_errors=True)
@@ -112,7 +112,7 @@ def generate_teacher(directory: Path, size: str) -> None:
     total = sum(2 * _numel(shape) for shape in shapes.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    marker.write_text(json.dumps(config.to_dict()))
+    marker.write_text(config.to_json_string())
 
 
 def drop_page_cache(directory: Path) -> None:
@@ -332,10 +332,14 @@ def write_results(rows: list[dict[str, object]], args: argparse.Namespace, sizes
         "- each path runs in its own process after the teacher's files are evicted from the page cache "
         "(`posix_fadvise(DONTNEED)`; the VM's host may still cache the disk image). Peak RSS is the process's "
         "`VmHWM`.",
-        "- **streamed**: `wscompile init` as the CLI runs it. **naive**: every shard loaded "
-        "(`safetensors.torch.load_file`), then the same pipeline with the in-memory teacher, `apply_plan` and "
-        "`save_safetensors` (its selection runs inside trace+plan). **disk**: `pread` of the byte ranges of "
-        "every teacher tensor the plan reads, once (run twice, after the streamed and the naive runs).",
+        "- **streamed**: `wscompile init` as the CLI runs it. **naive**: `safetensors.torch.load_file` of every "
+        "shard into one state_dict, then the same pipeline with that in-memory teacher, `apply_plan` and "
+        "`save_safetensors`. safetensors returns tensors backed by a mapping of the file, so \"load teacher\" is "
+        "quick: the pages are read when the plan indexes them (inside trace + plan) and stay resident while the "
+        "state_dict lives, next to three copies of the student (module, state_dict, serialized bytes); its "
+        "\"teacher bytes read\" is the state_dict's size. "
+        "**disk**: `pread` of the byte ranges of every teacher tensor the plan reads, once (run twice, after the "
+        "streamed and the naive runs).",
         "",
         "| path | wall time (s) | build models (s) | load teacher (s) | trace + plan (s) | read+select+write (s) | "
         "peak RSS (GB) | RSS after imports (GB) | teacher bytes read (GB) | fetched from disk (GB) | student SHA-256 |",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from wscompile import __version__
@@ -20,6 +21,14 @@ def _shape(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,3,224,224, got {text!r}") from None
+
+
+def _bytes(text: str) -> int:
+    """A size like 5GB, 500MB or 1000000 (decimal units), in bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text.upper())
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size like 5GB, 500MB or 1000000, got {text!r}")
+    return int(float(match[1]) * 1000 ** " KMGT".index(match[2] or " "))
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -69,7 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--teacher", required=True, help=SPEC_HELP)
     init.add_argument("--student", required=True, help=SPEC_HELP)
     init.add_argument("--teacher-weights", help="teacher weights: .safetensors, .pt/.pth/.bin, or a Hugging Face directory")
-    init.add_argument("--out", required=True, help="student weights to write (.safetensors, full state_dict)")
+    init.add_argument("--out", required=True,
+                      help="student weights to write: a .safetensors file (full state_dict), or a directory "
+                           "(ending in /) for a Hugging Face-style folder, sharded past --max-shard-size")
+    init.add_argument("--max-shard-size", type=_bytes, default=5 * 10**9, metavar="SIZE",
+                      help="largest shard of a directory --out, e.g. 5GB or 500MB (default 5GB)")
+    init.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="progress bar on stderr while reading the teacher (default: when stderr is a terminal)")
     init.add_argument("--manifest", help="JSON manifest: the teacher source and index rule of every student tensor")
     init.add_argument("--report", help="report file; format from the extension (.txt, .md, .json, .html)")
     init.add_argument("--onnx", help="also export the initialized student to ONNX and verify it")
@@ -127,6 +142,7 @@ def _run(args: argparse.Namespace) -> int:
         allow_partial=getattr(args, "allow_partial", False), force=args.force, seed=args.seed,
         input_shape=args.input_shape, trust_remote_code=args.trust_remote_code, unsafe_pickle=args.unsafe_pickle,
         opset=getattr(args, "opset", None), fp16=getattr(args, "fp16", False), int8=getattr(args, "int8", False),
+        progress=getattr(args, "progress", None), max_shard_size=getattr(args, "max_shard_size", 5 * 10**9),
     )
     if args.command == "init":
         commands.run_init(options)

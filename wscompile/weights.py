@@ -13,6 +13,7 @@ they read in ``bytes_read``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -41,6 +42,9 @@ STATE_DICT_WRAPPERS = ("model", "state_dict", "model_state_dict", "module", "ema
 
 # Reading axis 0 run by run costs one call per run; past this many runs one bounding read is cheaper.
 _MAX_ROW_RUNS = 64
+# A bounding box larger than this (bytes) is read in runs of rows, each through its own mapping, so
+# the mapped pages and the selected copy are not both as large as the box.
+_CHUNK_BYTES = 64 * 2**20
 
 _SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
@@ -211,11 +215,12 @@ class SafetensorsSource:
 
     def _read_box(self, key: str, positions: list[torch.Tensor | slice | None]) -> torch.Tensor:
         """Read the bounding box of ``positions`` per axis, then pick the positions inside it."""
+        shape = self.shape(key)
         box: list[slice] = []
         inner: list[torch.Tensor | slice] = []
-        for pos in positions:
+        for pos, size in zip(positions, shape, strict=True):
             if pos is None or isinstance(pos, slice):
-                box.append(pos or slice(None))
+                box.append(slice(*(pos or slice(None)).indices(size)))
                 inner.append(slice(None))
             elif pos.numel() == 0:
                 box.append(slice(0, 0))
@@ -224,7 +229,29 @@ class SafetensorsSource:
                 lo, hi = int(pos.min()), int(pos.max()) + 1
                 box.append(slice(lo, hi))
                 inner.append(_as_slice(pos - lo))
-        self._will_need(key, box[0] if box else slice(None))
+        box_rows = box[0].stop - box[0].start
+        row_bytes = math.prod(b.stop - b.start for b in box[1:]) * self.dtype(key).itemsize
+        chunk_rows = max(1, _CHUNK_BYTES // max(row_bytes, 1))
+        rows = inner[0] if isinstance(inner[0], torch.Tensor) else torch.arange(*inner[0].indices(box_rows))
+        if box_rows <= chunk_rows or not bool((rows.diff() > 0).all()):
+            return self._read_selected(key, box, inner)
+        out = None
+        for start in range(0, box_rows, chunk_rows):
+            stop = min(start + chunk_rows, box_rows)
+            first, last = int(torch.searchsorted(rows, start)), int(torch.searchsorted(rows, stop))
+            if first == last:
+                continue
+            chunk_box = [slice(box[0].start + start, box[0].start + stop), *box[1:]]
+            chunk = self._read_selected(key, chunk_box, [_as_slice(rows[first:last] - start), *inner[1:]])
+            if out is None:
+                out = chunk.new_empty((rows.numel(), *chunk.shape[1:]))
+            out[first:last] = chunk
+        assert out is not None  # rows is not empty: box_rows > chunk_rows >= 1
+        return out
+
+    def _read_selected(self, key: str, box: list[slice], inner: list[torch.Tensor | slice]) -> torch.Tensor:
+        """Map the file, read ``box``, and pick ``inner`` (positions relative to the box) from it."""
+        self._will_need(key, box[0])
         with self._open() as file:
             out = file.get_slice(key)[tuple(box)]
         self.bytes_read += _nbytes(out)
@@ -237,12 +264,13 @@ class SafetensorsSource:
 
 
 def _as_slice(positions: torch.Tensor) -> torch.Tensor | slice:
-    """``positions`` (starting at 0) as a slice when evenly spaced and increasing, else unchanged."""
+    """Non-empty ``positions`` as a slice when evenly spaced and increasing, else unchanged."""
+    first = int(positions[0])
     if positions.numel() == 1:
-        return slice(0, 1) if int(positions[0]) == 0 else positions
+        return slice(first, first + 1)
     step = int(positions[1] - positions[0])
-    if int(positions[0]) == 0 and step > 0 and bool((positions.diff() == step).all()):
-        return slice(0, int(positions[-1]) + 1, step)
+    if step > 0 and bool((positions.diff() == step).all()):
+        return slice(first, int(positions[-1]) + 1, step)
     return positions
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from wscompile import commands
+from wscompile import commands, weights
 from wscompile.outputs import (
     SHARD_INDEX,
     check_output_dir,
@@ -43,7 +43,7 @@ OVERHEAD = 128 * 2**20
 SCRIPT = textwrap.dedent("""
     import json, sys
     from safetensors.torch import load_file
-    from wscompile import commands
+    from wscompile import commands, weights
     from wscompile.outputs import save_safetensors
     from wscompile.passes.apply import apply_plan
     from wscompile.specs import load_model
@@ -128,16 +128,28 @@ def test_streamed_student_is_byte_identical_to_in_memory_student(run: dict) -> N
     assert run["streamed.safetensors"].read_bytes() == run["in-memory.safetensors"].read_bytes()
 
 
-def test_safetensors_source_reads_evenly_spaced_positions_as_strides(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk_bytes", [10**9, 3000], ids=["one-read", "chunked"])
+def test_safetensors_source_reads_exactly_the_positions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        chunk_bytes: int) -> None:
+    monkeypatch.setattr(weights, "_CHUNK_BYTES", chunk_bytes)  # 3000 bytes: a few rows per mapping
     path = tmp_path / "t.safetensors"
-    save_file({f"w{i}": torch.randn(512, 512) for i in range(4)}, path)
+    tensor = torch.randn(200, 30, 2)
+    save_file({"w": tensor}, path)
     source = SafetensorsSource(str(path))
-    rows = list(range(0, 512, 2))
-    read = [source.read(f"w{i}", [rows, rows]) for i in range(4)]
-    expected = load_file(path)
-    for i, tensor in enumerate(read):
-        assert torch.equal(tensor, expected[f"w{i}"][::2, ::2])
-    assert source.bytes_read == 4 * 511 * 511 * 4  # each tensor's bounding box, once
+    cases = [
+        [None, list(range(0, 30, 3))],  # all rows, evenly spaced columns: strided views
+        [list(range(1, 200, 2)), None, [1]],  # evenly spaced rows (more than _MAX_ROW_RUNS runs)
+        [sorted({int(i) for i in torch.randint(0, 200, (90,))}), [4, 0, 7]],  # arbitrary rows and columns
+        [[150, 3, 77] + list(range(100, 190, 3)), None],  # rows out of order: one read of their box
+    ]
+    for i, index in enumerate(cases):
+        expected = tensor
+        for axis, idx in enumerate(index):
+            if idx is not None:
+                expected = expected.index_select(axis, torch.tensor(idx))
+        assert torch.equal(source.read("w", index), expected), index
+        if i == 0:
+            assert source.bytes_read == 200 * 28 * 2 * 4  # the columns' bounding box, every row, once
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
