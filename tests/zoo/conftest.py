@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     order = {pair.id: rank for rank, pair in enumerate(PAIRS)}
     positions = [i for i, item in enumerate(items) if item.path.is_relative_to(ZOO_DIR) and _pair_id(item) in order]
     grouped = sorted((items[i] for i in positions), key=lambda item: order[_pair_id(item)])
-    for position, item in zip(positions, grouped):
+    for position, item in zip(positions, grouped, strict=True):
         items[position] = item
 
 

@@ -8,8 +8,6 @@ teacher, so the pair can only be matched by structure.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -24,15 +22,14 @@ class SelfAttention(nn.Module):
         self.to_q, self.to_k, self.to_v = (nn.Linear(hidden, hidden) for _ in range(3))
         self.proj = nn.Linear(hidden, hidden)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = x.shape
 
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, seq, self.heads, hidden // self.heads).transpose(1, 2)
 
         q, k, v = split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(hidden // self.heads) + bias
-        context = scores.softmax(-1) @ v
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         return self.proj(context.transpose(1, 2).reshape(batch, seq, hidden))
 
 
@@ -45,14 +42,23 @@ class EncoderLayer(nn.Module):
         self.down = nn.Linear(intermediate, hidden)
         self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = self.attn_norm(x + self.attn(x, bias))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = self.attn_norm(x + self.attn(x, keep))
         return self.mlp_norm(x + self.down(F.gelu(self.up(x))))
 
 
 class PlainBert(nn.Module):
-    def __init__(self, vocab: int, hidden: int, layers: int, heads: int, intermediate: int,
-                 positions: int, token_types: int, eps: float) -> None:
+    def __init__(
+        self,
+        vocab: int,
+        hidden: int,
+        layers: int,
+        heads: int,
+        intermediate: int,
+        positions: int,
+        token_types: int,
+        eps: float,
+    ) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab, hidden)
         self.positions = nn.Embedding(positions, hidden)
@@ -66,17 +72,25 @@ class PlainBert(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         seq = input_ids.shape[1]
         positions = torch.arange(seq, device=input_ids.device)
-        # NOTE: summed in BertEmbeddings' order: the matcher pairs an add's operands by position.
-        x = self.tokens(input_ids) + self.segments(torch.zeros_like(input_ids))
-        x = self.embed_norm(x + self.positions(positions))
-        # Padding gets the dtype's lowest value added to its scores, as in BertModel.
-        bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        # summed in another order than BertEmbeddings (word + token type + position): the matcher
+        # pairs the tables by structure and shape, not by the order of the additions
+        x = self.tokens(input_ids) + self.positions(positions)
+        x = self.embed_norm(x + self.segments(torch.zeros_like(input_ids)))
+        keep = attention_mask[:, None, None, :].bool()  # attend to every key that is not padding
         for layer in self.encoder:
-            x = layer(x, bias)
+            x = layer(x, keep)
         return x
 
 
-def factory(hidden: int = 64, layers: int = 2, heads: int = 2, vocab: int = 1000, intermediate: int | None = None,
-            positions: int = 64, token_types: int = 2, eps: float = 1e-12) -> PlainBert:
+def factory(
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    vocab: int = 1000,
+    intermediate: int | None = None,
+    positions: int = 64,
+    token_types: int = 2,
+    eps: float = 1e-12,
+) -> PlainBert:
     """A PlainBert; ``intermediate`` defaults to 4 * hidden."""
     return PlainBert(vocab, hidden, layers, heads, intermediate or 4 * hidden, positions, token_types, eps)

@@ -4,8 +4,9 @@
 2. The two element sequences are aligned in execution order (a longest-common-subsequence
    dynamic program): a component pairs with a component of the same family, a stage with a stage
    whose blocks have the same width-free structure (or, failing that, share most components).
-3. Layer selection: student block ``i`` of a stage takes teacher block ``i`` ("first": first-N per
-   stage, the paper's best policy).
+3. Layer selection: student block ``i`` of a stage takes teacher block ``L[i]`` of the stage it
+   aligns with, ``L`` given by the layer policy (``layers.py``; default "first": ``L[i] = i``,
+   first-N per stage, the paper's best policy).
 4. Component mapping inside a block pair: VF2 subgraph isomorphism (networkx) on the two blocks'
    component graphs, nodes compared by family, edges by argument position. Among isomorphisms
    the one that best keeps execution order wins. Blocks with different structure (a ResNet
@@ -17,6 +18,7 @@ Names are never read: renaming or re-nesting the student's modules gives the sam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -26,9 +28,11 @@ from networkx.algorithms import isomorphism
 from wscompile import ir
 from wscompile.errors import MatchError
 from wscompile.matching.blocks import Component, Element, Stage, block_hashes, segment
+from wscompile.matching.layers import EXPLICIT, LayerPolicy, parse_layer_policy, teacher_blocks
 from wscompile.matching.structure import Structure
 from wscompile.plan import BlockPair, StagePair
 
+NO_LAYER_HERE = "no teacher layer of this kind at this position"
 MAX_ISOMORPHISMS = 64  # candidates scored per block pair; blocks have few symmetric mappings
 
 
@@ -46,10 +50,15 @@ class Alignment:
     # ^ student component -> (part, parts): it reads one part of a fused teacher projection
 
 
-def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str = "first") -> Alignment:
-    """Align ``student`` with ``teacher``; raises MatchError when nothing at all matches."""
-    if layer_policy != "first":
-        raise MatchError(f"unknown layer policy {layer_policy!r}; use 'first'")
+def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str | LayerPolicy = "first",
+          block_similarity: Callable[[list[str]], dict[str, float]] | None = None) -> Alignment:
+    """Align ``student`` with ``teacher``; raises MatchError when nothing at all matches.
+
+    ``layer_policy`` picks the teacher blocks of each stage (``layers.py``); the "importance" policy
+    calls ``block_similarity`` once, with every teacher block of the aligned stages, for the cosine
+    similarity of each block's input and output on calibration data.
+    """
+    policy = layer_policy if isinstance(layer_policy, LayerPolicy) else parse_layer_policy(layer_policy)
     t_struct, s_struct = Structure(teacher), Structure(student)
     t_struct.head, s_struct.head = _terminal(t_struct), _terminal(s_struct)
     t_elements, s_elements = segment(t_struct), segment(s_struct)
@@ -70,32 +79,48 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str = "firs
     block_of: dict[int, str] = {}
     parts: dict[int, tuple[int, int]] = {}
     cache: dict[tuple[str, str], dict[int, tuple[int, int | None]]] = {}
+    sequence = _align_sequences(t_struct, s_struct, t_elements, s_elements)
+    similarities: dict[str, float] = {}
 
-    for t_el, s_el in _align_sequences(t_struct, s_struct, t_elements, s_elements):
+    def similarity(t_stage: Stage) -> list[float]:
+        if not similarities:
+            if block_similarity is None:
+                raise MatchError("layer policy 'importance' ranks teacher blocks on calibration data: pass "
+                                 "calibration inputs (--calib FILE_OR_DIR)")
+            aligned = [b for t, s in sequence if isinstance(t, Stage) and isinstance(s, Stage) for b in t.blocks]
+            similarities.update(block_similarity(aligned))
+        return [similarities[b] for b in t_stage.blocks]
+
+    for t_el, s_el in sequence:
         if isinstance(s_el, Component):
             if t_el is None:
-                unmatched[s_el.node] = "no teacher layer of this kind at this position"
+                unmatched[s_el.node] = NO_LAYER_HERE
             else:
                 pairs[s_el.node] = t_el.node
             continue
         if s_el is None:
             continue
+        name, chosen = "first", []
+        if t_el is not None:
+            entry = len(t_el.block_hashes) > 1 or len(s_el.block_hashes) > 1
+            name, chosen = teacher_blocks(policy, s_el.index, s_el.label, len(t_el.blocks), len(s_el.blocks),
+                                          entry=entry, similarity=lambda t_el=t_el: similarity(t_el))
         stage_pair = StagePair(
             student=s_el.label, teacher=t_el.label if t_el else None, student_depth=len(s_el.blocks),
-            teacher_depth=len(t_el.blocks) if t_el else 0, policy=layer_policy,
+            teacher_depth=len(t_el.blocks) if t_el else 0, policy=name,
             teacher_blocks=list(t_el.blocks) if t_el else [],
         )
         for i, s_block in enumerate(s_el.blocks):
             s_nodes = s_struct.components_in[s_block]
             for n in s_nodes:
                 block_of[n] = s_block
-            if t_el is None or i >= len(t_el.blocks):
+            if t_el is None or i >= len(chosen):
                 reason = (f"student block {i} of {s_el.label} has no teacher block: the teacher stage has "
                           f"{len(t_el.blocks)} blocks" if t_el else f"no teacher stage matches {s_el.label}")
                 unmatched.update({n: reason for n in s_nodes})
                 stage_pair.blocks.append(BlockPair(s_block, None, 0, len(s_nodes)))
                 continue
-            t_block = t_el.blocks[i]
+            t_block = t_el.blocks[chosen[i]]
             t_nodes = t_struct.components_in[t_block]
             mapping = _map_block(t_struct, s_struct, t_nodes, s_nodes, cache)
             for n in s_nodes:
@@ -108,6 +133,13 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str = "firs
             stage_pair.blocks.append(BlockPair(s_block, t_block, len(mapping), len(s_nodes)))
         stages.append(stage_pair)
 
+    _pair_leftovers(t_struct, s_struct, t_elements, pairs, unmatched)
+    if policy.name == EXPLICIT:
+        aligned = sorted(s.index for t, s in sequence if isinstance(s, Stage) and t is not None)
+        unknown = sorted(set(policy.explicit) - set(aligned))
+        if unknown:
+            raise MatchError(f"layer map {policy.text!r} names student stage(s) {unknown}, but the student's stages "
+                             f"with a teacher stage are {aligned}; see `wscompile diff` for the stages")
     if not any(s not in s_struct.head for s in pairs):
         first = min(student.nodes)
         example = student.nodes[first][ir.TENSORS][0].name
@@ -117,6 +149,38 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str = "firs
             "are they the same family of model (e.g. both vision transformers)?"
         )
     return Alignment(pairs, unmatched, stages, _head(s_struct), _head(t_struct), block_of, parts)
+
+
+def _local_fit(t_data: dict, s_data: dict) -> float | None:
+    """How the axes that are not channels (vocabulary, positions, kernel) compare: None if the
+    student's do not fit in the teacher's, 0.25 if they are equal, 0 otherwise."""
+    t_slot, s_slot = t_data[ir.TENSORS][0], s_data[ir.TENSORS][0]
+    if len(t_slot.shape) != len(s_slot.shape):
+        return 0.0  # a Linear against a 1x1 convolution: no local axes to compare
+    local = [a for a in range(len(s_slot.shape)) if a not in (s_slot.out_axis, s_slot.in_axis)]
+    if any(s_slot.shape[a] > t_slot.shape[a] for a in local if s_data[ir.KIND] != ir.KIND_PARAM):
+        return None
+    return 0.25 if all(s_slot.shape[a] == t_slot.shape[a] for a in local) else 0.0
+
+
+def _pair_leftovers(t_struct: Structure, s_struct: Structure, t_elements: list[Element], pairs: dict[int, int],
+                    unmatched: dict[int, str]) -> None:
+    """Loose layers the ordered alignment left out pair up when exactly one teacher layer fits.
+
+    Execution order says little between siblings that are summed (word, position and token-type
+    embeddings added in another order), so a second, order-free pass pairs each leftover student
+    layer with the only leftover teacher layer of its family whose non-channel axes are equal.
+    """
+    taken = set(pairs.values())
+    free = [e.node for e in t_elements if isinstance(e, Component) and e.node not in taken]
+    leftovers = sorted(n for n, reason in unmatched.items() if reason == NO_LAYER_HERE and n not in s_struct.head)
+    for s_node in leftovers:
+        fits = [t for t in free if t_struct.family[t] == s_struct.family[s_node]
+                and _local_fit(t_struct.graph.nodes[t], s_struct.graph.nodes[s_node]) == 0.25]
+        if len(fits) == 1:
+            pairs[s_node] = fits[0]
+            free.remove(fits[0])
+            del unmatched[s_node]
 
 
 def _terminal(structure: Structure) -> set[int]:
@@ -146,7 +210,10 @@ def _element_score(t_struct: Structure, s_struct: Structure, t_el: Element, s_el
     if isinstance(t_el, Component) and isinstance(s_el, Component):
         if (t_el.node in t_struct.head) != (s_el.node in s_struct.head):
             return 0.0  # an output layer only pairs with an output layer
-        return 1.0 if t_struct.family[t_el.node] == s_struct.family[s_el.node] else 0.0
+        if t_struct.family[t_el.node] != s_struct.family[s_el.node]:
+            return 0.0
+        fit = _local_fit(t_struct.graph.nodes[t_el.node], s_struct.graph.nodes[s_el.node])
+        return 0.0 if fit is None else 1.0 + fit
     if isinstance(t_el, Stage) and isinstance(s_el, Stage):
         if t_el.family_hash == s_el.family_hash:
             return 4.0

@@ -143,6 +143,17 @@ def _is_entry(structure: Structure, entry: str, block: str) -> bool:
     entry_nodes, block_nodes = structure.components_in[entry], structure.components_in[block]
     if len(block_nodes) < 2 or len(entry_nodes) > 2 * len(block_nodes) + 2:
         return False
+    # an entry block changes stride or input width but writes the stage's width, like its blocks
+    # (two one-block stages in a row differ here)
+    if _out_width(structure, entry_nodes[-1]) != _out_width(structure, block_nodes[-1]):
+        return False
     families = structure.family
     shared = lcs_length([families[n] for n in entry_nodes], [families[n] for n in block_nodes])
     return shared >= 0.75 * len(block_nodes)
+
+
+def _out_width(structure: Structure, node: int) -> int | None:
+    for slot in structure.graph.nodes[node]["tensors"]:
+        if slot.out_axis is not None:
+            return slot.shape[slot.out_axis]
+    return None
