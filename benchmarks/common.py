@@ -10,9 +10,11 @@ the steps each init needs to reach random init's final score.
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 import statistics
-from collections.abc import Callable, Iterable
+import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,14 +93,43 @@ def init_names(methods: list[str]) -> list[str]:
     return [RANDOM_INIT] + [f"ws-{method}" for method in methods]
 
 
-def apply_init(init: str, teacher: torch.nn.Module, student: torch.nn.Module, example_inputs) -> str:
-    """Initialize ``student`` in place for ``init``; returns a one-line coverage note."""
+def apply_init(
+    init: str,
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    example_inputs: torch.Tensor | dict[str, torch.Tensor],
+    *,
+    calibration: torch.Tensor | dict[str, torch.Tensor],
+    seed: int,
+) -> str:
+    """Initialize ``student`` in place for ``init``; returns a one-line coverage note.
+
+    ``calibration`` (real task inputs) feeds data-dependent methods ("activation"); ``seed`` the
+    "random" method.
+    """
     if init == RANDOM_INIT:
         return "student's own init"
-    method = init.removeprefix("ws-")
-    plan = wscompile.initialize(teacher, student, example_inputs, method=method)
-    coverage = plan.coverage
-    return f"{coverage.fraction_no_head:.1%} of non-head elements from the teacher ({plan.frontend['student']})"
+    options: dict[str, object] = {"method": init.removeprefix("ws-")}
+    accepted = inspect.signature(wscompile.initialize).parameters
+    # NOTE: calibration and seed arrived with the importance methods; older wscompile lacks them
+    options.update({k: v for k, v in (("calibration", calibration), ("seed", seed)) if k in accepted})
+    plan = wscompile.initialize(teacher, student, example_inputs, **options)
+    return f"{plan.coverage.fraction_no_head:.1%} of non-head elements from the teacher ({plan.frontend['student']})"
+
+
+def provenance() -> str:
+    """The wscompile source the numbers come from: git commit, and whether wscompile/ had local edits."""
+    package = Path(wscompile.__file__).parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=package, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."], cwd=package, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"wscompile {wscompile.__version__}"
+    return f"wscompile {wscompile.__version__} at commit {commit}" + (" with uncommitted changes" if dirty else "")
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -213,89 +244,86 @@ def write_curves_csv(points: list[Point], metrics: list[Metric], path: Path) -> 
             )
 
 
-def plot_curves(points: list[Point], metrics: list[Metric], title: str, path: Path) -> None:
-    """One panel per (metric, config): seed-mean curve per init with a ±std band."""
+def plot_curves(points: list[Point], metrics: list[Metric], title: str, path: Path, columns: int = 3) -> None:
+    """One panel per (metric, config), ``columns`` configs per row: seed-mean curve per init, ±std band."""
     configs = list(dict.fromkeys(p.config for p in points))
     inits = list(dict.fromkeys(p.init for p in points))
+    columns = min(columns, len(configs))
+    rows_per_metric = math.ceil(len(configs) / columns)
     fig, axes = plt.subplots(
-        len(metrics), len(configs), figsize=(4.2 * len(configs), 3.2 * len(metrics)), squeeze=False, sharex="col"
+        len(metrics) * rows_per_metric,
+        columns,
+        figsize=(4.4 * columns, 3.3 * len(metrics) * rows_per_metric),
+        squeeze=False,
     )
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for row, metric in enumerate(metrics):
-        for col, config in enumerate(configs):
-            ax = axes[row][col]
-            for i, init in enumerate(inits):
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2)
+    styles = {init: ("black", "--") if init == RANDOM_INIT else (next(colors), "-") for init in inits}
+    for m, metric in enumerate(metrics):
+        for c, config in enumerate(configs):
+            ax = axes[m * rows_per_metric + c // columns][c % columns]
+            for init in inits:
                 runs = [p for p in points if p.config == config and p.init == init]
                 if not runs:
                     continue
                 steps, means, stds = zip(*seed_mean_curve(runs, metric.key), strict=True)
-                low = [m - s for m, s in zip(means, stds, strict=True)]
-                high = [m + s for m, s in zip(means, stds, strict=True)]
-                color = colors[i % len(colors)]
-                ax.plot(steps, means, marker="o", markersize=3, color=color, label=init)
-                ax.fill_between(steps, low, high, color=color, alpha=0.2)
+                color, line = styles[init]
+                ax.plot(steps, means, line, marker="o", markersize=3, color=color, label=init)
+                low = [mean - std for mean, std in zip(means, stds, strict=True)]
+                high = [mean + std for mean, std in zip(means, stds, strict=True)]
+                ax.fill_between(steps, low, high, color=color, alpha=0.15)
             ax.grid(alpha=0.3)
-            if row == 0:
-                ax.set_title(config, fontsize=10)
-            if row == len(metrics) - 1:
-                ax.set_xlabel("training step")
-            if col == 0:
-                ax.set_ylabel(metric.label)
+            ax.set_title(config, fontsize=10)
+            ax.set_xlabel("training step", fontsize=9)
+            ax.set_ylabel(metric.label, fontsize=9)
+    for m in range(len(metrics)):
+        for c in range(len(configs), rows_per_metric * columns):
+            axes[m * rows_per_metric + c // columns][c % columns].set_visible(False)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def compare_to_random(points: list[Point], metric: Metric) -> list[str]:
+    """Per (config, ws-init): final score minus random init's final score, paired by seed."""
+    lines = []
+    last = max(p.step for p in points)
+    final = {(p.config, p.init, p.seed): p.metrics[metric.key] for p in points if p.step == last}
+    for config, init in dict.fromkeys((c, i) for c, i, _ in final if i != RANDOM_INIT):
+        seeds = [s for c, i, s in final if (c, i) == (config, init) and (config, RANDOM_INIT, s) in final]
+        if not seeds:
+            continue
+        differences = [final[config, init, s] - final[config, RANDOM_INIT, s] for s in seeds]
+        wins = sum(d > 0 for d in differences)
+        verdict = (
+            "beats random init on every seed"
+            if wins == len(seeds)
+            else "loses to random init on every seed"
+            if wins == 0
+            else f"mixed: better on {wins} of {len(seeds)} seeds"
+        )
+        mean, std = _mean_std(differences)
+        lines.append(
+            f"- {config}, {init}: {metric.label} {mean:+.{metric.digits}f} ± {std:.{metric.digits}f} vs random init "
+            f"(same seed, {len(seeds)} seeds): {verdict}."
+        )
+    return lines
+
+
 def write_results(
-    stem: str,
-    out: Path,
-    points: list[Point],
-    metrics: list[Metric],
-    *,
-    title: str,
-    preamble: Iterable[str],
-    findings: Callable[[list[Summary]], list[str]] | None = None,
+    stem: str, out: Path, points: list[Point], metrics: list[Metric], *, title: str, preamble: Iterable[str]
 ) -> list[Summary]:
     """Write ``<stem>.md``, ``<stem>.csv`` (summary), ``<stem>_curves.csv`` and ``<stem>.png``."""
     out.mkdir(parents=True, exist_ok=True)
     summaries = summarize(points, metrics)
     last_step = max(p.step for p in points)
     lines = [f"# {title}", "", *preamble, "", *summary_table(summaries, metrics, last_step), ""]
-    if findings:
-        lines += [*findings(summaries), ""]
-    lines += [f"Learning curves: `{stem}.png` (mean ± std over seeds); every evaluation: `{stem}_curves.csv`.", ""]
+    lines += [f"## Final scores (step {last_step}) vs random init, paired by seed", ""]
+    lines += [line for metric in metrics for line in compare_to_random(points, metric)]
+    lines += ["", f"Learning curves: `{stem}.png` (mean ± std over seeds); every evaluation: `{stem}_curves.csv`.", ""]
     (out / f"{stem}.md").write_text("\n".join(lines), encoding="utf-8")
     write_summary_csv(summaries, metrics, out / f"{stem}.csv")
     write_curves_csv(points, metrics, out / f"{stem}_curves.csv")
     plot_curves(points, metrics, title, out / f"{stem}.png")
     return summaries
-
-
-def compare_to_random(summaries: list[Summary], metric: Metric) -> list[str]:
-    """One sentence per (config, ws-init): final score vs random init's, in units of their std."""
-    lines = []
-    for s in summaries:
-        if s.init == RANDOM_INIT:
-            continue
-        base = next((b for b in summaries if b.config == s.config and b.init == RANDOM_INIT), None)
-        if base is None:
-            continue
-        (mean, std), (base_mean, base_std) = s.final[metric.key], base.final[metric.key]
-        spread = max(std, base_std)
-        verdict = (
-            "better than"
-            if mean - base_mean > 2 * spread
-            else "worse than"
-            if base_mean - mean > 2 * spread
-            else "not clearly different from"
-        )
-        reach = s.steps_to_random_final[metric.key]
-        lines.append(
-            f"- {s.config}, {s.init}: final {metric.label} {mean:.{metric.digits}f} vs random init "
-            f"{base_mean:.{metric.digits}f} ({mean - base_mean:+.{metric.digits}f}; {verdict} random "
-            f"init at 2 × the larger std); reaches random init's final score "
-            + (f"at step {reach}." if reach is not None else "at no evaluated step.")
-        )
-    return lines

@@ -54,10 +54,10 @@ from common import (  # noqa: E402
     Metric,
     Point,
     apply_init,
-    compare_to_random,
     eval_steps,
     init_names,
     parse_methods,
+    provenance,
     set_threads,
     warmup_cosine,
     write_results,
@@ -159,6 +159,11 @@ def collate(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tens
     return tokens, mask
 
 
+def as_inputs(ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Keyword inputs of a BertModel for tracing and calibration."""
+    return dict(zip(("input_ids", "attention_mask"), collate(ids, pad_id), strict=True))
+
+
 @torch.no_grad()
 def embed(model: BertModel, ids: list[list[int]], pad_id: int, batch: int = 128) -> torch.Tensor:
     """Mean-pooled embeddings in eval mode; sentences are batched by length (less padding)."""
@@ -255,8 +260,9 @@ def run(
     layers, hidden = STUDENTS[config]
     torch.manual_seed(seed)
     student = BertModel(student_config(teacher.config, layers, hidden))
-    example = dict(zip(("input_ids", "attention_mask"), collate(data.heldout.ids[:2], pad_id), strict=True))
-    note = apply_init(init, teacher, student, example)
+    example = as_inputs(data.train.ids[:2], pad_id)
+    calibration = as_inputs(data.train.ids[: args.calibration_size], pad_id)
+    note = apply_init(init, teacher, student, example, calibration=calibration, seed=seed)
     start = time.perf_counter()
     projection = fit_projection(student, data.fit, pad_id, teacher.config.hidden_size, args.ridge)
     parameters = [*student.parameters(), *projection.parameters()]
@@ -307,6 +313,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-size", type=int, default=1000, help="held-out sentences (retrieval among them)")
     parser.add_argument("--fit-size", type=int, default=2048, help="train sentences for the step-0 projection fit")
+    parser.add_argument("--calibration-size", type=int, default=64, help="train sentences for activation methods")
     parser.add_argument("--ridge", type=float, default=1e-3, help="ridge of the projection fit, relative")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--heldout-every", type=int, default=8, help="hold out modules with crc32 %% N == 0")
@@ -314,6 +321,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-files", type=int, default=None, help="cap on parsed stdlib files")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help=f"results directory (default {RESULTS})")
+    parser.add_argument("--name", default="effectiveness_text", help="file name stem of the results")
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -329,7 +337,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    started = time.perf_counter()
+    started, source = time.perf_counter(), provenance()  # the wscompile these numbers come from
     args = parse_args()
     set_threads(args.threads)
     methods, notes = parse_methods(args.methods)
@@ -353,12 +361,13 @@ def main() -> None:
     preamble = [
         f"`{command}` ({(time.perf_counter() - started) / 60:.0f} min in total): torch {torch.__version__}, transformers {transformers.__version__}, "
         f"Python {sys.version.split()[0]} (its stdlib is the corpus), {args.threads} thread(s) on "
-        f"{os.cpu_count()} shared CPU cores.",
+        f"{os.cpu_count()} shared CPU cores; {source}.",
         "",
         "- teacher: all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads), embeddings mean-pooled over the mask.",
         "- students: `NL-H` = N layers, hidden H, H/32 heads, intermediate 4H, vocabulary and positions as the "
         "teacher's; `random-init` is transformers' own init, `ws-<method>` is `wscompile.initialize(teacher, "
-        "student, method=<method>)`.",
+        f"student, method=<method>)` (calibration: {args.calibration_size} train sentences, for data-dependent "
+        "methods; seed: the run's seed, for the random method).",
         f"- data: {data.notes[0]}",
         f"- training: {args.steps} steps of batch {args.batch}, AdamW lr {args.lr} (weight decay "
         f"{args.weight_decay}), {args.warmup} warmup steps then cosine to 0, dropout as configured (0.1); "
@@ -375,23 +384,15 @@ def main() -> None:
         *(f"- coverage, {key}: {value}" for key, value in coverage.items() if "random-init" not in key),
     ]
 
-    def findings(summaries):
-        return [
-            "## Final scores vs random init",
-            "",
-            *(line for metric in METRICS for line in compare_to_random(summaries, metric)),
-        ]
-
     write_results(
-        "effectiveness_text",
+        args.name,
         args.out,
         points,
         METRICS,
         title="Effectiveness on text: all-MiniLM-L6-v2 -> smaller BERTs (embedding distillation)",
         preamble=preamble,
-        findings=findings,
     )
-    print(f"wrote {args.out}/effectiveness_text.*")
+    print(f"wrote {args.out}/{args.name}.*")
 
 
 if __name__ == "__main__":

@@ -43,10 +43,10 @@ from common import (  # noqa: E402
     Metric,
     Point,
     apply_init,
-    compare_to_random,
     eval_steps,
     init_names,
     parse_methods,
+    provenance,
     set_threads,
     warmup_cosine,
     write_results,
@@ -208,7 +208,7 @@ def run(
     labeled, heldout = per_class_split(digits(TARGET_CLASSES, family.image_size), args.labels, seed)
     torch.manual_seed(seed)
     student = family.students[config]()
-    note = apply_init(init, teacher, student, labeled.images[:2])
+    note = apply_init(init, teacher, student, labeled.images[:2], calibration=labeled.images, seed=seed)
     checkpoints = set(eval_steps(args.steps, args.eval_every))
     curve: list[Point] = []
     start = time.perf_counter()
@@ -247,6 +247,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help=f"results directory (default {RESULTS})")
+    parser.add_argument("--name", default="effectiveness_vision", help="file name stem of the results")
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -261,7 +262,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    started = time.perf_counter()
+    started, source = time.perf_counter(), provenance()  # the wscompile these numbers come from
     args = parse_args()
     set_threads(args.threads)
     methods, notes = parse_methods(args.methods)
@@ -283,7 +284,7 @@ def main() -> None:
     preamble = [
         f"`{command}` ({(time.perf_counter() - started) / 60:.0f} min in total): torch {torch.__version__}, "
         f"timm {timm.__version__}, scikit-learn {sklearn.__version__}, {args.threads} thread(s) on "
-        f"{os.cpu_count()} shared CPU cores.",
+        f"{os.cpu_count()} shared CPU cores; {source}.",
         "",
         "- data: scikit-learn `load_digits` (8x8), upsampled bilinearly; random shifts of up to one original "
         "pixel during training.",
@@ -300,19 +301,15 @@ def main() -> None:
         *(f"- coverage, {key}: {value}" for key, value in coverage.items() if "random-init" not in key),
     ]
 
-    def findings(summaries):
-        return ["## Final accuracy vs random init", "", *compare_to_random(summaries, METRICS[0])]
-
     write_results(
-        "effectiveness_vision",
+        args.name,
         args.out,
         points,
         METRICS,
         title="Effectiveness on images: digits 0-4 teachers -> digits 5-9 students (few labels)",
         preamble=preamble,
-        findings=findings,
     )
-    print(f"wrote {args.out}/effectiveness_vision.*")
+    print(f"wrote {args.out}/{args.name}.*")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,16 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, Metric, Point, apply_init, compare_to_random, init_names, parse_methods, write_results  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    Metric,
+    Point,
+    apply_init,
+    init_names,
+    parse_methods,
+    provenance,
+    write_results,
+)
 
 NUM_CLASSES = 100
 PAPER_TOP1 = {"random-init": 72.4, "ws-uniform": 81.4}  # Xu et al. 2024, Table 1 (ViT-T, CIFAR-100)
@@ -133,7 +142,8 @@ def run(
     student = timm.create_model(
         args.student, num_classes=NUM_CLASSES, drop_path_rate=args.drop_path, **model_kwargs(args)
     )
-    note = apply_init(init, teacher, student, torch.randn(1, 3, args.img_size, args.img_size))
+    calibration = next(iter(train_loader))[0]  # one augmented training batch, for data-dependent methods
+    note = apply_init(init, teacher, student, calibration[:1], calibration=calibration, seed=seed)
     print(f"{init} / seed {seed}: {note}", flush=True)
     student.to(args.device)
     optimizer = timm.optim.create_optimizer_v2(student, "adamw", lr=args.lr, weight_decay=args.weight_decay)
@@ -214,7 +224,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    started = time.perf_counter()
+    started, source = time.perf_counter(), provenance()  # the wscompile these numbers come from
     args = parse_args()
     methods, notes = parse_methods(args.methods)
     for note in notes:
@@ -232,7 +242,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     preamble = [
         f"`{command}` ({(time.perf_counter() - started) / 3600:.1f} h in total): torch {torch.__version__}, "
-        f"timm {timm.__version__}, {device}.",
+        f"timm {timm.__version__}, {device}; {source}.",
         "",
         f"- teacher `{args.teacher}` ({'random weights, smoke run' if args.smoke else 'pretrained'}), student "
         f"`{args.student}` ({NUM_CLASSES} classes, head at its own init), {args.img_size} px.",
@@ -243,9 +253,6 @@ def main() -> None:
         *(f"- {note}" for note in notes),
     ]
 
-    def findings(summaries):
-        return ["## Final top-1 vs random init", "", *compare_to_random(summaries, METRICS[0])]
-
     write_results(
         "paper_cifar100",
         args.out,
@@ -253,7 +260,6 @@ def main() -> None:
         METRICS,
         title="Paper recipe: ViT-S -> ViT-T on CIFAR-100",
         preamble=preamble,
-        findings=findings,
     )
     print(f"wrote {args.out}/paper_cifar100.*")
 

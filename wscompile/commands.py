@@ -354,9 +354,9 @@ def summary(plan: SelectionPlan) -> str:
     for stage in plan.stages:
         teacher = stage.teacher or "no teacher stage"
         taken = [stage.teacher_blocks.index(b.teacher) for b in stage.blocks if b.teacher is not None]
-        which = (f"first {len(taken)}" if stage.policy == "first"
-                 else f"{stage.policy} {', '.join(map(str, taken))}")
-        lines.append(f"  {stage.student} <- {teacher}: {which} of {stage.teacher_depth} blocks")
+        which = (f"first {len(taken)} of {stage.teacher_depth} blocks" if stage.policy == "first"
+                 else f"{stage.policy}: blocks {', '.join(map(str, taken))} of {stage.teacher_depth}")
+        lines.append(f"  {stage.student} <- {teacher}: {which}")
     kept = [r for r in plan.tensors if r.teacher is None]
     if kept:
         lines.append(f"  {len(kept)} tensor(s) kept at the student's init, e.g. {kept[0].student}: {kept[0].reason}")

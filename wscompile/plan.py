@@ -26,7 +26,7 @@ class AxisRule:
 
     teacher_size: int  # size of this axis in the teacher tensor
     student_size: int  # size of this axis in the student tensor
-    rule: str  # AXIS_UNIFORM | AXIS_FULL | AXIS_EXPLICIT | other methods' names
+    rule: str  # AXIS_UNIFORM | AXIS_FULL | a method's name ("magnitude", ...) | "<method>-heads" | ...
     group: str | None  # coupled-dimension group id this axis belongs to, None if local
     blocks: int = 1  # logical blocks along the axis (fused q/k/v: 3); indices apply per block
     step: int | None = None  # uniform rule with t % s == 0: indices are arange(s) * step
@@ -48,6 +48,7 @@ class TensorRecord:
     reshape: str | None = None  # e.g. "linear->conv1x1": teacher viewed as the student's layout
     is_head: bool = False  # part of the classifier head
     reason: str | None = None  # why kept at student init, or a note (dtype converted, ...)
+    scale: float | None = None  # --rescale: selected values multiplied by sqrt(t_in / s_in); None: not scaled
 
     @property
     def numel(self) -> int:
@@ -75,7 +76,7 @@ class StagePair:
     teacher: str | None
     student_depth: int
     teacher_depth: int
-    policy: str  # layer policy, "first" for the paper's first-N
+    policy: str  # layer policy: "first" (the paper's first-N), "uniform", "last", "drop-middle", "importance", "explicit"
     blocks: list[BlockPair] = field(default_factory=list)  # one per student block, in order
     teacher_blocks: list[str] = field(default_factory=list)  # every teacher block path, in order
 
@@ -120,7 +121,7 @@ class SelectionPlan:
     teacher_spec: str
     student_spec: str
     method: str  # element-selection method, "uniform" for the paper's rule
-    layer_policy: str  # "first" for the paper's first-N
+    layer_policy: str  # "first" for the paper's first-N; an explicit map as given ("0:0,2,4;1:0,1")
     frontend: dict[str, str]  # which frontend traced each model: {"teacher": "fx", ...}
     tensors: list[TensorRecord]
     stages: list[StagePair]
@@ -130,3 +131,7 @@ class SelectionPlan:
     student_params: int
     coverage: Coverage | None = None
     notes: list[str] = field(default_factory=list)  # global remarks (dtype conversions, ...)
+    heads: str = "split"  # attention heads: "split" (heads and head dims shrink) or "whole" (whole teacher heads)
+    rescale: bool = False  # weights whose input shrank were scaled (TensorRecord.scale)
+    seed: int = 0  # seed of the random method
+    calibration: str | None = None  # what activation statistics were computed on, None if none were

@@ -6,7 +6,7 @@ selection seeds itself with it, so the result does not depend on the order decis
 and, computed only when asked for, an importance score per teacher unit. It returns the kept
 teacher indices in ascending order, so the student keeps the teacher's order of channels.
 
-Importance comes from the teacher tensors that read or write the dimension, its ``Member``\\ s:
+Importance comes from the teacher tensors that read or write the dimension, its members:
 one teacher tensor axis each, read as ``blocks`` logical blocks of ``size`` units from ``offset``
 on (a fused q/k/v output is 3 blocks; a separate k projection reading a fused teacher starts at
 offset ``size``). ``fold`` sums a per-index vector along such an axis into one score per unit::

@@ -3,17 +3,31 @@
 For every matched component pair, tensors pair up by role (weight with weight, running_mean with
 running_mean). Each student axis gets an ``AxisRule``: the teacher axis it reads, the coupled
 group it belongs to (``matching/coupling.py``), fused blocks along it, and the indices chosen by
-the selection method for its group. The method only ever sees ``(teacher_size, student_size,
-group)``, so importance-based methods plug in here without touching the rest.
+the selection method for its group. Planning runs in three steps:
+
+1. collect: pair tensors and axes; every grouped axis becomes a pending rule and a ``Member`` of
+   its dimension (the teacher tensor axis it reads, with offset and fused blocks);
+2. choose: the method (``METHODS``) picks one index set per coupled dimension, seeing every
+   member (importance methods score the units from the members' teacher tensors or activations);
+   attention laid out by heads is chosen per head (``heads.py``);
+3. settle: groups are numbered in the order their first axis occurs and every pending rule gets its
+   group's indices (or, for the uniform rule with ``t % s == 0``, its step).
+
+A fused q/k/v output is one group per logical block (``t/3``), while the attention output
+projection's input has the full width ``t/3``: they are different channel spaces to the coupling
+analysis, but read the same heads, so a method chooses them together. Local axes (a conv kernel,
+a vocabulary or position table) are not coupled to anything and keep the uniform or prefix rule
+whatever the method.
 
 Layouts that differ but hold the same numbers are read through a view: a Linear weight
 ``(O, I)`` feeds a 1x1 convolution ``(O, I, 1, 1)`` and back, and transformers' ``Conv1D`` stores
-``(I, O)`` where a Linear stores ``(O, I)``.
+``(I, O)`` where a Linear stores ``(O, I)``. With ``rescale`` a weight whose input axis shrank is
+multiplied by ``sqrt(t_in / s_in)`` (``rescale.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import networkx as nx
 import torch
@@ -21,11 +35,14 @@ import torch
 from wscompile import ir
 from wscompile.errors import SelectionError
 from wscompile.matching.align import Alignment
-from wscompile.matching.coupling import Space, coupled_spaces
-from wscompile.passes.heads import RULE as HEADS_RULE
-from wscompile.passes.heads import head_layouts
+from wscompile.matching.coupling import Space, UnionFind, coupled_spaces, space_size
+from wscompile.passes import activation, consecutive, magnitude, random_select, uniform
+from wscompile.passes.calibration import Calibrator
+from wscompile.passes.choice import Choice, Member, Method, Scorer
+from wscompile.passes.heads import HEAD_MODES, SPLIT, WHOLE, attention_layouts, choose_heads, rule_name
 from wscompile.passes.interpolate import RULE as INTERPOLATE
 from wscompile.passes.interpolate import resamplable, resample
+from wscompile.passes.rescale import input_scale, rescale_tensor, rescales
 from wscompile.passes.uniform import uniform_indices, uniform_step
 from wscompile.plan import (
     AXIS_FULL,
@@ -37,23 +54,37 @@ from wscompile.plan import (
     Coverage,
     GroupRecord,
     SelectionPlan,
+    StagePair,
     TensorRecord,
     UnusedTeacher,
 )
+from wscompile.weights import TensorSource
 
 AXIS_PREFIX = "prefix"  # the first student_size ids of a token/position table
 
 HEAD_REASON = "classifier head: kept at the student's init (pass --select-head to select it)"
 
-# A method maps (teacher_size, student_size, group id) to the kept teacher indices.
-Method = Callable[[int, int, str | None], list[int]]
+# Element-selection methods: each keeps s of t teacher units of a coupled dimension (``choice.py``).
+METHODS: dict[str, Method] = {
+    uniform.NAME: uniform.choose,
+    consecutive.NAME: consecutive.choose,
+    random_select.NAME: random_select.choose,
+    magnitude.NAME: magnitude.choose,
+    activation.NAME: activation.choose,
+}
+NEEDS_CALIBRATION = {activation.NAME}  # methods ranking by the teacher's activations on real inputs
 
 
-def _uniform(teacher_size: int, student_size: int, group: str | None) -> list[int]:
-    return uniform_indices(teacher_size, student_size)
+@dataclass
+class _Pending:
+    """A grouped student axis whose indices are chosen once every dimension is known."""
 
-
-METHODS: dict[str, Method] = {"uniform": _uniform}
+    rule: AxisRule  # in the record's axes; group, rule, step and indices are settled last
+    student: str  # student tensor key
+    axis: int  # student axis
+    space: Space  # its channel space in the student graph
+    member: Member  # the teacher tensor axis it reads
+    structured: bool  # its indices come from the attention head layout
 
 
 def layout(teacher: ir.TensorSlot, student: ir.TensorSlot) -> tuple[str | None, list[int | None]] | None:
@@ -83,37 +114,37 @@ def build_plan(
     method: str = "uniform",
     select_head: bool = False,
     allow_partial: bool = False,
+    teacher_source: TensorSource | None = None,
+    calibration: Calibrator | None = None,
+    heads: str = SPLIT,
+    rescale: bool = False,
+    seed: int = 0,
+    layer_policy: str = "first",
 ) -> SelectionPlan:
     """Build the SelectionPlan; raises SelectionError for a student larger than its teacher.
 
-    ``teacher_keys`` maps every teacher state_dict key to (shape, dtype); no teacher data is read.
+    ``teacher_keys`` maps every teacher state_dict key to (shape, dtype). Teacher data is read only
+    by the magnitude method (through ``teacher_source``); the activation method reads the channel
+    means of ``calibration``. ``heads="whole"`` keeps whole attention heads, ``rescale`` scales
+    weights whose input shrank, ``seed`` seeds the random method.
     """
     if method not in METHODS:
         raise SelectionError(f"unknown selection method {method!r}; choose from {', '.join(METHODS)}")
-    choose = METHODS[method]
+    if heads not in HEAD_MODES:
+        raise SelectionError(f"unknown head mode {heads!r}; choose from {', '.join(HEAD_MODES)}")
+    notes: list[str] = []
+    unobserved: list[str] = []  # activation: dimensions no observed layer reads or writes
+    scorer = _scorer(method, teacher_source, calibration, unobserved)
     spaces = coupled_spaces(student_graph)
-    structured = head_layouts(alignment, teacher_graph, student_graph)
-    groups: dict[tuple, GroupRecord] = {}
+    layouts = attention_layouts(alignment, teacher_graph, student_graph, heads=heads)
+    structured_axes = {axis for attention in layouts for axis in attention.axes()}
     records: dict[str, TensorRecord] = {}
+    pending: list[_Pending] = []
+    rescalable: dict[str, int] = {}  # student tensor -> its input axis, for weights --rescale may scale
     too_large: list[str] = []
     used_teacher: set[str] = set()
 
-    def group_for(space: Space | None, t_size: int, s_size: int) -> GroupRecord | None:
-        if space is None:
-            return None
-        key = (spaces.find(space), t_size, s_size)
-        if key not in groups:
-            gid = f"g{len(groups)}"
-            indices = list(range(t_size)) if t_size == s_size else choose(t_size, s_size, gid)
-            groups[key] = GroupRecord(gid, t_size, s_size, [], AXIS_FULL if t_size == s_size else method, indices)
-        return groups[key]
-
-    def structured_group(space: Space, t_size: int, s_size: int, indices: list[int]) -> GroupRecord:
-        key = (spaces.find(space), t_size, s_size, tuple(indices))
-        if key not in groups:
-            groups[key] = GroupRecord(f"g{len(groups)}", t_size, s_size, [], HEADS_RULE, list(indices))
-        return groups[key]
-
+    # 1. collect: pair tensors by role, axes by layout; grouped axes wait for their indices
     for s_node in sorted(student_graph.nodes):
         s_data = student_graph.nodes[s_node]
         t_node = alignment.pairs.get(s_node)
@@ -174,15 +205,15 @@ def build_plan(
                     space = Space(s_node, "out")
                 elif s_axis == s_slot.in_axis and s_size > 1:
                     space = Space(s_node, "in")
-                explicit = structured.get((s_node, space.side)) if space and t_size != s_size and k == 1 else None
-                if explicit is not None:
-                    group = structured_group(space, t_size, s_size, explicit)
-                    axes.append(AxisRule(t_size, s_size, HEADS_RULE, group.id, 1, None, explicit, offset))
-                else:
-                    group = group_for(space, t_size // k, s_size // k)
-                    axes.append(_axis_rule(t_size, s_size, k, group, method, choose, offset))
-                if group is not None:
-                    group.members.append(f"{s_slot.name}:{s_axis}")
+                if space is None:
+                    axes.append(_axis_rule(t_size, s_size, k, None, AXIS_UNIFORM, offset))
+                    continue
+                rule = AxisRule(t_size, s_size, AXIS_FULL, None, k, offset=offset)  # settled in step 3
+                axes.append(rule)
+                member = Member(t_slot.name, t_axis, t_slot.shape[t_axis], offset, k, t_size // k,
+                                t_data[ir.MODULE], space.side)
+                structured = (s_node, space.side) in structured_axes and t_size != s_size
+                pending.append(_Pending(rule, s_slot.name, s_axis, space, member, structured))
             if larger:
                 too_large.append(f"{s_slot.name!r} {tuple(s_slot.shape)} vs teacher {t_slot.name!r} {tuple(t_slot.shape)}")
                 record.teacher = record.teacher_shape = record.reshape = None
@@ -190,7 +221,74 @@ def build_plan(
                 continue
             used_teacher.add(t_slot.name)
             record.axes = axes
-            record.rule = RULE_COPY if all(a.rule == AXIS_FULL for a in axes) else RULE_SELECT
+            if rescales(s_data[ir.KIND], s_slot):
+                rescalable[s_slot.name] = s_slot.in_axis
+
+    # 2. choose: one index set per coupled dimension (fused parts with the projection reading
+    # them), and per head for attention laid out by heads
+    pick = METHODS[method]
+    linked = _link_fused_parts(coupled_spaces(student_graph), student_graph)
+    dimensions: dict[tuple, list[_Pending]] = {}
+    for p in pending:
+        if not p.structured and p.member.size != p.rule.student_size // p.rule.blocks:
+            dimensions.setdefault(_dimension(linked, p), []).append(p)
+    chosen: dict[tuple, list[int]] = {}
+    for key, members in dimensions.items():
+        first = members[0]
+        scores = None if scorer is None else (lambda m=members: scorer([p.member for p in m]))
+        choice = Choice(first.member.size, first.rule.student_size // first.rule.blocks,
+                        f"{first.student}:{first.axis}", seed, scores)
+        chosen[key] = _checked(pick(choice), choice, method)
+    by_axis: dict[tuple[int, str], list[Member]] = {}
+    for p in pending:
+        if p.structured:
+            by_axis.setdefault((p.space.node, p.space.side), []).append(p.member)
+    channel_cache: dict[tuple[int, str], torch.Tensor | None] = {}
+
+    def channel_scores(node: int, side: str) -> torch.Tensor | None:
+        if (node, side) not in channel_cache:
+            members = by_axis.get((node, side))
+            channel_cache[(node, side)] = scorer(members) if scorer is not None and members else None
+        return channel_cache[(node, side)]
+
+    head_indices: dict[tuple[int, str], list[int]] = {}
+    for attention in layouts:
+        head_indices.update(choose_heads(attention, pick, channel_scores, seed))
+    if unobserved:
+        notes.append(f"activation: {len(unobserved)} dimension(s) read by no observed layer (loose parameters "
+                     f"only, e.g. {unobserved[0]}) were ranked by weight magnitude")
+    if heads == WHOLE and not layouts:
+        notes.append("--heads whole: no attention with a known head layout was found; heads were selected "
+                     "as flat channels")
+
+    # 3. settle: groups numbered in order of first use, every pending rule gets its indices
+    groups: dict[tuple, GroupRecord] = {}
+    heads_rule = rule_name(method, heads)
+    for p in pending:
+        rule, t_block, s_block = p.rule, p.member.size, p.rule.student_size // p.rule.blocks
+        root = spaces.find(p.space)
+        if p.structured:
+            indices = head_indices[(p.space.node, p.space.side)]
+            key = (root, t_block, s_block, tuple(indices))
+            if key not in groups:
+                groups[key] = GroupRecord(f"g{len(groups)}", t_block, s_block, [], heads_rule, list(indices))
+            rule.rule, rule.group, rule.indices = heads_rule, groups[key].id, list(indices)
+        else:
+            key = (root, t_block, s_block)
+            if key not in groups:
+                equal = t_block == s_block
+                indices = list(range(t_block)) if equal else chosen[_dimension(linked, p)]
+                groups[key] = GroupRecord(f"g{len(groups)}", t_block, s_block, [], AXIS_FULL if equal else method,
+                                          indices)
+            settled = _axis_rule(rule.teacher_size, rule.student_size, rule.blocks, groups[key], method, rule.offset)
+            rule.rule, rule.group, rule.step, rule.indices = settled.rule, settled.group, settled.step, settled.indices
+        groups[key].members.append(f"{p.student}:{p.axis}")
+    for record in records.values():
+        if record.axes is not None:
+            record.rule = RULE_COPY if all(a.rule == AXIS_FULL for a in record.axes) else RULE_SELECT
+    if rescale:
+        for name, in_axis in rescalable.items():
+            records[name].scale = input_scale(records[name].axes[in_axis])
 
     deeper = [n for n, r in alignment.unmatched.items() if "has no teacher block" in r]
     problems = []
@@ -211,14 +309,64 @@ def build_plan(
     ordered = [records[k] for k in student_state if k in records]
     unused = _unused_teacher(alignment, teacher_graph, teacher_keys, used_teacher, select_head)
     plan = SelectionPlan(
-        teacher_spec=teacher_spec, student_spec=student_spec, method=method, layer_policy="first",
+        teacher_spec=teacher_spec, student_spec=student_spec, method=method, layer_policy=layer_policy,
         frontend={"teacher": teacher_graph.graph[ir.FRONTEND], "student": student_graph.graph[ir.FRONTEND]},
         tensors=ordered, stages=alignment.stages, groups=sorted(groups.values(), key=lambda g: int(g.id[1:])),
         unused_teacher=unused, teacher_params=sum(_numel(s) for s, _ in teacher_keys.values()),
-        student_params=sum(t.numel() for t in student_state.values()),
+        student_params=sum(t.numel() for t in student_state.values()), notes=notes, heads=heads,
+        rescale=rescale, seed=seed, calibration=calibration.description if calibration else None,
     )
     plan.coverage = coverage(plan)
     return plan
+
+
+def _scorer(method: str, source: TensorSource | None, calibration: Calibrator | None,
+            unobserved: list[str]) -> Scorer | None:
+    """Importance of a dimension's units for the methods that rank them, else None. Activation
+    falls back to magnitude for a dimension without observed layers, appending it to ``unobserved``."""
+    if method not in (magnitude.NAME, activation.NAME):
+        return None
+    if source is None:
+        raise SelectionError(f"--method {method} reads the teacher's weights: give build_plan the teacher_source")
+    by_weight = magnitude.scorer(source)
+    if method == magnitude.NAME:
+        return by_weight
+    if calibration is None:
+        raise SelectionError("--method activation ranks channels by the teacher's activations on real inputs: "
+                             "pass calibration inputs (--calib FILE_OR_DIR)")
+    by_activation = activation.scorer(calibration.channel_means())
+
+    def scores(members: list[Member]) -> torch.Tensor | None:
+        found = by_activation(members)
+        if found is None:
+            unobserved.append(f"{members[0].teacher}:{members[0].axis}")
+            found = by_weight(members)
+        return found
+
+    return scores
+
+
+def _link_fused_parts(spaces: UnionFind, graph: nx.DiGraph) -> UnionFind:
+    """Couple each block of a fused projection's output with the layer reading the blocks' width
+    (a fused q/k/v output with the attention output projection's input)."""
+    for a, b in graph.edges:
+        weight = next((s for s in graph.nodes[a][ir.TENSORS] if s.role == "weight"), None)
+        k = _blocks(weight, weight.out_axis) if weight is not None and weight.out_axis is not None else 1
+        out_size, in_size = space_size(graph, a, "out"), space_size(graph, b, "in")
+        if k > 1 and out_size is not None and out_size == k * (in_size or 0):
+            spaces.union(Space(a, "out"), Space(b, "in"))
+    return spaces
+
+
+def _dimension(linked: UnionFind, p: _Pending) -> tuple:
+    return linked.find(p.space), p.member.size, p.rule.student_size // p.rule.blocks
+
+
+def _checked(indices: list[int], choice: Choice, method: str) -> list[int]:
+    assert len(indices) == choice.student_size and indices == sorted(set(indices)), \
+        f"method {method} returned {len(indices)} indices for {choice.key}, expected {choice.student_size} ascending"
+    assert not indices or (indices[0] >= 0 and indices[-1] < choice.teacher_size), f"{method}: index out of range"
+    return indices
 
 
 def _blocks(slot: ir.TensorSlot, axis: int) -> int:
@@ -226,12 +374,13 @@ def _blocks(slot: ir.TensorSlot, axis: int) -> int:
 
 
 def _axis_rule(t_size: int, s_size: int, blocks: int, group: GroupRecord | None, method: str,
-               choose: Method, offset: int) -> AxisRule:
+               offset: int) -> AxisRule:
+    """The rule of a flat axis: its group's indices, or uniform ones for a local axis (group None)."""
     t_block, s_block = t_size // blocks, s_size // blocks
     gid = group.id if group else None
     if t_size == s_size:
         return AxisRule(t_size, s_size, AXIS_FULL, gid, blocks, offset=offset)
-    indices = group.indices if group else choose(t_block, s_block, None)
+    indices = group.indices if group else uniform_indices(t_block, s_block)
     step = uniform_step(t_block, s_block) if method == AXIS_UNIFORM else None
     return AxisRule(t_size, s_size, method, gid, blocks, step, None if step else list(indices), offset)
 
@@ -241,7 +390,7 @@ def teacher_index(record: TensorRecord, group_indices: dict[str, list[int]]) -> 
     assert record.axes is not None and record.teacher_shape is not None
     _, teacher_axes = _view_axes(record)
     index: list[list[int] | None] = [None] * len(record.teacher_shape)
-    for rule, t_axis in zip(record.axes, teacher_axes):
+    for rule, t_axis in zip(record.axes, teacher_axes, strict=True):
         if t_axis is None:
             continue
         if rule.rule == AXIS_FULL and rule.offset == 0 and rule.teacher_size == record.teacher_shape[t_axis]:
@@ -274,12 +423,14 @@ def _view_axes(record: TensorRecord) -> tuple[str | None, list[int | None]]:
 
 
 def to_student_layout(tensor: torch.Tensor, record: TensorRecord) -> torch.Tensor:
-    """Selected teacher elements in the student's layout (transposed, reshaped, resampled)."""
+    """Selected teacher elements in the student's layout (transposed, reshaped, resampled, rescaled)."""
     if record.reshape == "transpose":
         tensor = tensor.t()
     for axis, rule in enumerate(record.axes or []):
         if rule.rule == INTERPOLATE:
             tensor = resample(tensor, rule.student_size, axis)
+    if record.scale is not None:
+        tensor = rescale_tensor(tensor, record.scale)
     return tensor.reshape(record.student_shape)
 
 
@@ -334,7 +485,7 @@ def _unify_ties(records: dict[str, TensorRecord], student_state: dict[str, torch
         for key in ranked[1:]:
             record = records[key]
             record.teacher, record.teacher_shape, record.rule = base.teacher, base.teacher_shape, base.rule
-            record.axes, record.reshape = base.axes, base.reshape
+            record.axes, record.reshape, record.scale = base.axes, base.reshape, base.scale
             record.reason = f"tied to {base.student}"
 
 
@@ -356,25 +507,38 @@ def _unused_teacher(alignment: Alignment, teacher_graph: nx.DiGraph,
     for n in teacher_graph.nodes:
         for slot in teacher_graph.nodes[n][ir.TENSORS]:
             owner.setdefault(slot.name, n)
-    dropped_blocks = {b for s in alignment.stages for b in s.teacher_blocks[s.student_depth:]}
+    dropped_blocks = {block: _dropped_reason(stage) for stage in alignment.stages for block in _dropped(stage)}
     paired = set(alignment.pairs.values())
     out = []
     for key, (shape, _) in teacher_keys.items():
         if key in used:
             continue
         node = owner.get(key)
+        dropped = next((reason for b, reason in dropped_blocks.items() if key.startswith(b + ".")), None)
         if node is None:
             reason = "not read by any traced operation"
         elif node in alignment.teacher_head and not select_head:
             reason = "classifier head (not selected)"
-        elif any(key.startswith(b + ".") for b in dropped_blocks):
-            reason = "block beyond the student's depth (layer policy: first-N)"
+        elif dropped is not None:
+            reason = dropped
         elif node in paired:
             reason = "its layer is matched but the student has no tensor in this role or it did not fit"
         else:
             reason = "no student layer matches it structurally"
         out.append(UnusedTeacher(key, list(shape), reason))
     return out
+
+
+def _dropped(stage: StagePair) -> list[str]:
+    """Teacher blocks of a stage no student block takes."""
+    taken = {b.teacher for b in stage.blocks}
+    return [b for b in stage.teacher_blocks if b not in taken]
+
+
+def _dropped_reason(stage: StagePair) -> str:
+    if stage.policy == "first":
+        return "block beyond the student's depth (layer policy: first-N)"
+    return f"block not selected (layer policy: {stage.policy})"
 
 
 def _numel(shape: tuple[int, ...]) -> int:

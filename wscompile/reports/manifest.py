@@ -18,7 +18,7 @@ from wscompile.errors import MissingDependencyError, ValidationError
 from wscompile.plan import AxisRule, SelectionPlan, StagePair, TensorRecord
 
 # Major: a field removed, renamed or changing meaning. Minor: a field added.
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 MAX_LISTED_PROBLEMS = 20  # a wholly wrong document would otherwise give thousands
 
 
@@ -47,6 +47,7 @@ def _tensor(record: TensorRecord) -> dict[str, Any]:
         "is_head": record.is_head,
         "reshape": record.reshape,
         "axes": None if record.axes is None else [_axis(a) for a in record.axes],
+        "scale": record.scale,
     }
 
 
@@ -86,6 +87,10 @@ def plan_to_dict(plan: SelectionPlan) -> dict[str, Any]:
         "student": {"spec": plan.student_spec, "params": plan.student_params},
         "method": plan.method,
         "layer_policy": plan.layer_policy,
+        "heads": plan.heads,
+        "rescale": plan.rescale,
+        "seed": plan.seed,
+        "calibration": plan.calibration,
         "frontend": dict(plan.frontend),
         "coverage": None
         if coverage is None

@@ -1,0 +1,119 @@
+"""Layer policies: which ``n_s`` of a teacher stage's ``n_t`` blocks the student's blocks take.
+
+Student block ``i`` of a stage takes teacher block ``L[i]``, with ``L`` ascending::
+
+    first        L = [0, 1, ..., n_s - 1]                          (the paper's best policy)
+    uniform      L = uniform_indices(n_t, n_s)                     (spread over depth; DistilBERT
+                                                                    took every other layer)
+    last         L = [n_t - n_s, ..., n_t - 1]
+    drop-middle  L = [0, ..., ceil(n_s/2) - 1] + [n_t - floor(n_s/2), ..., n_t - 1]
+                                                                   (weight subcloning: keep the
+                                                                    first and last blocks)
+    importance   L = the n_s blocks least similar to their input, in order: a block scores
+                 cos(x, y) of its input and output on calibration data (calibration.py); the
+                 most similar change their input least and are dropped first (ShortGPT's
+                 block influence is 1 - cos)
+    "0:0,2,4;1:0,1"  an explicit map: student stage index -> teacher block indices (stages left
+                 out take first-N)
+
+A stage that opens with an entry block (a downsampling block whose structure differs from the
+rest, ``Stage.block_hashes`` has two entries in either model) pins ``L[0] = 0`` under every policy
+but first (which does so anyway), and the policy chooses ``n_s - 1`` of the other ``n_t - 1``
+blocks. A student stage at least as deep as its teacher takes ``L = [0, ..., n_t - 1]`` whatever
+the policy (the extra student blocks have no teacher block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from wscompile.errors import MatchError
+from wscompile.passes.uniform import uniform_indices
+
+FIRST, UNIFORM, LAST, DROP_MIDDLE, IMPORTANCE, EXPLICIT = "first", "uniform", "last", "drop-middle", "importance", "explicit"
+POLICIES = (FIRST, UNIFORM, LAST, DROP_MIDDLE, IMPORTANCE)
+EXPLICIT_FORM = 'an explicit map "STAGE:BLOCK,BLOCK,...;STAGE:..." like "0:0,2,4;1:0,1"'
+
+
+@dataclass(frozen=True)
+class LayerPolicy:
+    """A parsed ``--layers`` value."""
+
+    name: str  # one of POLICIES, or EXPLICIT
+    text: str  # as given
+    explicit: dict[int, list[int]] = field(default_factory=dict, hash=False)  # student stage -> teacher blocks
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.name == IMPORTANCE
+
+
+def parse_layer_policy(text: str) -> LayerPolicy:
+    """Parse ``--layers``: a policy name or an explicit map; raises MatchError on bad input."""
+    text = text.strip()
+    if text in POLICIES:
+        return LayerPolicy(text, text)
+    if ":" not in text:
+        raise MatchError(f"unknown layer policy {text!r}; use one of {', '.join(POLICIES)} or {EXPLICIT_FORM}")
+    explicit: dict[int, list[int]] = {}
+    for entry in filter(None, (part.strip() for part in text.split(";"))):
+        stage, _, blocks = entry.partition(":")
+        try:
+            index = int(stage)
+            chosen = [int(b) for b in blocks.split(",")]
+        except ValueError:
+            raise MatchError(f"bad layer map entry {entry!r} in {text!r}: expected {EXPLICIT_FORM}") from None
+        if index < 0 or any(b < 0 for b in chosen):
+            raise MatchError(f"bad layer map entry {entry!r} in {text!r}: stage and block indices are >= 0")
+        if index in explicit:
+            raise MatchError(f"layer map {text!r} names stage {index} twice")
+        if chosen != sorted(set(chosen)):
+            raise MatchError(f"layer map entry {entry!r}: teacher blocks must be distinct and ascending, "
+                             f"e.g. {index}:{','.join(map(str, sorted(set(chosen))))}")
+        explicit[index] = chosen
+    return LayerPolicy(EXPLICIT, text, explicit)
+
+
+def teacher_blocks(policy: LayerPolicy, stage: int, label: str, n_teacher: int, n_student: int, *, entry: bool,
+                   similarity: Callable[[], list[float]]) -> tuple[str, list[int]]:
+    """(policy name recorded for the stage, the teacher block index of each student block).
+
+    ``stage`` is the student stage's index, ``label`` its description (for messages), ``entry``
+    whether the stage opens with an entry block, ``similarity`` the teacher blocks' input/output
+    similarities (asked only by the importance policy).
+    """
+    if policy.name == EXPLICIT:
+        if stage not in policy.explicit:
+            return FIRST, list(range(min(n_teacher, n_student)))
+        chosen = policy.explicit[stage]
+        if len(chosen) != n_student:
+            raise MatchError(f"layer map gives {len(chosen)} teacher block(s) for student {label}, which has "
+                             f"{n_student}; list exactly {n_student}")
+        if chosen[-1] >= n_teacher:
+            raise MatchError(f"layer map names teacher block {chosen[-1]} for student {label}, but its teacher stage "
+                             f"has {n_teacher} blocks (0..{n_teacher - 1})")
+        if entry and chosen[0] != 0:
+            raise MatchError(f"student {label} opens with an entry block (a downsample, unlike the blocks after it): "
+                             f"it must take teacher block 0; start the map with {stage}:0,...")
+        return EXPLICIT, chosen
+    if policy.name == FIRST or n_student >= n_teacher:
+        return policy.name, list(range(min(n_teacher, n_student)))
+    if entry:
+        scores = similarity() if policy.name == IMPORTANCE else []
+        rest = _choose(policy.name, n_teacher - 1, n_student - 1, scores[1:]) if n_student > 1 else []
+        return policy.name, [0] + [1 + i for i in rest]
+    return policy.name, _choose(policy.name, n_teacher, n_student, similarity() if policy.name == IMPORTANCE else [])
+
+
+def _choose(name: str, n_teacher: int, n_student: int, similarity: list[float]) -> list[int]:
+    if name == UNIFORM:
+        return uniform_indices(n_teacher, n_student)
+    if name == LAST:
+        return list(range(n_teacher - n_student, n_teacher))
+    if name == DROP_MIDDLE:
+        head = (n_student + 1) // 2
+        return list(range(head)) + list(range(n_teacher - (n_student - head), n_teacher))
+    assert name == IMPORTANCE, name
+    least_similar = sorted(range(n_teacher), key=lambda i: (similarity[i], i))[:n_student]
+    return sorted(least_similar)
