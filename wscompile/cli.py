@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--onnx", required=True, help="ONNX file to write")
     export.add_argument("--verify-only", action="store_true",
                         help="only check an existing ONNX file against the PyTorch student (exit 1 if it differs)")
+    export.add_argument("--calib", metavar="PATH",
+                        help="with --int8: calibration inputs for static quantization (a .pt/.safetensors file, an "
+                             "image folder or a text file, as for init); default: dynamic quantization")
     _onnx_options(export)
     _common(export)
     return parser

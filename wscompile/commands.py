@@ -33,6 +33,7 @@ from wscompile.specs import LoadedModel, load_model, parse_spec
 from wscompile.weights import TensorSource, hf_weights_path, open_weights
 
 Log = Callable[[str], None]
+CALIB_BATCH = 8  # calibration inputs per onnxruntime calibration batch
 T = TypeVar("T")
 
 # Environment variable: bytes of memory a run may use, replacing the detected available memory.
@@ -336,10 +337,18 @@ def run_export(student_spec: str, weights: str, onnx_path: str, options: InitOpt
 def _export(student: LoadedModel, onnx_path: str, options: InitOptions, log: Log):
     from wscompile.backend.export import export_student
 
+    calib = None
+    if options.int8 and options.calib:
+        # static int8: onnxruntime calibrates activation ranges on these inputs, a few batches at a time
+        from wscompile.calib import load_calibration
+
+        inputs, _ = load_calibration(options.calib, student)
+        count = len(next(iter(inputs.values())))
+        calib = [{k: v[i:i + CALIB_BATCH] for k, v in inputs.items()} for i in range(0, count, CALIB_BATCH)]
     with torch.no_grad():
         return export_student(
             student.module, student.inputs, student.make_inputs, onnx_path, kind=student.kind,
-            opset=options.opset, fp16=options.fp16, int8=options.int8, force=options.force, log=log,
+            opset=options.opset, fp16=options.fp16, int8=options.int8, calib=calib, force=options.force, log=log,
         )
 
 

@@ -97,3 +97,14 @@ def test_export_verifies_and_a_corrupted_onnx_fails_with_per_output_differences(
     assert main(["export", "--student", STUDENT, "--weights", str(weights), "--onnx", str(model), "--verify-only"]) == 1
     err = capsys.readouterr().err
     assert "logits" in err and "max abs diff" in err and err.count("\n") == 1
+
+
+def test_int8_export_uses_static_quantization_with_calibration_inputs(tmp_path, capsys):
+    weights, model, calib = tmp_path / "s.safetensors", tmp_path / "s.onnx", tmp_path / "calib.pt"
+    torch.save({"x": torch.randn(16, 3, 32, 32)}, calib)
+    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(weights)]) == 0
+    capsys.readouterr()
+    args = ["export", "--student", STUDENT, "--weights", str(weights), "--onnx", str(model), "--int8"]
+    assert main(args + ["--calib", str(calib)]) == 0
+    out = capsys.readouterr().out
+    assert "static" in out and (tmp_path / "s.int8.onnx").exists()
