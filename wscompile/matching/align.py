@@ -200,9 +200,8 @@ def _head(structure: Structure) -> set[int]:
     head = set()
     for n in _terminal(structure):
         weight = next((s for s in graph.nodes[n][ir.TENSORS] if s.role == "weight"), None)
-        if weight is not None and weight.in_axis is not None:
-            if weight.shape[weight.out_axis] != weight.shape[weight.in_axis]:
-                head.add(n)
+        if weight is not None and weight.in_axis is not None and weight.shape[weight.out_axis] != weight.shape[weight.in_axis]:
+            head.add(n)
     return head
 
 
