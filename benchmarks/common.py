@@ -10,7 +10,6 @@ the steps each init needs to reach random init's final score.
 from __future__ import annotations
 
 import csv
-import inspect
 import math
 import statistics
 import subprocess
@@ -109,11 +108,8 @@ def apply_init(
     """
     if init == RANDOM_INIT:
         return "student's own init"
-    options: dict[str, object] = {"method": init.removeprefix("ws-")}
-    accepted = inspect.signature(wscompile.initialize).parameters
-    # NOTE: calibration and seed arrived with the importance methods; older wscompile lacks them
-    options.update({k: v for k, v in (("calibration", calibration), ("seed", seed)) if k in accepted})
-    plan = wscompile.initialize(teacher, student, example_inputs, **options)
+    method = init.removeprefix("ws-")
+    plan = wscompile.initialize(teacher, student, example_inputs, method=method, calibration=calibration, seed=seed)
     return f"{plan.coverage.fraction_no_head:.1%} of non-head elements from the teacher ({plan.frontend['student']})"
 
 
@@ -253,7 +249,7 @@ def plot_curves(points: list[Point], metrics: list[Metric], title: str, path: Pa
     fig, axes = plt.subplots(
         len(metrics) * rows_per_metric,
         columns,
-        figsize=(4.4 * columns, 3.3 * len(metrics) * rows_per_metric),
+        figsize=(max(8.0, 4.4 * columns), 3.3 * len(metrics) * rows_per_metric),  # 8 in: room for the title
         squeeze=False,
     )
     colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2)
