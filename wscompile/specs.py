@@ -15,6 +15,7 @@ anything else stays a string. ``py:`` and ``.py`` specs import and run user code
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import hashlib
 import importlib
@@ -31,8 +32,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from wscompile.checkpoints import ConvertedSource, hf_checkpoint_source, is_transformers_model
 from wscompile.errors import SpecError
-from wscompile.weights import ModuleSource, RenamedSource, TensorSource, hf_weights_path, open_weights
+from wscompile.weights import (
+    DictSource,
+    ModuleSource,
+    RenamedSource,
+    ShardedSource,
+    TensorSource,
+    hf_weights_path,
+    open_weights,
+)
 
 SCHEMES = ("timm", "torchvision", "hf", "py", "file")
 SPEC_FORMS = "use timm:NAME, torchvision:NAME, hf:DIR_OR_ID, py:module:factory or path/to/file.py:factory"
@@ -189,7 +199,11 @@ def load_model(
     weights = weights or recipe.default_weights
     source: TensorSource
     if weights:
-        source = _fit_weights(module, open_weights(weights, unsafe_pickle=unsafe_pickle), spec, weights)
+        stored = open_weights(weights, unsafe_pickle=unsafe_pickle)
+        if is_transformers_model(module):
+            source = _fit_hf_weights(module, hf_checkpoint_source(module, stored), spec, weights, seed=seed)
+        else:
+            source = _fit_weights(module, stored, spec, weights)
         if not on_meta:
             _copy_weights(module, source)
     else:
@@ -322,8 +336,8 @@ def _hf_recipe(spec: ModelSpec, *, role: str, input_shape: tuple[int, ...] | Non
     import transformers
 
     overrides = dict(spec.overrides)
-    task = overrides.pop("task", "base")
-    if task not in HF_TASKS:
+    task = overrides.pop("task", None)
+    if task is not None and task not in HF_TASKS:
         raise SpecError(f"unknown hf task {task!r} in {spec.text!r}; use task= one of {', '.join(HF_TASKS)}")
     # NOTE: always explicit: when it is left out, transformers asks on stdin whether to run the code.
     remote = {"trust_remote_code": trust_remote_code}
@@ -351,13 +365,28 @@ def _hf_recipe(spec: ModelSpec, *, role: str, input_shape: tuple[int, ...] | Non
     if hasattr(config, "use_cache"):
         # Caches add outputs (past_key_values) that tracing and export do not want.
         config.use_cache = False
-    auto_class = getattr(transformers, HF_TASKS[task])
+    build = _hf_builder(config, task, remote)
     default_weights = hf_weights_path(spec.name) if role == "teacher" and os.path.isdir(spec.name) else None
     return _Recipe(
-        lambda: auto_class.from_config(config, **remote),
+        build,
         lambda module: _hf_inputs(module, config, spec, input_shape),
         default_weights,
     )
+
+
+def _hf_builder(config: Any, task: str | None, remote: dict[str, bool]) -> Callable[[], nn.Module]:
+    """How to build the model of ``config``: the class its ``architectures`` names (as ``from_pretrained``
+    picks it) unless ``task`` asks for an auto class; the base model when neither says."""
+    import transformers
+
+    if task is None:
+        named = (getattr(config, "architectures", None) or [None])[0]
+        model_class = getattr(transformers, named, None) if isinstance(named, str) else None
+        if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
+            return lambda: model_class._from_config(config)
+        task = "base"
+    auto_class = getattr(transformers, HF_TASKS[task])
+    return lambda: auto_class.from_config(config, **remote)
 
 
 def _hf_inputs(
@@ -490,6 +519,67 @@ def _make_inputs(inputs: list[_Input], batch: int | None, seq_len: int | None, s
 def _module_device(module: nn.Module) -> torch.device:
     first = next(itertools.chain(module.parameters(), module.buffers()), None)
     return first.device if first is not None else torch.device("cpu")
+
+
+def _fit_hf_weights(module: nn.Module, source: ConvertedSource, spec: ModelSpec, path: str, *,
+                    seed: int) -> TensorSource:
+    """A transformers checkpoint, already under the module's keys, checked as ``from_pretrained`` checks it.
+
+    Checkpoint keys the model has no place for are dropped with a warning, as transformers does. Missing
+    keys are an error, except the head of a base-model checkpoint loaded into a model with a head
+    (``BertModel`` weights into ``BertForMaskedLM``): those tensors get the model's fresh init.
+    """
+    if source.unexpected:
+        _warn(f"{len(source.unexpected)} tensor(s) in '{path}' have no place in {type(module).__name__} and are "
+              f"not used ({_first(source.unexpected)})")
+    expected = module.state_dict(keep_vars=True)
+    missing = [key for key in expected if key not in set(source.keys())]
+    prefix = f"{module.base_model_prefix}." if module.base_model_prefix else None
+    tied = _tied_names(expected)
+    missing = [key for key in missing if not any(other in set(source.keys()) for other in tied[key])]
+    head = [key for key in missing if prefix and not key.startswith(prefix)]
+    base_only = prefix is not None and hasattr(module, module.base_model_prefix) and not any(
+        not key.startswith(prefix) for key in source.keys()) and head == missing
+    if missing and not base_only:
+        return _fit_weights(module, source, spec, path)  # the full error message
+    if head:
+        _warn(f"'{path}' holds the base model only: the teacher's head ({_first(head)}) is not in it and keeps a "
+              "fresh init, as from_pretrained does")
+        fresh = _fresh_tensors(module, head, seed=seed)
+        owners = {key: "checkpoint" for key in source.keys()} | {key: "fresh" for key in head}
+        source = ShardedSource(owners, {"checkpoint": source, "fresh": DictSource(fresh)}.__getitem__)
+    return _fit_weights(module, source, spec, path)
+
+
+def _first(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _tied_names(state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Each state_dict key -> every key naming the same tensor (tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for key, tensor in state.items():
+        groups.setdefault(id(tensor), []).append(key)
+    return {key: groups[id(tensor)] for key, tensor in state.items()}
+
+
+def _fresh_tensors(module: nn.Module, keys: list[str], *, seed: int) -> dict[str, torch.Tensor]:
+    """The model's own init of ``keys``, computed on copies of their submodules (``module`` stays as it is)."""
+    out: dict[str, torch.Tensor] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for key in keys:
+            owner_name, _, name = key.rpartition(".")
+            owner = copy.deepcopy(module.get_submodule(owner_name))
+            if any(t.is_meta for t in itertools.chain(owner.parameters(), owner.buffers())):
+                owner = owner.to_empty(device="cpu")
+                module._init_weights(owner)
+            out[key] = owner.state_dict()[name].detach().clone()
+    return out
 
 
 def _fit_weights(module: nn.Module, source: TensorSource, spec: ModelSpec, path: str) -> RenamedSource:

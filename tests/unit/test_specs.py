@@ -191,8 +191,12 @@ def test_hf_tied_weights_and_head_task(tmp_path) -> None:
     tied = loaded.module.state_dict()
     assert torch.equal(tied["cls.predictions.decoder.weight"], tied["bert.embeddings.word_embeddings.weight"])
     assert set(loaded.source.keys()) == set(tied)
-    with pytest.raises(SpecError, match=r"missing keys \(cls\.predictions"):
-        load_model(f"hf:{MINILM}?task=masked-lm", role="teacher", device="meta")
+    # A base-model checkpoint (MiniLM) into a model with a head: the head keeps a fresh init, as from_pretrained.
+    with_head = load_model(f"hf:{MINILM}?task=masked-lm", role="teacher", device="meta")
+    assert with_head.source.shape("cls.predictions.transform.dense.weight") == (384, 384)
+    # A checkpoint missing body tensors is still refused.
+    with pytest.raises(SpecError, match=r"missing keys \(bert\.encoder"):
+        load_model(f"hf:{tmp_path}?task=masked-lm&num_hidden_layers=2", role="teacher", device="meta")
 
 
 NET_PY = """
