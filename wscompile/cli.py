@@ -39,6 +39,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="let hf: specs run code from the model directory (off by default)")
     p.add_argument("--unsafe-pickle", action="store_true",
                    help="load .pt/.bin checkpoints that need code execution (only for files you trust)")
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="let a model folder's shard index or weights link to files outside the folder (refused "
+                        "by default: an untrusted folder could copy any tensor file on the machine into the output)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -144,6 +147,7 @@ def _run(args: argparse.Namespace) -> int:
         calib=getattr(args, "calib", None), select_head=getattr(args, "select_head", False),
         allow_partial=getattr(args, "allow_partial", False), force=args.force, seed=args.seed,
         input_shape=args.input_shape, trust_remote_code=args.trust_remote_code, unsafe_pickle=args.unsafe_pickle,
+        allow_outside_paths=args.allow_outside_paths,
         opset=getattr(args, "opset", None), fp16=getattr(args, "fp16", False), int8=getattr(args, "int8", False),
         progress=getattr(args, "progress", None), max_shard_size=getattr(args, "max_shard_size", 5 * 10**9),
     )

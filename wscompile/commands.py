@@ -68,6 +68,7 @@ class InitOptions:
     input_shape: tuple[int, ...] | None = None
     trust_remote_code: bool = False
     unsafe_pickle: bool = False
+    allow_outside_paths: bool = False  # a model folder may name files outside itself
     opset: int | None = None
     fp16: bool = False
     int8: bool = False
@@ -88,7 +89,7 @@ def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, 
         options.teacher, role="teacher", weights=options.teacher_weights,
         device=teacher_device, seed=options.seed,
         input_shape=options.input_shape, trust_remote_code=options.trust_remote_code,
-        unsafe_pickle=options.unsafe_pickle,
+        unsafe_pickle=options.unsafe_pickle, allow_outside_paths=options.allow_outside_paths,
     )
     student = load_model(
         options.student, role="student", seed=options.seed, input_shape=options.input_shape,
@@ -159,7 +160,8 @@ def available_memory() -> tuple[int, str]:
 def _tensor_bytes(spec: str, role: str, options: InitOptions) -> int:
     """Bytes of a model's state_dict, counted on the meta device (a tied tensor once)."""
     module = load_model(spec, role=role, device="meta", seed=options.seed, input_shape=options.input_shape,
-                        trust_remote_code=options.trust_remote_code, unsafe_pickle=options.unsafe_pickle).module
+                        trust_remote_code=options.trust_remote_code, unsafe_pickle=options.unsafe_pickle,
+                        allow_outside_paths=options.allow_outside_paths).module
     unique = {id(t): t for t in module.state_dict(keep_vars=True).values()}
     return sum(t.numel() * t.element_size() for t in unique.values())
 
@@ -318,7 +320,7 @@ def run_export(student_spec: str, weights: str, onnx_path: str, options: InitOpt
         check_outputs([onnx_path], force=options.force)
     student = load_model(student_spec, role="student", seed=options.seed, input_shape=options.input_shape,
                          trust_remote_code=options.trust_remote_code)
-    source = open_weights(weights, unsafe_pickle=options.unsafe_pickle)
+    source = open_weights(weights, unsafe_pickle=options.unsafe_pickle, allow_outside_paths=options.allow_outside_paths)
     expected = set(student.module.state_dict())
     missing = sorted(expected - set(source.keys()))
     if missing:

@@ -98,15 +98,20 @@ def parse_spec(text: str) -> ModelSpec:
         SpecError: unknown scheme, missing name or factory, or a malformed override.
     """
     body, _, query = text.partition("?")
-    head, sep, _ = body.rpartition(":")
-    if sep and head.endswith(".py"):
+    scheme, sep, name = body.partition(":")
+    head = body.rpartition(":")[0]
+    # NOTE: the scheme decides first: "timm:evil.py:f" is a timm name, never a file to run. A file
+    # whose path contains a colon is named from the current directory ("./a:b.py:f") or absolutely.
+    if scheme in SCHEMES and scheme != "file":
+        pass
+    elif head.endswith(".py") and (":" not in head or head.startswith(("./", "../", "/"))):
         scheme, name = "file", body
+    elif head.endswith(".py"):
+        raise SpecError(f"file spec {text!r} has a colon in its path; write it as ./{body} or with an absolute path")
+    elif not sep:
+        raise SpecError(f"spec {text!r} has no scheme; {SPEC_FORMS}")
     else:
-        scheme, sep, name = body.partition(":")
-        if not sep:
-            raise SpecError(f"spec {text!r} has no scheme; {SPEC_FORMS}")
-        if scheme not in SCHEMES or scheme == "file":
-            raise SpecError(f"unknown spec scheme {scheme!r} in {text!r}; {SPEC_FORMS}")
+        raise SpecError(f"unknown spec scheme {scheme!r} in {text!r}; {SPEC_FORMS}")
     if not name:
         raise SpecError(f"spec {text!r} names no model; {SPEC_FORMS}")
     if scheme == "py" and not all(name.partition(":")[::2]):
@@ -168,6 +173,7 @@ def load_model(
     input_shape: tuple[int, ...] | None = None,
     trust_remote_code: bool = False,
     unsafe_pickle: bool = False,
+    allow_outside_paths: bool = False,
 ) -> LoadedModel:
     """Build the model a spec names, attach its weights and example inputs.
 
@@ -184,6 +190,7 @@ def load_model(
         input_shape: shape of the main input (``BATCH,SEQ`` for text), replacing the default.
         trust_remote_code: allow ``hf:`` configs/models defined by code in the directory.
         unsafe_pickle: allow pickle checkpoints that need code execution.
+        allow_outside_paths: let a model folder name weight files outside itself (see ``weights.confined``).
 
     Raises:
         SpecError: the spec, its overrides, its inputs or its weights do not fit.
@@ -199,7 +206,7 @@ def load_model(
     weights = weights or recipe.default_weights
     source: TensorSource
     if weights:
-        stored = open_weights(weights, unsafe_pickle=unsafe_pickle)
+        stored = open_weights(weights, unsafe_pickle=unsafe_pickle, allow_outside_paths=allow_outside_paths)
         if is_transformers_model(module):
             source = _fit_hf_weights(module, hf_checkpoint_source(module, stored), spec, weights, seed=seed)
         else:
@@ -366,7 +373,9 @@ def _hf_recipe(spec: ModelSpec, *, role: str, input_shape: tuple[int, ...] | Non
         # Caches add outputs (past_key_values) that tracing and export do not want.
         config.use_cache = False
     build = _hf_builder(config, task, remote)
-    default_weights = hf_weights_path(spec.name) if role == "teacher" and os.path.isdir(spec.name) else None
+    # The folder, not its weights file: open_weights keeps what the folder names inside it.
+    has_weights = role == "teacher" and os.path.isdir(spec.name) and hf_weights_path(spec.name) is not None
+    default_weights = spec.name if has_weights else None
     return _Recipe(
         build,
         lambda module: _hf_inputs(module, config, spec, input_shape),

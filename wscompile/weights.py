@@ -392,7 +392,27 @@ def hf_weights_path(directory: str) -> str | None:
     return None
 
 
-def open_weights(path: str, *, unsafe_pickle: bool = False) -> TensorSource:
+def confined(path: str, folder: str, *, what: str, allow_outside: bool = False) -> str:
+    """``path`` (named by a file inside ``folder``) resolved, and refused when it leads out of ``folder``.
+
+    A model folder is untrusted input: a shard index naming ``../../x.safetensors`` or an absolute
+    path, or a symlink out of the folder, would copy a file from elsewhere on the machine into the
+    student. Nothing outside ``folder`` is read unless ``allow_outside`` is set.
+
+    Raises:
+        SpecError: the resolved path is outside ``folder``.
+    """
+    real_folder = os.path.realpath(folder)
+    real = os.path.realpath(os.path.join(folder, path))
+    if allow_outside or os.path.commonpath([real_folder, real]) == real_folder:
+        return real
+    raise SpecError(
+        f"{what} names '{path}', which resolves to '{real}' outside the model folder '{folder}'; refusing to read it "
+        "(pass --allow-outside-paths only if you trust this folder)"
+    )
+
+
+def open_weights(path: str, *, unsafe_pickle: bool = False, allow_outside_paths: bool = False) -> TensorSource:
     """Open a weights file or a Hugging Face model directory as a lazy ``TensorSource``.
 
     Args:
@@ -400,6 +420,8 @@ def open_weights(path: str, *, unsafe_pickle: bool = False) -> TensorSource:
             (``.pt/.pth/.bin/.ckpt``), or a directory holding one of ``HF_WEIGHT_FILES``.
         unsafe_pickle: let ``torch.load`` run code embedded in a pickle checkpoint. Only for
             files from a trusted source.
+        allow_outside_paths: let a directory's weights file or a shard index name files outside
+            its folder (see ``confined``).
 
     Returns:
         A source keyed by the names stored in the file (checkpoint wrappers such as
@@ -414,11 +436,12 @@ def open_weights(path: str, *, unsafe_pickle: bool = False) -> TensorSource:
         found = hf_weights_path(path)
         if found is None:
             raise SpecError(f"directory '{path}' has no weights (looked for {', '.join(HF_WEIGHT_FILES)})")
-        path = found
+        path = confined(os.path.basename(found), path, what=f"model folder '{path}'",
+                        allow_outside=allow_outside_paths)
     if not os.path.exists(path):
         raise SpecError(f"weights file '{path}' does not exist")
     if path.endswith(".index.json"):
-        return _open_sharded(path, unsafe_pickle=unsafe_pickle)
+        return _open_sharded(path, unsafe_pickle=unsafe_pickle, allow_outside_paths=allow_outside_paths)
     if path.endswith(".safetensors"):
         return SafetensorsSource(path)
     if path.endswith(TORCH_SUFFIXES):
@@ -429,18 +452,35 @@ def open_weights(path: str, *, unsafe_pickle: bool = False) -> TensorSource:
     )
 
 
-def _open_sharded(index_path: str, *, unsafe_pickle: bool) -> ShardedSource:
+def _open_sharded(index_path: str, *, unsafe_pickle: bool, allow_outside_paths: bool) -> ShardedSource:
+    invalid = f"'{index_path}' is not a valid shard index (needs a 'weight_map' object of tensor name -> file name)"
     try:
         with open(index_path, encoding="utf-8") as fh:
             weight_map = json.load(fh)["weight_map"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise SpecError(f"'{index_path}' is not a valid shard index (needs a 'weight_map' object)") from e
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise SpecError(invalid) from e
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()
+    ):
+        raise SpecError(invalid)
     directory = os.path.dirname(index_path)
-    shard_paths = {key: os.path.join(directory, name) for key, name in weight_map.items()}
+    what = f"shard index '{index_path}'"
+    shard_paths = {key: confined(name, directory, what=what, allow_outside=allow_outside_paths)
+                   for key, name in weight_map.items()}
     missing = sorted({p for p in shard_paths.values() if not os.path.isfile(p)})
     if missing:
         raise SpecError(f"shard index '{index_path}' names missing files: {', '.join(missing[:5])}")
-    return ShardedSource(shard_paths, lambda shard: open_weights(shard, unsafe_pickle=unsafe_pickle))
+
+    def open_shard(shard: str) -> TensorSource:
+        opened = open_weights(shard, unsafe_pickle=unsafe_pickle)
+        held = set(opened.keys())
+        lacking = sorted(key for key, path in shard_paths.items() if path == shard and key not in held)
+        if lacking:
+            raise SpecError(f"shard '{shard}' lacks {len(lacking)} tensor(s) its index '{index_path}' names "
+                            f"({', '.join(lacking[:3])}); the folder is incomplete: re-download or re-save it")
+        return opened
+
+    return ShardedSource(shard_paths, open_shard)
 
 
 def _load_torch_checkpoint(path: str, *, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
