@@ -40,6 +40,8 @@ SENTENCE_TRANSFORMERS_FILES = ("config_sentence_transformers.json", "sentence_be
 TRANSFORMER_MODULE = "Transformer"
 POOLING_MODULE = "Pooling"
 NORMALIZE_MODULE = "Normalize"
+# Keys of a pooling module's config holding the width of the embeddings it pools.
+POOLING_WIDTH_KEYS = ("word_embedding_dimension", "embedding_dimension")
 
 
 @dataclass
@@ -199,8 +201,9 @@ def _read_inside(teacher_dir: Path, name: str) -> bytes:
 def sentence_transformers_files(teacher_dir: Path, hidden_size: int) -> dict[str, bytes]:
     """A sentence-transformers teacher's modules for a student of width ``hidden_size``.
 
-    ``modules.json`` and the root configs are copied; the pooling module's config gets
-    ``word_embedding_dimension = hidden_size``; a normalize module's folder is copied as is.
+    ``modules.json`` and the root configs are copied; the pooling module's config gets the
+    student's width (``word_embedding_dimension``, or ``embedding_dimension`` since
+    sentence-transformers 6); a normalize module's config is copied as is.
 
     Raises:
         OutputError: a module other than transformer, pooling and normalize (a ``Dense``
@@ -235,11 +238,21 @@ def sentence_transformers_files(teacher_dir: Path, hidden_size: int) -> dict[str
         config_path = f"{path}/config.json"
         config = _read_inside(teacher_dir, config_path)
         if kind == POOLING_MODULE:
-            pooling = json.loads(config)
-            pooling["word_embedding_dimension"] = hidden_size
-            config = (json.dumps(pooling, indent=2) + "\n").encode()
+            config = _pooling_config(config, hidden_size, f"{teacher_dir / config_path}")
         files[config_path] = config
     return files
+
+
+def _pooling_config(config: bytes, hidden_size: int, where: str) -> bytes:
+    """A pooling module's config with its input width set to ``hidden_size``."""
+    pooling = json.loads(config)
+    # sentence-transformers 2-5 write word_embedding_dimension, 6 embedding_dimension.
+    widths = [key for key in POOLING_WIDTH_KEYS if key in pooling]
+    if not widths:
+        raise OutputError(f"pooling config '{where}' has none of {', '.join(POOLING_WIDTH_KEYS)}; "
+                          "cannot set the student's width in it")
+    pooling.update(dict.fromkeys(widths, hidden_size))
+    return (json.dumps(pooling, indent=2) + "\n").encode()
 
 
 def timm_config_files(student: nn.Module, student_spec: ModelSpec) -> dict[str, bytes]:

