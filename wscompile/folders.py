@@ -80,7 +80,8 @@ def plan_folder(student: nn.Module, student_spec: ModelSpec, teacher_spec: Model
         teacher_dir = hf_teacher_dir(teacher_spec)
         if teacher_dir is not None:
             files.update(teacher_files(teacher_dir))
-            files.update(sentence_transformers_files(teacher_dir, student.config.get_text_config().hidden_size))
+            if (teacher_dir / "modules.json").is_file():
+                files.update(sentence_transformers_files(teacher_dir, student.config.get_text_config().hidden_size))
         return FolderPlan(saved_as, written, files)
     keys = list(student.state_dict())
     plan = FolderPlan({key: key for key in keys}, set(keys))

@@ -119,6 +119,9 @@ def test_hf_folder_loads_with_from_pretrained(tmp_path, teachers, family) -> Non
     if family.startswith("bert"):
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
         assert tokenizer("the cat sat")["input_ids"] == [2, 31, 32, 33, 3]
+    if family == "bert":  # the folder is a spec too: a teacher for the next, smaller student
+        assert init("--teacher", f"hf:{folder}", "--student", f"hf:{folder}?num_hidden_layers=1",
+                    "--out", f"{tmp_path}/next.safetensors") == 0
     if family.startswith("vit"):
         processor = transformers.AutoImageProcessor.from_pretrained(folder)
         assert processor.size == {"height": 32, "width": 32}
