@@ -83,9 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--teacher-weights", help="teacher weights: .safetensors, .pt/.pth/.bin, or a Hugging Face directory")
     init.add_argument("--out", required=True,
                       help="student weights to write: a .safetensors file (full state_dict), or a directory "
-                           "(ending in /) for a Hugging Face-style folder, sharded past --max-shard-size")
+                           "(ending in /): a folder its library loads (hf: from_pretrained with config and the "
+                           "teacher's tokenizer files, sentence-transformers, timm local-dir:), sharded past "
+                           "--max-shard-size")
     init.add_argument("--max-shard-size", type=_bytes, default=5 * 10**9, metavar="SIZE",
                       help="largest shard of a directory --out, e.g. 5GB or 500MB (default 5GB)")
+    init.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                      help="write floating tensors in this dtype (integer buffers unchanged; default: the student's, "
+                           "which for hf: specs is the teacher config's dtype)")
     init.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                       help="progress bar on stderr while reading the teacher (default: when stderr is a terminal)")
     init.add_argument("--manifest", help="JSON manifest: the teacher source and index rule of every student tensor")
@@ -150,6 +155,7 @@ def _run(args: argparse.Namespace) -> int:
         allow_outside_paths=args.allow_outside_paths,
         opset=getattr(args, "opset", None), fp16=getattr(args, "fp16", False), int8=getattr(args, "int8", False),
         progress=getattr(args, "progress", None), max_shard_size=getattr(args, "max_shard_size", 5 * 10**9),
+        dtype=getattr(args, "dtype", None),
     )
     if args.command == "init":
         commands.run_init(options)

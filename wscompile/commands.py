@@ -20,6 +20,7 @@ import torch
 
 from wscompile import pipeline, reports
 from wscompile.errors import MatchError, ResourceError, SelectionError, SpecError
+from wscompile.folders import DTYPES, FolderPlan, check_teacher_files, plan_folder
 from wscompile.outputs import (
     check_output_dir,
     check_outputs,
@@ -74,6 +75,7 @@ class InitOptions:
     int8: bool = False
     progress: bool | None = None  # progress bar on stderr while writing; None: when stderr is a terminal
     max_shard_size: int = MAX_SHARD_SIZE  # bytes per shard of a directory --out
+    dtype: str | None = None  # floating tensors written as fp32, fp16 or bf16; None: as the student's
 
 
 def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, LoadedModel]:
@@ -176,6 +178,10 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
     check_outputs(paths, force=options.force)
     if out_dir:
         check_output_dir(options.out, force=options.force)
+        if parse_spec(options.student).scheme == "hf":
+            check_teacher_files(parse_spec(options.teacher))
+    if options.dtype is not None and options.dtype not in DTYPES:
+        raise SpecError(f"unknown --dtype {options.dtype!r}; use one of {', '.join(DTYPES)}")
     if options.report:
         reports.format_from_path(options.report)
     check_selection(options)
@@ -190,7 +196,7 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
     plan = compiled.plan
     check_something_matched(compiled)
     if options.out:
-        _write_student(options, plan, teacher.source, student.module.state_dict())
+        saved_as = _write_student(options, plan, teacher.source, student.module)
     if options.manifest:
         reports.write_report(plan, options.manifest, fmt="json", force=options.force)
     if options.report:
@@ -202,7 +208,7 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
     if options.onnx:
         if options.out:
             written = open_weights(options.out)
-            state = {key: written.read(key) for key in written.keys()}  # noqa: SIM118 - a source, not a dict
+            state = {key: written.read(saved) for key, saved in saved_as.items()}
         else:
             state = compiled.state_dict
         student.module.load_state_dict(state)
@@ -211,17 +217,39 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
 
 
 def _write_student(options: InitOptions, plan: SelectionPlan, teacher: TensorSource,
-                   student_state: dict[str, torch.Tensor]) -> None:
-    """Stream the student's tensors to ``options.out``: read, select, write and drop one at a time."""
+                   student: torch.nn.Module) -> dict[str, str]:
+    """Stream the student's tensors to ``options.out``: read, select, write and drop one at a time.
+
+    A directory ``--out`` is a folder the student's library loads (``folders.plan_folder``): its
+    configs and the teacher's tokenizer files next to the weights, saved under the names and with
+    the tied copies its ``from_pretrained`` expects.
+
+    Returns:
+        The name each student state_dict key was written under (a tied copy: its twin's).
+    """
+    student_state = student.state_dict()
+    dtype = DTYPES[options.dtype] if options.dtype else None
     metadata = student_metadata(options)
-    layout = student_layout(plan, student_state)
+    layout = {key: (shape, _written_dtype(stored, dtype)) for key, (shape, stored) in
+              student_layout(plan, student_state).items()}
+    folder = (plan_folder(student, parse_spec(options.student), parse_spec(options.teacher), dtype)
+              if is_directory_output(options.out) else FolderPlan({key: key for key in layout}, set(layout)))
+    layout = {folder.saved_as[key]: value for key, value in layout.items() if key in folder.written}
     show = sys.stderr.isatty() if options.progress is None else options.progress
-    tensors = _with_progress(student_tensors(plan, teacher, student_state), len(layout), teacher, show=show)
+    tensors = ((folder.saved_as[key], tensor.to(_written_dtype(tensor.dtype, dtype)))
+               for key, tensor in student_tensors(plan, teacher, student_state) if key in folder.written)
+    tensors = _with_progress(tensors, len(layout), teacher, show=show)
     if is_directory_output(options.out):
         stream_safetensors_dir(options.out, layout, tensors, metadata, force=options.force,
-                               max_shard_size=options.max_shard_size)
+                               max_shard_size=options.max_shard_size, files=folder.files)
     else:
         stream_safetensors(options.out, layout, tensors, metadata, force=options.force)
+    return folder.saved_as
+
+
+def _written_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor stored as ``stored`` is written in: ``dtype`` for floating tensors."""
+    return dtype if dtype is not None and stored.is_floating_point else stored
 
 
 def student_metadata(options: InitOptions) -> dict[str, str]:

@@ -222,6 +222,22 @@ Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 SINGLE_FILE = "model.safetensors"
 SHARD_FILE = "model-{index:05d}-of-{count:05d}.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
+WEIGHTS_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+# Files a model folder's library reads besides the weights: tokenizers, processors, feature
+# extractors and image processors (copied from an hf: teacher directory), plus what wscompile
+# writes itself (configs, sentence-transformers module lists).
+PREPROCESSING_FILES = re.compile(
+    r"tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|vocab\.(txt|json)"
+    r"|merges\.txt|spiece\.model|tokenizer\.model|sentencepiece\.bpe\.model|\w*\.spm|bpe\.codes"
+    r"|(preprocessor|processor|feature_extractor|image_processor|video_preprocessor)_config\.json"
+    r"|chat_template\.(jinja|json)"
+)
+FOLDER_FILES = re.compile(
+    rf"{PREPROCESSING_FILES.pattern}|config\.json|generation_config\.json|modules\.json"
+    r"|config_sentence_transformers\.json|sentence_bert_config\.json"
+)
+# A sentence-transformers module folder: "1_Pooling", "2_Normalize".
+MODULE_DIR = re.compile(r"\d+_[A-Za-z]\w*")
 
 
 def stream_safetensors(
@@ -244,17 +260,18 @@ def stream_safetensors(
 
 def stream_safetensors_dir(
     path: PathLike, layout: Layout, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str],
-    *, force: bool, max_shard_size: int,
+    *, force: bool, max_shard_size: int, files: dict[str, bytes] | None = None,
 ) -> list[str]:
     """Write a Hugging Face style weights directory as tensors are produced, atomically.
 
     One ``model.safetensors`` when the tensors take at most ``max_shard_size`` bytes; otherwise
     shards of at most that size (a larger tensor gets a shard of its own), in ``layout`` order, and
-    ``model.safetensors.index.json`` naming each tensor's shard. Everything is written into a
-    temporary directory renamed onto ``path`` at the end.
+    ``model.safetensors.index.json`` naming each tensor's shard. ``files`` (relative path ->
+    contents: configs, tokenizer files, ``1_Pooling/config.json``) are written next to them.
+    Everything is written into a temporary directory renamed onto ``path`` at the end.
 
     Returns:
-        The file names written, shards first.
+        The file names written, shards first, then the index and ``files`` in sorted order.
     """
     shards = _split(layout, max_shard_size)
     names = [SINGLE_FILE] if len(shards) == 1 else [
@@ -269,6 +286,14 @@ def stream_safetensors_dir(
             }
             (temp / SHARD_INDEX).write_text(json.dumps(index, sort_keys=True, indent=2) + "\n", encoding="utf-8")
             names.append(SHARD_INDEX)
+        for name, contents in sorted((files or {}).items()):
+            target = temp / name
+            # NOTE: names come from wscompile itself, never from a file it read; checked anyway.
+            if not target.resolve().is_relative_to(temp.resolve()) or name in names:
+                raise ValueError(f"output folder file {name!r} is outside the folder or written twice")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(contents)
+            names.append(name)
     return names
 
 
@@ -310,8 +335,7 @@ def check_output_dir(path: PathLike, *, force: bool) -> Path:
         raise OutputError(f"'{path}' is a file; give a directory (ending in '/') or a .safetensors path")
     if not target.exists():
         return check_output(target, force=force)
-    ours = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
-    others = sorted(child.name for child in target.iterdir() if not ours.fullmatch(child.name))
+    others = sorted(child.name for child in target.iterdir() if not _written_by_wscompile(child))
     if others:
         raise OutputError(f"'{path}' holds files wscompile did not write ({', '.join(others[:3])}); "
                           "give a new or empty directory")
@@ -320,6 +344,15 @@ def check_output_dir(path: PathLike, *, force: bool) -> Path:
     if not os.access(target.parent, os.W_OK | os.X_OK):
         raise OutputError(f"directory '{target.parent}' is not writable; choose another output path or fix its permissions")
     return target
+
+
+def _written_by_wscompile(child: Path) -> bool:
+    """Whether ``child`` of an output folder has a name wscompile writes there (weights, configs,
+    files copied from the teacher, sentence-transformers module folders holding only configs)."""
+    if child.is_dir() and not child.is_symlink():
+        return bool(MODULE_DIR.fullmatch(child.name)) and all(
+            grandchild.name == "config.json" and grandchild.is_file() for grandchild in child.iterdir())
+    return child.is_file() and bool(WEIGHTS_FILES.fullmatch(child.name) or FOLDER_FILES.fullmatch(child.name))
 
 
 @contextmanager
@@ -334,7 +367,7 @@ def atomic_output_dir(path: PathLike, *, force: bool) -> Iterator[Path]:
     temp.mkdir()
     try:
         yield temp
-        for child in temp.iterdir():
+        for child in sorted(temp.rglob("*")):
             _fsync(child)
         old = None
         if target.exists():
