@@ -19,6 +19,7 @@ from typing import TypeVar
 import torch
 
 from wscompile import pipeline, reports
+from wscompile.checkpoints import hf_checkpoint_source
 from wscompile.errors import MatchError, ResourceError, SelectionError, SpecError
 from wscompile.folders import DTYPES, FolderPlan, check_teacher_files, plan_folder
 from wscompile.outputs import (
@@ -196,7 +197,7 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
     plan = compiled.plan
     check_something_matched(compiled)
     if options.out:
-        saved_as = _write_student(options, plan, teacher.source, student.module)
+        folder = _write_student(options, plan, teacher.source, student.module)
     if options.manifest:
         reports.write_report(plan, options.manifest, fmt="json", force=options.force)
     if options.report:
@@ -208,7 +209,10 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
     if options.onnx:
         if options.out:
             written = open_weights(options.out)
-            state = {key: written.read(saved) for key, saved in saved_as.items()}
+            state = {key: written.read(saved) for key, saved in folder.saved_as.items()}
+            if folder.converted:  # read back as from_pretrained reads the folder
+                fused = hf_checkpoint_source(student.module, written)
+                state |= {key: fused.read(key) for key in folder.converted}
         else:
             state = compiled.state_dict
         student.module.load_state_dict(state)
@@ -217,7 +221,7 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
 
 
 def _write_student(options: InitOptions, plan: SelectionPlan, teacher: TensorSource,
-                   student: torch.nn.Module) -> dict[str, str]:
+                   student: torch.nn.Module) -> FolderPlan:
     """Stream the student's tensors to ``options.out``: read, select, write and drop one at a time.
 
     A directory ``--out`` is a folder the student's library loads (``folders.plan_folder``): its
@@ -225,7 +229,8 @@ def _write_student(options: InitOptions, plan: SelectionPlan, teacher: TensorSou
     the tied copies its ``from_pretrained`` expects.
 
     Returns:
-        The name each student state_dict key was written under (a tied copy: its twin's).
+        Where each student tensor went: the name it was written under (a tied copy: its twin's), or
+        into a converted group (``FolderPlan.converted``).
     """
     student_state = student.state_dict()
     dtype = DTYPES[options.dtype] if options.dtype else None
@@ -235,16 +240,27 @@ def _write_student(options: InitOptions, plan: SelectionPlan, teacher: TensorSou
     folder = (plan_folder(student, parse_spec(options.student), parse_spec(options.teacher), dtype)
               if is_directory_output(options.out) else FolderPlan({key: key for key in layout}, set(layout)))
     layout = {folder.saved_as[key]: value for key, value in layout.items() if key in folder.written}
+    layout |= {key: (shape, _written_dtype(stored, dtype)) for key, (shape, stored) in folder.converted_layout.items()}
     show = sys.stderr.isatty() if options.progress is None else options.progress
-    tensors = ((folder.saved_as[key], tensor.to(_written_dtype(tensor.dtype, dtype)))
-               for key, tensor in student_tensors(plan, teacher, student_state) if key in folder.written)
-    tensors = _with_progress(tensors, len(layout), teacher, show=show)
+
+    def saved_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        held: dict[str, torch.Tensor] = {}  # tensors saved converted wait for every part of their group
+        for key, tensor in student_tensors(plan, teacher, student_state):
+            if key in folder.converted:
+                held[key] = tensor
+            elif key in folder.written:
+                yield folder.saved_as[key], tensor.to(_written_dtype(tensor.dtype, dtype))
+        if held:
+            for saved, tensor in folder.convert(held).items():
+                yield saved, tensor.to(_written_dtype(tensor.dtype, dtype))
+
+    tensors = _with_progress(saved_tensors(), len(layout), teacher, show=show)
     if is_directory_output(options.out):
         stream_safetensors_dir(options.out, layout, tensors, metadata, force=options.force,
                                max_shard_size=options.max_shard_size, files=folder.files)
     else:
         stream_safetensors(options.out, layout, tensors, metadata, force=options.force)
-    return folder.saved_as
+    return folder
 
 
 def _written_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:

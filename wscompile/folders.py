@@ -54,6 +54,12 @@ class FolderPlan:
     written: set[str]
     # path relative to the folder -> contents
     files: dict[str, bytes] = field(default_factory=dict)
+    # student keys saved only through a conversion (fused MoE experts split back per expert)
+    converted: set[str] = field(default_factory=set)
+    # saved key -> (shape, dtype) of what the conversion writes
+    converted_layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
+    # the conversion: {student key: tensor} of every ``converted`` key -> {saved key: tensor}
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
 def plan_folder(student: nn.Module, student_spec: ModelSpec, teacher_spec: ModelSpec,
@@ -75,14 +81,15 @@ def plan_folder(student: nn.Module, student_spec: ModelSpec, teacher_spec: Model
     from transformers import PreTrainedModel
 
     if isinstance(student, PreTrainedModel):
-        saved_as, written = transformers_names(student)
-        files = transformers_config_files(student, dtype)
+        plan = transformers_names(student)
+        plan.files = transformers_config_files(student, dtype)
         teacher_dir = hf_teacher_dir(teacher_spec)
         if teacher_dir is not None:
-            files.update(teacher_files(teacher_dir))
+            plan.files.update(teacher_files(teacher_dir))
             if (teacher_dir / "modules.json").is_file():
-                files.update(sentence_transformers_files(teacher_dir, student.config.get_text_config().hidden_size))
-        return FolderPlan(saved_as, written, files)
+                plan.files.update(sentence_transformers_files(teacher_dir,
+                                                              student.config.get_text_config().hidden_size))
+        return plan
     keys = list(student.state_dict())
     plan = FolderPlan({key: key for key in keys}, set(keys))
     if student_spec.scheme == "timm":
@@ -109,14 +116,14 @@ def hf_teacher_dir(teacher_spec: ModelSpec) -> Path | None:
     return Path(teacher_spec.name)
 
 
-def transformers_names(student: nn.Module) -> tuple[dict[str, str], set[str]]:
+def transformers_names(student: nn.Module) -> FolderPlan:
     """What ``save_pretrained`` would call each student tensor, and which it would write.
 
     Tied copies are dropped and the library's reverse key conversion (transformers 5 renames
-    some modules' keys on load and back on save) is applied, by transformers' own functions.
-
-    Raises:
-        OutputError: the reverse conversion changes tensors (splits, merges), not only names.
+    some modules' keys on load and back on save, and splits fused MoE experts back into one tensor
+    per expert) is applied, by transformers' own functions. A tensor that is only renamed keeps its
+    identity through the reversal; the others are ``converted``: their saved shapes come from running
+    the reversal on meta tensors, their values from running it again on the selected tensors.
     """
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -125,19 +132,29 @@ def transformers_names(student: nn.Module) -> tuple[dict[str, str], set[str]]:
     kept = remove_tied_weights_from_state_dict(dict(state), student)
     original = {id(tensor): key for key, tensor in kept.items()}
     saved_as: dict[str, str] = {}
+    produced: dict[str, torch.Tensor] = {}
     for saved, tensor in revert_weight_conversion(student, dict(kept)).items():
-        if id(tensor) not in original:
-            raise OutputError(
-                f"transformers saves {type(student).__name__}'s '{saved}' converted from other tensors, which "
-                "wscompile cannot write yet; write --out FILE.safetensors and load it with load_state_dict"
-            )
-        saved_as[original[id(tensor)]] = saved
+        if id(tensor) in original:
+            saved_as[original[id(tensor)]] = saved
+        else:
+            produced[saved] = tensor
+    converted = set(kept) - set(saved_as)
+    if produced and not converted:
+        raise OutputError(f"transformers saves {type(student).__name__} with tensors wscompile cannot account for "
+                          f"({', '.join(sorted(produced)[:3])}); write --out FILE.safetensors instead")
+
+    def convert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.contiguous() for key, value in revert_weight_conversion(student, dict(tensors)).items()}
+
+    meta = convert({key: torch.empty_like(kept[key], device="meta") for key in converted}) if converted else {}
     # A tied copy reads its saved twin: the tensor with the same storage, shape and strides.
     twins = {_view_of(state[key]): saved for key, saved in saved_as.items()}
     for key, tensor in state.items():
         if key not in saved_as and _view_of(tensor) in twins:
             saved_as[key] = twins[_view_of(tensor)]
-    return saved_as, set(kept)
+    return FolderPlan(saved_as, set(kept) - converted, converted=converted,
+                      converted_layout={key: (tuple(t.shape), t.dtype) for key, t in meta.items()},
+                      convert=convert if converted else None)
 
 
 def _view_of(tensor: torch.Tensor) -> tuple:
