@@ -3,8 +3,10 @@
 Spec forms (overrides after ``?`` are ``key=value`` pairs joined by ``&``)::
 
     timm:convnext_tiny?depths=2,2,6,2&dims=48,96,192,384   timm.create_model(NAME, pretrained=False, **kw)
+    timm:convnext_tiny?pretrained=True                       ... timm's pretrained weights (or pretrained_file=PATH)
     torchvision:resnet18                                     torchvision.models.get_model(NAME, weights=None, **kw)
     hf:path/to/dir?num_hidden_layers=3&task=masked-lm        AutoConfig.from_pretrained(DIR, **kw) -> AutoModel...
+    hf:org/name?revision=main&cache_dir=DIR                  the hub snapshot's directory (hub.py), as above
     py:package.module:factory?width=8                        factory(**kw)
     path/to/file.py:factory?width=8                          factory(**kw) from that file
 
@@ -382,12 +384,13 @@ def _timm_weights(spec: ModelSpec) -> tuple[dict[str, Any], str | None]:
     except RuntimeError as e:
         raise SpecError(f"timm has no pretrained weights for {spec.name!r} in {spec.text!r} ({e})") from e
     found = {**(cfg.to_dict() if cfg else {}), **(overlay or {})}
-    source = next((f"{what} {found[key]}" for key, what in (("hf_hub_id", "hf hub"), ("url", "url"),
-                                                            ("state_dict", "state_dict")) if found.get(key)), None)
-    if source is None:
-        raise SpecError(f"timm registers no pretrained weights for {spec.name!r} ({spec.text!r}); pass "
-                        "pretrained_file=PATH or --teacher-weights FILE")
-    return kwargs, f"timm pretrained {source}"
+    # timm prefers the hub copy of a checkpoint to its original url (timm.models._builder)
+    if found.get("hf_hub_id"):
+        return kwargs, f"timm pretrained hf hub {found['hf_hub_id']}"
+    if found.get("url"):
+        return kwargs, f"timm pretrained url {found['url']}"
+    raise SpecError(f"timm registers no pretrained weights for {spec.name!r} ({spec.text!r}); pass "
+                    "pretrained_file=PATH or --teacher-weights FILE")
 
 
 def _timm_create(spec: ModelSpec, kwargs: dict[str, Any], builtin_weights: str | None) -> nn.Module:

@@ -188,6 +188,8 @@ def test_timm_pretrained_not_cached_offline_is_one_line(tmp_path, hub_cache, cap
     line = one_error_line(capsys.readouterr().err)
     assert f"pretrained weights of timm model 'vit_tiny_patch16_224' (timm pretrained hf hub {TIMM_VIT_REPO})" in line
     assert "offline" in line and "pretrained_file=PATH" in line and "--teacher-weights" in line
+    with pytest.raises(SpecError, match=r"timm registers no pretrained weights for 'botnet50ts_256'"):
+        load_model("timm:botnet50ts_256?pretrained=True", role="teacher")
 
 
 def test_timm_pretrained_file_goes_through_the_checkpoint_filter(tmp_path, hub_cache):
