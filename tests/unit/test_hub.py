@@ -166,6 +166,54 @@ def test_hf_hub_id_not_cached_offline_is_one_line(tmp_path, hub_cache, capsys):
     assert not (tmp_path / "student.safetensors").exists()
 
 
+def test_hub_fetches_only_the_files_it_reads(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import filter_repo_objects
+
+    from wscompile import hub
+
+    remote = tmp_path / "remote"  # a repo with no safetensors
+    remote.mkdir()
+    for name in ("config.json", "pytorch_model.bin", "README.md"):
+        (remote / name).write_text("{}")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    requested: list[list[str]] = []
+
+    def snapshot_download(repo_id, *, revision, cache_dir, allow_patterns):
+        """Online: "download" the remote files the patterns select into the snapshot."""
+        requested.append(allow_patterns)
+        if repo_id == "org/unreachable":
+            raise LocalEntryNotFoundError("connection error and no cached snapshot")
+        for name in filter_repo_objects([p.name for p in remote.iterdir()], allow_patterns=allow_patterns):
+            (snapshot / name).write_bytes((remote / name).read_bytes())
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    cache = str(tmp_path / "cache")
+    repo = ["config.json", "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+            "pytorch_model.bin", "onnx/model.safetensors", "tf_model.h5", "flax_model.msgpack", "tokenizer.json",
+            "vocab.txt", "README.md"]
+
+    assert hub.hub_snapshot("org/bin-only", cache_dir=cache) == str(snapshot)
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "pytorch_model.bin"]
+    safetensors_first, pickle_fallback = requested
+    assert sorted(filter_repo_objects(repo, allow_patterns=safetensors_first)) == [
+        "config.json", "model-00001-of-00002.safetensors", "model.safetensors", "model.safetensors.index.json",
+        "tokenizer.json", "vocab.txt"]
+    assert sorted(filter_repo_objects(repo, allow_patterns=pickle_fallback)) == [
+        "config.json", "pytorch_model.bin", "tokenizer.json", "vocab.txt"]
+    requested.clear()
+    hub.hub_snapshot("org/student-only", cache_dir=cache, weights=False)
+    assert [sorted(filter_repo_objects(repo, allow_patterns=p)) for p in requested] == [
+        ["config.json", "tokenizer.json", "vocab.txt"]]
+    with pytest.raises(SpecError, match=r"'org/unreachable': the Hugging Face hub cannot be reached and it is not"):
+        hub.hub_snapshot("org/unreachable", cache_dir=cache)
+
+
 # ---- timm: pretrained=True through the hub cache, pretrained_file, pretrained_cfg_overlay ----------
 
 
