@@ -274,7 +274,8 @@ def test_random_teacher_warning_and_manifest(tmp_path, hub_cache, capsys):
 
     # structure alone needs no weights: diff says nothing, unless the selection reads teacher values
     assert main(["diff", "--teacher", f"timm:{TINY_VIT}", "--student", VIT_STUDENT]) == 0
-    assert capsys.readouterr().err == ""
+    printed = capsys.readouterr()
+    assert printed.err == "" and "teacher weights  none (random init)" in printed.out
     assert main(["diff", "--teacher", f"timm:{TINY_VIT}", "--student", VIT_STUDENT, "--method", "magnitude"]) == 0
     assert "has no pretrained weights" in capsys.readouterr().err
 
