@@ -3,7 +3,8 @@
 Everything after spec resolution reads local files, so a hub id is turned into the directory of its
 cached snapshot first (``huggingface_hub.snapshot_download``, which downloads what is missing when
 online and only reads the cache when ``HF_HUB_OFFLINE=1``). Only the files wscompile reads are
-fetched: ``config.json``, tokenizer/processor files and, for a teacher, its weights (safetensors;
+fetched: ``config.json`` (and the repo's Python files, run only with ``--trust-remote-code``),
+tokenizer/processor files and, for a teacher, its weights (safetensors;
 ``pytorch_model*.bin`` only when the repo has no safetensors). The cache is ``cache_dir`` when given,
 else huggingface_hub's (``HF_HUB_CACHE``, ``HF_HOME/hub``).
 
@@ -19,7 +20,8 @@ import os
 from wscompile.errors import SpecError
 from wscompile.weights import hf_weights_path
 
-CONFIG_PATTERNS = ("config.json",)
+# Python files too: a config may name classes defined in the repo, which still run only with --trust-remote-code.
+CONFIG_PATTERNS = ("config.json", "*.py")
 TOKENIZER_PATTERNS = (
     "tokenizer*",
     "vocab*",

@@ -196,20 +196,20 @@ def test_hub_fetches_only_the_files_it_reads(tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     repo = ["config.json", "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
             "pytorch_model.bin", "onnx/model.safetensors", "tf_model.h5", "flax_model.msgpack", "tokenizer.json",
-            "vocab.txt", "README.md"]
+            "vocab.txt", "README.md", "modeling_custom.py"]
 
     assert hub.hub_snapshot("org/bin-only", cache_dir=cache) == str(snapshot)
     assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "pytorch_model.bin"]
     safetensors_first, pickle_fallback = requested
     assert sorted(filter_repo_objects(repo, allow_patterns=safetensors_first)) == [
         "config.json", "model-00001-of-00002.safetensors", "model.safetensors", "model.safetensors.index.json",
-        "tokenizer.json", "vocab.txt"]
+        "modeling_custom.py", "tokenizer.json", "vocab.txt"]
     assert sorted(filter_repo_objects(repo, allow_patterns=pickle_fallback)) == [
-        "config.json", "pytorch_model.bin", "tokenizer.json", "vocab.txt"]
+        "config.json", "modeling_custom.py", "pytorch_model.bin", "tokenizer.json", "vocab.txt"]
     requested.clear()
     hub.hub_snapshot("org/student-only", cache_dir=cache, weights=False)
     assert [sorted(filter_repo_objects(repo, allow_patterns=p)) for p in requested] == [
-        ["config.json", "tokenizer.json", "vocab.txt"]]
+        ["config.json", "modeling_custom.py", "tokenizer.json", "vocab.txt"]]
     with pytest.raises(SpecError, match=r"'org/unreachable': the Hugging Face hub cannot be reached and it is not"):
         hub.hub_snapshot("org/unreachable", cache_dir=cache)
 
