@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--select-head", action="store_true", help="select the classifier head too (default: student init)")
     init.add_argument("--allow-partial", action="store_true",
                       help="keep the student's init where it is wider or deeper than the teacher instead of failing")
+    init.add_argument("--allow-random-teacher", action="store_true",
+                      help="no warning when a timm, torchvision or hf teacher has no pretrained weights")
     _selection_options(init)
     _onnx_options(init)
     _common(init)
@@ -109,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--format", choices=["text", "md", "json", "html"], help="default: text, or from -o's extension")
     diff.add_argument("-o", "--output", help="write the report here instead of printing it")
     diff.add_argument("--select-head", action="store_true", help="report the head as selected")
+    diff.add_argument("--allow-random-teacher", action="store_true",
+                      help="no warning when --method magnitude/activation or --layers importance reads a teacher "
+                           "without pretrained weights")
     _selection_options(diff)
     _common(diff)
 
@@ -156,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
         opset=getattr(args, "opset", None), fp16=getattr(args, "fp16", False), int8=getattr(args, "int8", False),
         progress=getattr(args, "progress", None), max_shard_size=getattr(args, "max_shard_size", 5 * 10**9),
         dtype=getattr(args, "dtype", None),
+        allow_random_teacher=getattr(args, "allow_random_teacher", False),
     )
     if args.command == "init":
         commands.run_init(options)

@@ -31,7 +31,7 @@ from wscompile.outputs import (
 )
 from wscompile.passes.apply import student_layout, student_tensors
 from wscompile.plan import SelectionPlan
-from wscompile.specs import LoadedModel, load_model, parse_spec
+from wscompile.specs import LoadedModel, load_model, parse_spec, resolve_hub
 from wscompile.weights import TensorSource, hf_weights_path, open_weights
 
 Log = Callable[[str], None]
@@ -77,11 +77,12 @@ class InitOptions:
     progress: bool | None = None  # progress bar on stderr while writing; None: when stderr is a terminal
     max_shard_size: int = MAX_SHARD_SIZE  # bytes per shard of a directory --out
     dtype: str | None = None  # floating tensors written as fp32, fp16 or bf16; None: as the student's
+    allow_random_teacher: bool = False  # no warning for a teacher without pretrained weights
 
 
 def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, LoadedModel]:
     """Teacher (on the meta device when its values come from a file and it never runs) and student."""
-    teacher_spec = parse_spec(options.teacher)
+    teacher_spec = resolve_hub(parse_spec(options.teacher), role="teacher")
     has_file = options.teacher_weights is not None or (
         teacher_spec.scheme == "hf" and hf_weights_path(teacher_spec.name) is not None
     )
@@ -187,6 +188,7 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
         reports.format_from_path(options.report)
     check_selection(options)
     teacher, student = load_pair(options, need_values=True)
+    warn_random_teacher(options, teacher)
     # With --out the student's tensors go straight to the file (below), never all in memory.
     compiled = pipeline.compile(
         teacher.module, student.module, teacher_inputs=teacher.inputs, student_inputs=student.inputs,
@@ -195,6 +197,7 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
         **selection_options(options, teacher),
     )
     plan = compiled.plan
+    record_teacher_weights(plan, teacher)
     check_something_matched(compiled)
     if options.out:
         folder = _write_student(options, plan, teacher.source, student.module)
@@ -288,6 +291,29 @@ def _with_progress(items: Iterator[T], total: int, teacher: TensorSource, *, sho
             bar.update()
 
 
+def warn_random_teacher(options: InitOptions, teacher: LoadedModel) -> None:
+    """Say on stderr that a timm, torchvision or hf teacher has no pretrained weights (unless --allow-random-teacher).
+
+    A ``py:``/file teacher is never called out: its factory may have loaded weights itself.
+    """
+    if teacher.pretrained is not False or options.allow_random_teacher:
+        return
+    pretrained = {"timm": f"timm:{teacher.spec.name}?pretrained=True, ",
+                  "hf": "an hf: directory or hub id with weights, "}.get(teacher.spec.scheme, "")
+    print(f"warning: teacher {options.teacher} has no pretrained weights (random init); the student will inherit "
+          f"random numbers. Pass --teacher-weights FILE, {pretrained}or --allow-random-teacher to silence this.",
+          file=sys.stderr)
+
+
+def record_teacher_weights(plan: SelectionPlan, teacher: LoadedModel) -> None:
+    """Write where the teacher's values came from into the plan (manifest ``teacher_weights``)."""
+    plan.teacher_pretrained = teacher.pretrained
+    if teacher.weights_origin is not None:
+        plan.teacher_weights = teacher.weights_origin
+    else:
+        plan.teacher_weights = "built by the factory" if teacher.pretrained is None else "none (random init)"
+
+
 def check_something_matched(compiled: pipeline.Compiled) -> None:
     """Refuse to write a student none of whose layers outside the head has a teacher counterpart
     (a CNN and a text transformer); layers matched but kept for being larger (--allow-partial) count.
@@ -341,11 +367,15 @@ def run_diff(options: InitOptions, fmt: str | None, output: str | None, log: Log
     check_selection(options)
     # magnitude reads teacher weights: from the file if there is one, else from the built teacher
     teacher, student = load_pair(options, need_values=options.method == "magnitude")
+    if options.method == "magnitude" or needs_calibration(options):
+        # Only these selections read the teacher's values; the structure is the same for any values.
+        warn_random_teacher(options, teacher)
     compiled = pipeline.compile(
         teacher.module, student.module, teacher_inputs=teacher.inputs, student_inputs=student.inputs,
         teacher_source=teacher.source, teacher_spec=options.teacher, student_spec=options.student,
         select_head=options.select_head, allow_partial=True, write=False, **selection_options(options, teacher),
     )
+    record_teacher_weights(compiled.plan, teacher)
     if output:
         reports.write_report(compiled.plan, output, fmt=fmt, force=options.force)
         log(f"wrote {output}")

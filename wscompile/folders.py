@@ -30,6 +30,7 @@ from torch import nn
 from wscompile.errors import OutputError
 from wscompile.outputs import PREPROCESSING_FILES
 from wscompile.specs import ModelSpec
+from wscompile.weights import inside_folder
 
 # --dtype values -> the dtype floating tensors are written in.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -206,11 +207,8 @@ def teacher_files(teacher_dir: Path) -> dict[str, bytes]:
 
 def _read_inside(teacher_dir: Path, name: str) -> bytes:
     """``teacher_dir / name``, refused when it resolves outside the directory."""
-    root = teacher_dir.resolve()
     path = (teacher_dir / name).resolve()
-    # A hub cache keeps snapshots/<revision>/<file> as links to ../../blobs/<hash>.
-    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
-    if not path.is_relative_to(root) and not (blobs is not None and path.is_relative_to(blobs)):
+    if not inside_folder(str(path), str(teacher_dir)):
         raise OutputError(f"teacher file '{teacher_dir / name}' links to '{path}', outside '{teacher_dir}'; "
                           "wscompile copies only files inside the teacher directory: copy it in or remove the link")
     return path.read_bytes()

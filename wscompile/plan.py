@@ -135,3 +135,5 @@ class SelectionPlan:
     rescale: bool = False  # weights whose input shrank were scaled (TensorRecord.scale)
     seed: int = 0  # seed of the random method
     calibration: str | None = None  # what activation statistics were computed on, None if none were
+    teacher_weights: str | None = None  # where the teacher's values came from (path, hub id, ...); None: not recorded
+    teacher_pretrained: bool | None = None  # the teacher had loaded weights; None: unknown (py: factory, Python API)

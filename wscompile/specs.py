@@ -3,8 +3,10 @@
 Spec forms (overrides after ``?`` are ``key=value`` pairs joined by ``&``)::
 
     timm:convnext_tiny?depths=2,2,6,2&dims=48,96,192,384   timm.create_model(NAME, pretrained=False, **kw)
+    timm:convnext_tiny?pretrained=True                       ... timm's pretrained weights (or pretrained_file=PATH)
     torchvision:resnet18                                     torchvision.models.get_model(NAME, weights=None, **kw)
     hf:path/to/dir?num_hidden_layers=3&task=masked-lm        AutoConfig.from_pretrained(DIR, **kw) -> AutoModel...
+    hf:org/name?revision=main&cache_dir=DIR                  the hub snapshot's directory (hub.py), as above
     py:package.module:factory?width=8                        factory(**kw)
     path/to/file.py:factory?width=8                          factory(**kw) from that file
 
@@ -26,7 +28,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -34,6 +36,7 @@ from torch import nn
 
 from wscompile.checkpoints import ConvertedSource, hf_checkpoint_source, is_transformers_model
 from wscompile.errors import SpecError
+from wscompile.hub import hub_snapshot, is_hub_id, is_hub_miss, timm_weights_error
 from wscompile.weights import (
     DictSource,
     ModuleSource,
@@ -76,6 +79,7 @@ class ModelSpec:
     name: str  # model name, HF dir or id, "package.module:factory", or "path/to/file.py:factory"
     overrides: dict[str, Any] = field(hash=False)  # parsed ?key=value&... pairs
     text: str  # the original string
+    origin: str | None = None  # "org/name@commit" when `name` is the snapshot of a hub id (resolve_hub)
 
 
 @dataclass
@@ -89,6 +93,8 @@ class LoadedModel:
     make_inputs: Callable[[int, int | None], dict[str, torch.Tensor]]  # (batch, seq_len) -> CPU inputs
     source: TensorSource  # the weights file (teacher with weights) or the module's own tensors
     on_meta: bool  # module built on the meta device: shapes only, no data
+    weights_origin: str | None = None  # where its values come from (a path, a hub id, timm pretrained); None: own init
+    pretrained: bool | None = False  # values loaded from somewhere; None: unknown (a py:/file factory may load them)
 
 
 def parse_spec(text: str) -> ModelSpec:
@@ -143,6 +149,34 @@ def _parse_value(value: str) -> Any:
     return value
 
 
+HUB_OVERRIDES = ("revision", "cache_dir")  # hf: overrides that choose the hub snapshot, not the config
+
+
+def resolve_hub(spec: ModelSpec, *, role: str) -> ModelSpec:
+    """An ``hf:org/name`` spec with its name replaced by the local snapshot directory (see ``hub.py``).
+
+    ``revision=`` and ``cache_dir=`` overrides pick the snapshot and are removed, so they never reach
+    the config; ``origin`` records ``org/name@commit``. A teacher's snapshot includes its weights.
+    Any other spec is returned unchanged.
+
+    Raises:
+        SpecError: offline (or the hub unreachable) and the repo not cached, no such repo or revision,
+            or ``revision=``/``cache_dir=`` given for a local directory.
+    """
+    if spec.scheme != "hf":
+        return spec
+    if not is_hub_id(spec.name):
+        if any(key in spec.overrides for key in HUB_OVERRIDES):
+            raise SpecError(f"revision= and cache_dir= in {spec.text!r} choose a Hugging Face hub snapshot, but "
+                            f"'{spec.name}' is a local path; remove them")
+        return spec
+    overrides = {key: value for key, value in spec.overrides.items() if key not in HUB_OVERRIDES}
+    revision, cache_dir = (spec.overrides.get(key) for key in HUB_OVERRIDES)
+    path = hub_snapshot(spec.name, revision=None if revision is None else str(revision),
+                        cache_dir=None if cache_dir is None else str(cache_dir), weights=role == "teacher")
+    return replace(spec, name=path, overrides=overrides, origin=f"{spec.name}@{os.path.basename(path)}")
+
+
 @dataclass(frozen=True)
 class _Input:
     """How to make one forward argument; ``make_inputs`` builds tensors from these."""
@@ -161,6 +195,7 @@ class _Recipe:
     build: Callable[[], nn.Module]
     describe_inputs: Callable[[nn.Module], tuple[str, list[_Input]]]  # -> (kind, inputs)
     default_weights: str | None = None
+    builtin_weights: str | None = None  # what pretrained weights `build` itself loads (timm pretrained=True)
 
 
 def load_model(
@@ -197,12 +232,13 @@ def load_model(
     """
     if role not in ("teacher", "student"):
         raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
-    spec = parse_spec(text)
+    spec = resolve_hub(parse_spec(text), role=role)
     recipe = _recipe(spec, role=role, input_shape=input_shape, trust_remote_code=trust_remote_code)
     module = _construct(recipe.build, spec, device=device, seed=seed).eval()
     on_meta = any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
     kind, described = recipe.describe_inputs(module)
 
+    origin, pretrained = _weights_origin(spec, weights, recipe)
     weights = weights or recipe.default_weights
     source: TensorSource
     if weights:
@@ -229,7 +265,21 @@ def load_model(
         make_inputs=make_inputs,
         source=source,
         on_meta=on_meta,
+        weights_origin=origin,
+        pretrained=pretrained,
     )
+
+
+def _weights_origin(spec: ModelSpec, weights: str | None, recipe: _Recipe) -> tuple[str | None, bool | None]:
+    """(where the model's values come from, whether they are pretrained) for ``LoadedModel``."""
+    if weights:
+        return os.fspath(weights), True
+    if recipe.default_weights:
+        return (f"hf hub {spec.origin}" if spec.origin else recipe.default_weights), True
+    if recipe.builtin_weights:
+        return recipe.builtin_weights, True
+    # A factory may well load a checkpoint itself; only the built-in schemes are known to be fresh.
+    return None, None if spec.scheme in ("py", "file") else False
 
 
 def _recipe(spec: ModelSpec, *, role: str, input_shape: tuple[int, ...] | None, trust_remote_code: bool) -> _Recipe:
@@ -316,7 +366,85 @@ def _timm_recipe(spec: ModelSpec, input_shape: tuple[int, ...] | None) -> _Recip
             height, width = (size, size) if isinstance(size, int) else size
         return _image_inputs(module, (1, channels, height, width))
 
-    return _Recipe(lambda: timm.create_model(spec.name, pretrained=False, **spec.overrides), describe)
+    kwargs, builtin_weights = _timm_weights(spec)
+    return _Recipe(lambda: _timm_create(spec, kwargs, builtin_weights), describe, builtin_weights=builtin_weights)
+
+
+def _timm_weights(spec: ModelSpec) -> tuple[dict[str, Any], str | None]:
+    """``timm.create_model`` keyword arguments for ``spec``, and which pretrained weights they load (None: none).
+
+    ``pretrained_file=PATH`` means ``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)`` (timm's
+    own loader, so the model's ``checkpoint_filter_fn`` converts the checkpoint; a model's custom
+    loader, e.g. ViT's for .npz, only for .npz files). ``pretrained_cfg_overlay=dict(file=...)``, whose
+    value is not a Python literal, is parsed here; an overlay naming a file implies ``pretrained=True``.
+    """
+    import timm.models
+
+    kwargs = dict(spec.overrides)
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if overlay is not None and not isinstance(overlay, dict):
+        overlay = kwargs["pretrained_cfg_overlay"] = _dict_call(_raw_override(spec, "pretrained_cfg_overlay"), spec)
+    if "pretrained_file" in kwargs:
+        if overlay is not None:
+            raise SpecError(f"{spec.text!r} gives both pretrained_file= and pretrained_cfg_overlay=; keep one")
+        file = str(kwargs.pop("pretrained_file"))
+        overlay = kwargs["pretrained_cfg_overlay"] = {"file": file}
+        if not file.endswith(".npz"):
+            overlay["custom_load"] = False
+    if overlay and overlay.get("file"):
+        kwargs.setdefault("pretrained", True)
+    if not kwargs.get("pretrained"):
+        kwargs["pretrained"] = False
+        return kwargs, None
+    if overlay and overlay.get("file"):
+        if not os.path.isfile(overlay["file"]):
+            raise SpecError(f"pretrained file '{overlay['file']}' in {spec.text!r} does not exist")
+        return kwargs, f"timm pretrained_file {overlay['file']}"
+    try:
+        cfg = timm.models.get_pretrained_cfg(spec.name)
+    except RuntimeError as e:
+        raise SpecError(f"timm has no pretrained weights for {spec.name!r} in {spec.text!r} ({e})") from e
+    found = {**(cfg.to_dict() if cfg else {}), **(overlay or {})}
+    # timm prefers the hub copy of a checkpoint to its original url (timm.models._builder)
+    if found.get("hf_hub_id"):
+        return kwargs, f"timm pretrained hf hub {found['hf_hub_id']}"
+    if found.get("url"):
+        return kwargs, f"timm pretrained url {found['url']}"
+    raise SpecError(f"timm registers no pretrained weights for {spec.name!r} ({spec.text!r}); pass "
+                    "pretrained_file=PATH or --teacher-weights FILE")
+
+
+def _timm_create(spec: ModelSpec, kwargs: dict[str, Any], builtin_weights: str | None) -> nn.Module:
+    """``timm.create_model`` with ``kwargs``; pretrained weights are skipped on the meta device (nothing to fill)."""
+    import timm
+
+    if kwargs["pretrained"] and torch.get_default_device().type == "meta":
+        kwargs = {**kwargs, "pretrained": False}
+    try:
+        return timm.create_model(spec.name, **kwargs)
+    except Exception as e:
+        if builtin_weights and kwargs["pretrained"] and is_hub_miss(e):
+            raise timm_weights_error(spec.name, builtin_weights, kwargs.get("cache_dir")) from e
+        raise
+
+
+def _raw_override(spec: ModelSpec, key: str) -> str:
+    """The unparsed text of override ``key`` in ``spec``."""
+    pairs = (pair.partition("=") for pair in spec.text.partition("?")[2].split("&"))
+    return next(value for name, _, value in pairs if name == key)
+
+
+def _dict_call(text: str, spec: ModelSpec) -> dict[str, Any]:
+    """``dict(key=literal, ...)`` -> that dict, without evaluating anything but the literals."""
+    try:
+        node = ast.parse(text, mode="eval").body
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict"
+                and not node.args and all(k.arg for k in node.keywords)):
+            return {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+    except (SyntaxError, ValueError):
+        pass
+    raise SpecError(f"pretrained_cfg_overlay in {spec.text!r} must be dict(key=literal, ...) or "
+                    f"{{'key': literal}}, got {text!r}; e.g. pretrained_cfg_overlay=dict(file='/x.pth')")
 
 
 def _torchvision_recipe(spec: ModelSpec, input_shape: tuple[int, ...] | None) -> _Recipe:

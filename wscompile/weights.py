@@ -392,8 +392,21 @@ def hf_weights_path(directory: str) -> str | None:
     return None
 
 
+def inside_folder(real: str, folder: str) -> bool:
+    """Whether the resolved path ``real`` lies in ``folder``.
+
+    A Hugging Face hub cache keeps ``snapshots/<commit>/<file>`` as links to ``../../blobs/<hash>``:
+    a snapshot folder's links into its own repository's ``blobs`` count as inside.
+    """
+    root = os.path.realpath(folder)
+    places = [root]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":
+        places.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+    return any(os.path.commonpath([place, real]) == place for place in places)
+
+
 def confined(path: str, folder: str, *, what: str, allow_outside: bool = False) -> str:
-    """``path`` (named by a file inside ``folder``) resolved, and refused when it leads out of ``folder``.
+    """``path`` (named by a file inside ``folder``) made absolute, and refused when it leads out of ``folder``.
 
     A model folder is untrusted input: a shard index naming ``../../x.safetensors`` or an absolute
     path, or a symlink out of the folder, would copy a file from elsewhere on the machine into the
@@ -402,10 +415,10 @@ def confined(path: str, folder: str, *, what: str, allow_outside: bool = False) 
     Raises:
         SpecError: the resolved path is outside ``folder``.
     """
-    real_folder = os.path.realpath(folder)
-    real = os.path.realpath(os.path.join(folder, path))
-    if allow_outside or os.path.commonpath([real_folder, real]) == real_folder:
-        return real
+    named = os.path.abspath(os.path.join(folder, path))
+    real = os.path.realpath(named)
+    if allow_outside or inside_folder(real, folder):
+        return named  # NOTE: not ``real``: a hub cache blob has no extension to tell its format by
     raise SpecError(
         f"{what} names '{path}', which resolves to '{real}' outside the model folder '{folder}'; refusing to read it "
         "(pass --allow-outside-paths only if you trust this folder)"

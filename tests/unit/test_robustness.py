@@ -225,7 +225,7 @@ def _bert_directory(tmp_path: Path) -> Path:
 
 def test_unrelated_kinds_nothing_matched(tmp_path, capsys):
     bert = _bert_directory(tmp_path)
-    assert init(tmp_path, f"hf:{bert}", "timm:resnet18?num_classes=10") == 2
+    assert init(tmp_path, f"hf:{bert}", "timm:resnet18?num_classes=10", "--allow-random-teacher") == 2
     line = error_line(capsys)
     assert "nothing in the student matched the teacher" in line and "conv1.weight" in line
     assert outputs(tmp_path) == []

@@ -18,7 +18,7 @@ from wscompile.errors import MissingDependencyError, ValidationError
 from wscompile.plan import AxisRule, SelectionPlan, StagePair, TensorRecord
 
 # Major: a field removed, renamed or changing meaning. Minor: a field added.
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 MAX_LISTED_PROBLEMS = 20  # a wholly wrong document would otherwise give thousands
 
 
@@ -91,6 +91,8 @@ def plan_to_dict(plan: SelectionPlan) -> dict[str, Any]:
         "rescale": plan.rescale,
         "seed": plan.seed,
         "calibration": plan.calibration,
+        "teacher_weights": plan.teacher_weights,
+        "teacher_pretrained": plan.teacher_pretrained,
         "frontend": dict(plan.frontend),
         "coverage": None
         if coverage is None

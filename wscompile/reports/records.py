@@ -145,6 +145,8 @@ def _summary(plan: SelectionPlan) -> list[tuple[str, str]]:
         ("method", f"{plan.method}; layer policy {plan.layer_policy}"),
         ("frontend", frontends or "n/a"),
     ]
+    if plan.teacher_weights is not None:
+        lines.insert(1, ("teacher weights", plan.teacher_weights))
     coverage = plan.coverage
     if coverage is None:
         lines.append(("from teacher", "not computed (the plan has no coverage)"))
