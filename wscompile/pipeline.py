@@ -7,6 +7,7 @@ next one reads. ``initialize`` is the same on in-memory modules, for use from Py
 from __future__ import annotations
 
 import inspect
+import itertools
 from dataclasses import dataclass
 
 import networkx as nx
@@ -168,7 +169,11 @@ def as_inputs(model: nn.Module, inputs: torch.Tensor | Inputs | None) -> Inputs:
 
 
 def _on_device(inputs: Inputs, model: nn.Module) -> Inputs:
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    devices = [t.device for t in itertools.chain(model.parameters(), model.buffers())]
+    # NOTE: a model built on meta may keep a tensor or two on the CPU (legacy constructors such as
+    # wav2vec2's `torch.Tensor(n).uniform_()` ignore the device context); it still runs on meta.
+    meta = torch.device("meta")
+    device = meta if meta in devices else devices[0] if devices else torch.device("cpu")
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 

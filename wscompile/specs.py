@@ -21,11 +21,12 @@ import importlib
 import importlib.util
 import inspect
 import itertools
+import json
 import os
 import sys
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -51,6 +52,8 @@ HF_TASKS = {
 
 DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
 DEFAULT_SEQ_LEN = 16
+DEFAULT_AUDIO_FRAMES = 16  # feature frames of an example waveform or spectrogram
+DEFAULT_WAVEFORM_LENGTH = 16000  # samples, when the config does not say how they become frames
 
 # Values of LoadedModel.kind.
 KIND_IMAGE = "image"
@@ -363,36 +366,127 @@ def _hf_recipe(spec: ModelSpec, *, role: str, input_shape: tuple[int, ...] | Non
 def _hf_inputs(
     module: nn.Module, config: Any, spec: ModelSpec, input_shape: tuple[int, ...] | None
 ) -> tuple[str, list[_Input]]:
-    params = inspect.signature(module.forward).parameters
-    vision = getattr(config, "vision_config", config)
-    text = config.get_text_config()
-    inputs: list[_Input] = []
-    if "pixel_values" in params and hasattr(vision, "image_size"):
-        size = vision.image_size
-        height, width = (size, size) if isinstance(size, int) else size
-        shape = (1, getattr(vision, "num_channels", 3), height, width)
-        if input_shape is not None and "input_ids" not in params:
-            shape = tuple(input_shape)
-        inputs.append(_Input("pixel_values", shape, "float"))
-    if "input_ids" in params and hasattr(text, "vocab_size"):
-        seq_len = min(DEFAULT_SEQ_LEN, getattr(text, "max_position_embeddings", DEFAULT_SEQ_LEN))
-        batch = 1
-        if input_shape is not None:
-            if len(input_shape) != 2:
-                raise SpecError(f"{spec.text!r} takes token ids: pass --input-shape BATCH,SEQ, got {input_shape}")
-            batch, seq_len = input_shape
-        text_names = ["input_ids", "attention_mask"]
-        if getattr(config, "is_encoder_decoder", False):
-            text_names.append("decoder_input_ids")
-        for name in text_names:
-            if name in params:
-                role = "mask" if name == "attention_mask" else "ids"
-                inputs.append(_Input(name, (batch, seq_len), role, torch.int64, text.vocab_size))
+    processor = _processor_config(spec.name) if spec.scheme == "hf" else {}
+    inputs = hf_config_inputs(module, config, processor=processor, input_shape=input_shape, label=spec.text)
     if not inputs:
         return _python_inputs(module, spec, input_shape)
+    return _hf_kind(inputs), inputs
+
+
+def hf_config_inputs(
+    module: nn.Module,
+    config: Any,
+    *,
+    processor: dict[str, Any] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    label: str = "the model",
+) -> list[_Input]:
+    """The forward arguments a transformers model takes, told from its config (and processor config).
+
+    Each modality the forward signature names gets one input: ``pixel_values`` (vision), ``input_features``
+    (log-mel spectrogram, Whisper), ``input_values`` (raw waveform, wav2vec2-like), ``input_ids`` (text),
+    and ``decoder_input_ids`` for encoder-decoder models. ``input_shape`` replaces the shape of the main
+    input: the token ids when there are any, else the single vision or audio input. Empty when the
+    signature names none of them.
+
+    Raises:
+        SpecError: ``input_shape`` does not have the main input's rank.
+    """
+    params = inspect.signature(module.forward).parameters
+    processor = processor or {}
+    vision = getattr(config, "vision_config", None) or config
+    text = config.get_text_config()
+    inputs: list[_Input] = []
+    if "pixel_values" in params:
+        inputs.append(_Input("pixel_values", (1, getattr(vision, "num_channels", 3), *_image_size(vision, processor)),
+                             "float"))
+    if "input_features" in params and hasattr(config, "num_mel_bins"):
+        inputs.append(_Input("input_features", _spectrogram_shape(config, processor), "float"))
+    if "input_values" in params:
+        inputs.append(_Input("input_values", (1, _waveform_length(config)), "float"))
+    seq_len = min(DEFAULT_SEQ_LEN, getattr(text, "max_position_embeddings", DEFAULT_SEQ_LEN))
+    if "input_ids" in params and hasattr(text, "vocab_size"):
+        inputs.append(_Input("input_ids", (1, seq_len), "ids", torch.int64, text.vocab_size))
+        if "attention_mask" in params:
+            inputs.append(_Input("attention_mask", (1, seq_len), "mask", torch.int64))
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params and hasattr(text, "vocab_size"):
+        decoder_len = min(seq_len, getattr(config, "max_target_positions", seq_len))
+        inputs.append(_Input("decoder_input_ids", (1, decoder_len), "ids", torch.int64, text.vocab_size))
+    if input_shape is not None and inputs:
+        inputs = _with_main_shape(inputs, tuple(input_shape), label)
+    return inputs
+
+
+def _with_main_shape(inputs: list[_Input], shape: tuple[int, ...], label: str) -> list[_Input]:
+    """``inputs`` with the main one (token ids, else the only non-text input) shaped ``shape``."""
+    if any(i.name == "input_ids" for i in inputs) or all(i.role != "float" for i in inputs):
+        if len(shape) != 2:
+            raise SpecError(f"{label!r} takes token ids: pass --input-shape BATCH,SEQ, got {shape}")
+        # Every token input (encoder, mask, decoder) follows the given batch and length.
+        return [replace(i, shape=shape) if i.role != "float" else i for i in inputs]
+    main = next(i for i in inputs if i.role == "float")
+    if len(shape) != len(main.shape):
+        raise SpecError(
+            f"{label!r} takes {main.name} of shape {main.shape}: pass --input-shape with {len(main.shape)} "
+            f"numbers, got {shape}"
+        )
+    batch = shape[0]
+    return [replace(i, shape=shape) if i is main else replace(i, shape=(batch, *i.shape[1:])) for i in inputs]
+
+
+def _hf_kind(inputs: list[_Input]) -> str:
     names = {i.name for i in inputs}
-    kind = KIND_OTHER if {"pixel_values", "input_ids"} <= names else KIND_TEXT if "input_ids" in names else KIND_IMAGE
-    return kind, inputs
+    if names == {"pixel_values"}:
+        return KIND_IMAGE
+    if all(i.role != "float" for i in inputs):
+        return KIND_TEXT
+    return KIND_OTHER
+
+
+def _image_size(vision: Any, processor: dict[str, Any]) -> tuple[int, int]:
+    """Height and width: the config's ``image_size``, else the processor's crop or resize, else 224."""
+    size = getattr(vision, "image_size", None)
+    if size is None:
+        size = processor.get("crop_size") if processor.get("do_center_crop", True) else None
+        size = size or processor.get("size")
+    if isinstance(size, dict):
+        size = (size["height"], size["width"]) if "height" in size and "width" in size else size.get("shortest_edge")
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    return DEFAULT_IMAGE_SHAPE[2], DEFAULT_IMAGE_SHAPE[3]
+
+
+def _spectrogram_shape(config: Any, processor: dict[str, Any]) -> tuple[int, int, int]:
+    """(1, mel bins, frames); Whisper's encoder takes exactly 2 frames per source position (its conv stride)."""
+    frames = 2 * config.max_source_positions if hasattr(config, "max_source_positions") else None
+    frames = frames or processor.get("nb_max_frames") or DEFAULT_AUDIO_FRAMES
+    return 1, config.num_mel_bins, frames
+
+
+def _waveform_length(config: Any) -> int:
+    """Samples of the shortest waveform the conv feature extractor turns into ``DEFAULT_AUDIO_FRAMES`` frames."""
+    kernels, strides = getattr(config, "conv_kernel", None), getattr(config, "conv_stride", None)
+    if not kernels or not strides:
+        return DEFAULT_WAVEFORM_LENGTH
+    length = DEFAULT_AUDIO_FRAMES
+    for kernel, stride in reversed(list(zip(kernels, strides, strict=True))):
+        length = (length - 1) * stride + kernel  # the input length of a conv that outputs `length` frames
+    return length
+
+
+def _processor_config(directory: str) -> dict[str, Any]:
+    """The directory's image processor / feature extractor config (preprocessor_config.json), or {}."""
+    path = os.path.join(directory, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            found = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _python_recipe(spec: ModelSpec, input_shape: tuple[int, ...] | None) -> _Recipe:
