@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wscompile.errors import SpecError
+from wscompile.errors import InputsError, SpecError
 from wscompile.weights import ModuleSource, RenamedSource, TensorSource, hf_weights_path, open_weights
 
 SCHEMES = ("timm", "torchvision", "hf", "py", "file")
@@ -82,6 +82,7 @@ class LoadedModel:
     make_inputs: Callable[[int, int | None], dict[str, torch.Tensor]]  # (batch, seq_len) -> CPU inputs
     source: TensorSource  # the weights file (teacher with weights) or the module's own tensors
     on_meta: bool  # module built on the meta device: shapes only, no data
+    described: list[_Input] = field(default_factory=list)  # how `inputs` and `make_inputs` are made
 
 
 def parse_spec(text: str) -> ModelSpec:
@@ -161,6 +162,7 @@ def load_model(
     input_shape: tuple[int, ...] | None = None,
     trust_remote_code: bool = False,
     unsafe_pickle: bool = False,
+    inputs_from: LoadedModel | None = None,
 ) -> LoadedModel:
     """Build the model a spec names, attach its weights and example inputs.
 
@@ -177,8 +179,11 @@ def load_model(
         input_shape: shape of the main input (``BATCH,SEQ`` for text), replacing the default.
         trust_remote_code: allow ``hf:`` configs/models defined by code in the directory.
         unsafe_pickle: allow pickle checkpoints that need code execution.
+        inputs_from: the other model of the pair, whose example inputs this one takes when its own
+            cannot be told (a ``py:`` factory without ``example_inputs``, say).
 
     Raises:
+        InputsError: the inputs cannot be told and there is no ``inputs_from``.
         SpecError: the spec, its overrides, its inputs or its weights do not fit.
     """
     if role not in ("teacher", "student"):
@@ -187,7 +192,12 @@ def load_model(
     recipe = _recipe(spec, role=role, input_shape=input_shape, trust_remote_code=trust_remote_code)
     module = _construct(recipe.build, spec, device=device, seed=seed).eval()
     on_meta = any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
-    kind, described = recipe.describe_inputs(module)
+    try:
+        kind, described = recipe.describe_inputs(module)
+    except InputsError:
+        if inputs_from is None:
+            raise
+        kind, described = inputs_from.kind, inputs_from.described
 
     weights = weights or recipe.default_weights
     source: TensorSource
@@ -211,7 +221,16 @@ def load_model(
         make_inputs=make_inputs,
         source=source,
         on_meta=on_meta,
+        described=described,
     )
+
+
+def build_module(text: str, *, role: str, device: str = "cpu", seed: int = 0,
+                 trust_remote_code: bool = False) -> nn.Module:
+    """The module a spec names, without weights or example inputs (to count its bytes on meta, say)."""
+    spec = parse_spec(text)
+    recipe = _recipe(spec, role=role, input_shape=None, trust_remote_code=trust_remote_code)
+    return _construct(recipe.build, spec, device=device, seed=seed).eval()
 
 
 def _recipe(spec: ModelSpec, *, role: str, input_shape: tuple[int, ...] | None, trust_remote_code: bool) -> _Recipe:
@@ -314,11 +333,14 @@ def _torchvision_recipe(spec: ModelSpec, input_shape: tuple[int, ...] | None) ->
     def describe(module: nn.Module) -> tuple[str, list[_Input]]:
         if input_shape is not None:
             return _image_inputs(module, input_shape)
-        size = getattr(module, "image_size", None)  # vit_* models fix their input size
-        shape = (1, 3, size, size) if isinstance(size, int) else DEFAULT_IMAGE_SHAPE
-        return _image_inputs(module, shape)
+        return _image_inputs(module, _torchvision_image_shape(module))
 
     return _Recipe(lambda: torchvision.models.get_model(spec.name, weights=None, **spec.overrides), describe)
+
+
+def _torchvision_image_shape(module: nn.Module) -> tuple[int, ...]:
+    size = getattr(module, "image_size", None)  # vit_* models fix their input size
+    return (1, 3, size, size) if isinstance(size, int) else DEFAULT_IMAGE_SHAPE
 
 
 def _hf_recipe(spec: ModelSpec, *, role: str, input_shape: tuple[int, ...] | None, trust_remote_code: bool) -> _Recipe:
@@ -527,18 +549,26 @@ def _import_file(path: str, spec: ModelSpec) -> Any:
 def _python_inputs(module: nn.Module, spec: ModelSpec, input_shape: tuple[int, ...] | None) -> tuple[str, list[_Input]]:
     if input_shape is not None:
         return _kind_of([_Input(_first_param(module), tuple(input_shape), "float")])
+    inputs = _attribute_inputs(module, spec.text)
+    if inputs is None:
+        raise InputsError(
+            f"cannot tell the inputs of {spec.text!r}; pass --input-shape 1,3,32,32 (the shape of its first "
+            "forward argument) or give the model an `example_inputs` attribute (a tensor or a dict of them)"
+        )
+    return _kind_of(inputs)
+
+
+def _attribute_inputs(module: nn.Module, label: str) -> list[_Input] | None:
+    """The inputs described by the module's own ``example_inputs`` attribute, None without one."""
     examples = getattr(module, "example_inputs", None)
     if isinstance(examples, torch.Tensor):
         examples = {_first_param(module): examples}
     if not isinstance(examples, dict) or not examples:
-        raise SpecError(
-            f"cannot tell the inputs of {spec.text!r}; pass --input-shape 1,3,32,32 (the shape of its first "
-            "forward argument) or give the model an `example_inputs` attribute (a tensor or a dict of them)"
-        )
+        return None
     inputs = []
     for name, tensor in examples.items():
         if not isinstance(tensor, torch.Tensor):
-            raise SpecError(f"example_inputs[{name!r}] of {spec.text!r} is a {type(tensor).__name__}, not a tensor")
+            raise SpecError(f"example_inputs[{name!r}] of {label!r} is a {type(tensor).__name__}, not a tensor")
         shape = tuple(tensor.shape)
         if tensor.dtype == torch.bool:
             inputs.append(_Input(name, shape, "mask", torch.bool))
@@ -547,7 +577,48 @@ def _python_inputs(module: nn.Module, spec: ModelSpec, input_shape: tuple[int, .
         else:
             high = int(tensor.max()) + 1 if tensor.numel() and not tensor.is_meta else 1
             inputs.append(_Input(name, shape, "ids", tensor.dtype, high))
-    return _kind_of(inputs)
+    return inputs
+
+
+def example_inputs(module: nn.Module, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Batch-1 example inputs for an in-memory model, told the way the CLI tells them for a spec.
+
+    A transformers model's come from ``module.config`` (every modality, as for ``hf:`` specs), a timm
+    model's from its ``pretrained_cfg`` input size, a torchvision model's are a default image, and any
+    other model's from its ``example_inputs`` attribute. Tensors are on the CPU (meta for a meta model).
+
+    Raises:
+        InputsError: none of these tells the inputs; pass them (``example_inputs=`` in Python).
+    """
+    label = type(module).__name__
+    inputs = _module_inputs(module, label)
+    if inputs is None:
+        raise InputsError(
+            f"cannot tell the inputs of {label}: it has no transformers config, timm pretrained_cfg or "
+            "`example_inputs` attribute; pass example_inputs= (a tensor for its first forward argument or a dict "
+            "of keyword arguments)"
+        )
+    device = "meta" if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())) else "cpu"
+    return {name: t.to(device) for name, t in _make_inputs(inputs, None, None, seed).items()}
+
+
+def _module_inputs(module: nn.Module, label: str) -> list[_Input] | None:
+    config = getattr(module, "config", None)
+    if config is not None and callable(getattr(config, "get_text_config", None)):  # a transformers config
+        inputs = hf_config_inputs(module, config, label=label)
+        if inputs:
+            return inputs
+    pretrained_cfg = getattr(module, "pretrained_cfg", None) or {}
+    if "input_size" in pretrained_cfg:
+        channels, height, width = pretrained_cfg["input_size"]
+        # NOTE: timm keeps pretrained_cfg's size when img_size is overridden; the patch embed knows.
+        img_size = getattr(getattr(module, "patch_embed", None), "img_size", None)
+        if img_size:
+            height, width = img_size
+        return [_Input(_first_param(module), (1, channels, height, width), "float")]
+    if type(module).__module__.startswith("torchvision.models"):
+        return [_Input(_first_param(module), _torchvision_image_shape(module), "float")]
+    return _attribute_inputs(module, label)
 
 
 def _kind_of(inputs: list[_Input]) -> tuple[str, list[_Input]]:
