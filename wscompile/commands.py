@@ -84,6 +84,7 @@ def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, 
     teacher_device = "meta" if (has_file or not need_values) and not needs_calibration(options) else "cpu"
     check_memory(options, teacher_in_memory=teacher_device == "cpu",
                  student_copies=STUDENT_COPIES_INIT if need_values else 1)
+
     def load_teacher(inputs_from: LoadedModel | None = None) -> LoadedModel:
         return load_model(options.teacher, role="teacher", weights=options.teacher_weights, device=teacher_device,
                           seed=options.seed, input_shape=options.input_shape,
@@ -235,7 +236,7 @@ def save(plan: SelectionPlan, student: torch.nn.Module, out: str | None = None, 
     (``initialize`` put the selected values in place), by the same writers the CLI uses.
 
     Args:
-        plan: the plan ``initialize`` (or ``compile``) returned for this student.
+        plan: the plan ``initialize`` returned for this student.
         student: the student module; its ``state_dict`` is written.
         out: a ``.safetensors`` file, or a directory (ending in '/') for a Hugging Face-style folder.
         manifest: JSON manifest path.

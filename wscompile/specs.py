@@ -389,13 +389,13 @@ def _hf_inputs(
     module: nn.Module, config: Any, spec: ModelSpec, input_shape: tuple[int, ...] | None
 ) -> tuple[str, list[_Input]]:
     processor = _processor_config(spec.name) if spec.scheme == "hf" else {}
-    inputs = hf_config_inputs(module, config, processor=processor, input_shape=input_shape, label=spec.text)
+    inputs = _hf_config_inputs(module, config, processor=processor, input_shape=input_shape, label=spec.text)
     if not inputs:
         return _python_inputs(module, spec, input_shape)
     return _hf_kind(inputs), inputs
 
 
-def hf_config_inputs(
+def _hf_config_inputs(
     module: nn.Module,
     config: Any,
     *,
@@ -605,7 +605,7 @@ def example_inputs(module: nn.Module, *, seed: int = 0) -> dict[str, torch.Tenso
 def _module_inputs(module: nn.Module, label: str) -> list[_Input] | None:
     config = getattr(module, "config", None)
     if config is not None and callable(getattr(config, "get_text_config", None)):  # a transformers config
-        inputs = hf_config_inputs(module, config, label=label)
+        inputs = _hf_config_inputs(module, config, label=label)
         if inputs:
             return inputs
     pretrained_cfg = getattr(module, "pretrained_cfg", None) or {}
