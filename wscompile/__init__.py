@@ -1,7 +1,9 @@
 """wscompile: initialize small models from larger pretrained ones by structural weight selection."""
 
+from wscompile.commands import save
 from wscompile.errors import (
     ExportError,
+    InputsError,
     MatchError,
     SelectionError,
     SpecError,
@@ -16,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ExportError",
+    "InputsError",
     "MatchError",
     "SelectionError",
     "SelectionPlan",
@@ -25,4 +28,5 @@ __all__ = [
     "WscompileError",
     "compile",
     "initialize",
+    "save",
 ]

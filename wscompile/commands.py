@@ -13,14 +13,14 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
 
 from wscompile import pipeline, reports
 from wscompile.checkpoints import hf_checkpoint_source
-from wscompile.errors import MatchError, ResourceError, SelectionError, SpecError
+from wscompile.errors import InputsError, MatchError, ResourceError, SelectionError, SpecError
 from wscompile.folders import DTYPES, FolderPlan, check_teacher_files, plan_folder
 from wscompile.outputs import (
     check_output_dir,
@@ -30,9 +30,9 @@ from wscompile.outputs import (
     stream_safetensors_dir,
 )
 from wscompile.passes.apply import student_layout, student_tensors
-from wscompile.plan import SelectionPlan
-from wscompile.specs import LoadedModel, load_model, parse_spec, resolve_hub
-from wscompile.weights import TensorSource, hf_weights_path, open_weights
+from wscompile.plan import RULE_STUDENT_INIT, SelectionPlan
+from wscompile.specs import LoadedModel, build_module, load_model, parse_spec, resolve_hub
+from wscompile.weights import ModuleSource, TensorSource, hf_weights_path, open_weights
 
 Log = Callable[[str], None]
 CALIB_BATCH = 8  # calibration inputs per onnxruntime calibration batch
@@ -89,17 +89,25 @@ def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, 
     teacher_device = "meta" if (has_file or not need_values) and not needs_calibration(options) else "cpu"
     check_memory(options, teacher_in_memory=teacher_device == "cpu",
                  student_copies=STUDENT_COPIES_INIT if need_values else 1)
-    teacher = load_model(
-        options.teacher, role="teacher", weights=options.teacher_weights,
-        device=teacher_device, seed=options.seed,
-        input_shape=options.input_shape, trust_remote_code=options.trust_remote_code,
-        unsafe_pickle=options.unsafe_pickle, allow_outside_paths=options.allow_outside_paths,
-    )
-    student = load_model(
-        options.student, role="student", seed=options.seed, input_shape=options.input_shape,
-        trust_remote_code=options.trust_remote_code,
-    )
-    return teacher, student
+
+    def load_teacher(inputs_from: LoadedModel | None = None) -> LoadedModel:
+        return load_model(options.teacher, role="teacher", weights=options.teacher_weights, device=teacher_device,
+                          seed=options.seed, input_shape=options.input_shape,
+                          trust_remote_code=options.trust_remote_code, unsafe_pickle=options.unsafe_pickle,
+                          allow_outside_paths=options.allow_outside_paths, inputs_from=inputs_from)
+
+    def load_student(inputs_from: LoadedModel | None = None) -> LoadedModel:
+        return load_model(options.student, role="student", seed=options.seed, input_shape=options.input_shape,
+                          trust_remote_code=options.trust_remote_code, inputs_from=inputs_from)
+
+    # A model whose inputs cannot be told (a py: factory without example_inputs) takes the other's;
+    # when neither can be told, the student's InputsError says what to pass.
+    try:
+        teacher = load_teacher()
+    except InputsError:
+        student = load_student()
+        return load_teacher(inputs_from=student), student
+    return teacher, load_student(inputs_from=teacher)
 
 
 def check_memory(options: InitOptions, *, teacher_in_memory: bool, student_copies: int) -> None:
@@ -163,9 +171,8 @@ def available_memory() -> tuple[int, str]:
 
 def _tensor_bytes(spec: str, role: str, options: InitOptions) -> int:
     """Bytes of a model's state_dict, counted on the meta device (a tied tensor once)."""
-    module = load_model(spec, role=role, device="meta", seed=options.seed, input_shape=options.input_shape,
-                        trust_remote_code=options.trust_remote_code, unsafe_pickle=options.unsafe_pickle,
-                        allow_outside_paths=options.allow_outside_paths).module
+    module = build_module(spec, role=role, device="meta", seed=options.seed,
+                          trust_remote_code=options.trust_remote_code)
     unique = {id(t): t for t in module.state_dict(keep_vars=True).values()}
     return sum(t.numel() * t.element_size() for t in unique.values())
 
@@ -175,17 +182,7 @@ def _size(n: int) -> str:
 
 
 def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
-    out_dir = options.out is not None and is_directory_output(options.out)
-    paths = [None if out_dir else options.out, options.manifest, options.report, options.onnx]
-    check_outputs(paths, force=options.force)
-    if out_dir:
-        check_output_dir(options.out, force=options.force)
-        if parse_spec(options.student).scheme == "hf":
-            check_teacher_files(parse_spec(options.teacher))
-    if options.dtype is not None and options.dtype not in DTYPES:
-        raise SpecError(f"unknown --dtype {options.dtype!r}; use one of {', '.join(DTYPES)}")
-    if options.report:
-        reports.format_from_path(options.report)
+    check_init_outputs(options)
     check_selection(options)
     teacher, student = load_pair(options, need_values=True)
     warn_random_teacher(options, teacher)
@@ -199,12 +196,7 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
     plan = compiled.plan
     record_teacher_weights(plan, teacher)
     check_something_matched(compiled)
-    if options.out:
-        folder = _write_student(options, plan, teacher.source, student.module)
-    if options.manifest:
-        reports.write_report(plan, options.manifest, fmt="json", force=options.force)
-    if options.report:
-        reports.write_report(plan, options.report, force=options.force)
+    folder = write_outputs(options, plan, teacher.source, student.module)
     log(summary(plan))
     for path in (options.out, options.manifest, options.report):
         if path:
@@ -221,6 +213,74 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
         student.module.load_state_dict(state)
         _export(student, options.onnx, options, log)
     return plan
+
+
+def check_init_outputs(options: InitOptions) -> None:
+    """Fail on an output that exists (without --force) or a report format that is unknown, before any work."""
+    out_dir = options.out is not None and is_directory_output(options.out)
+    paths = [None if out_dir else options.out, options.manifest, options.report, options.onnx]
+    check_outputs(paths, force=options.force)
+    if out_dir:
+        check_output_dir(options.out, force=options.force)
+        if parse_spec(options.student).scheme == "hf":
+            check_teacher_files(parse_spec(options.teacher))
+    if options.dtype is not None and options.dtype not in DTYPES:
+        raise SpecError(f"unknown --dtype {options.dtype!r}; use one of {', '.join(DTYPES)}")
+    if options.report:
+        reports.format_from_path(options.report)
+
+
+def write_outputs(options: InitOptions, plan: SelectionPlan, teacher: TensorSource,
+                  student: torch.nn.Module) -> FolderPlan | None:
+    """Write what ``options`` asks for: the student's weights (``out``), the manifest and the report.
+
+    Returns:
+        Where the student's tensors went (``_write_student``), or None without ``out``.
+    """
+    folder = _write_student(options, plan, teacher, student) if options.out else None
+    if options.manifest:
+        reports.write_report(plan, options.manifest, fmt="json", force=options.force)
+    if options.report:
+        reports.write_report(plan, options.report, force=options.force)
+    return folder
+
+
+def save(plan: SelectionPlan, student: torch.nn.Module, out: str | None = None, *, manifest: str | None = None,
+         report: str | None = None, force: bool = False, max_shard_size: int = MAX_SHARD_SIZE) -> None:
+    """Write a student initialized in Python, as ``wscompile init`` writes it.
+
+    ``plan = wscompile.initialize(teacher, student)`` then ``wscompile.save(plan, student, "student.safetensors",
+    manifest="student.json", report="student.html")``. The student's tensors are written as they are now
+    (``initialize`` put the selected values in place), by the same writers the CLI uses.
+
+    Args:
+        plan: the plan ``initialize`` returned for this student.
+        student: the student module; its ``state_dict`` is written.
+        out: a ``.safetensors`` file, or a directory (ending in '/') for a Hugging Face-style folder.
+        manifest: JSON manifest path.
+        report: report path; the format is told from the extension (.txt, .md, .json, .html).
+        force: replace existing files.
+        max_shard_size: largest shard of a directory ``out``, in bytes.
+
+    Raises:
+        OutputError: an output exists without ``force`` or cannot be written.
+        SpecError: the student lacks a tensor the plan names (it is not the plan's student).
+    """
+    options = InitOptions(teacher=plan.teacher_spec, student=plan.student_spec, out=out, manifest=manifest,
+                          report=report, method=plan.method, force=force, progress=False,
+                          max_shard_size=max_shard_size)
+    check_init_outputs(options)
+    state = student.state_dict()
+    missing = [r.student for r in plan.tensors if r.student not in state]
+    if missing:
+        raise SpecError(f"the student has no {missing[0]!r} ({len(missing)} of the plan's tensors missing); "
+                        "pass the student module the plan was made for")
+    source = ModuleSource(student)
+    # The student already holds the selected values, so the weights writer is given a plan that keeps
+    # every tensor as it is; the manifest and report describe the real plan.
+    as_is = replace(plan, tensors=[replace(r, rule=RULE_STUDENT_INIT) for r in plan.tensors])
+    write_outputs(replace(options, manifest=None, report=None), as_is, source, student)
+    write_outputs(replace(options, out=None), plan, source, student)
 
 
 def _write_student(options: InitOptions, plan: SelectionPlan, teacher: TensorSource,

@@ -17,6 +17,10 @@ class SpecError(WscompileError, ValueError):
     """A model spec or a weights file that cannot be turned into a model."""
 
 
+class InputsError(SpecError):
+    """A model's example inputs cannot be told from its spec or config (the other model's may stand in)."""
+
+
 class TraceError(WscompileError, RuntimeError):
     """No frontend could trace a model into the IR."""
 

@@ -7,14 +7,15 @@ next one reads. ``initialize`` is the same on in-memory modules, for use from Py
 from __future__ import annotations
 
 import inspect
+import itertools
 from dataclasses import dataclass
 
 import networkx as nx
 import torch
 from torch import nn
 
-from wscompile import frontend
-from wscompile.errors import SelectionError
+from wscompile import frontend, specs
+from wscompile.errors import InputsError, SelectionError
 from wscompile.matching import Alignment, align
 from wscompile.matching.layers import parse_layer_policy
 from wscompile.passes.apply import apply_plan
@@ -114,7 +115,9 @@ def initialize(
         teacher: the larger pretrained model.
         student: the smaller model of the same family; its tensors are overwritten in place.
         example_inputs: one example batch for tracing (a tensor for the first forward argument, or
-            keyword arguments). Defaults to timm's ``pretrained_cfg["input_size"]`` when present.
+            keyword arguments). By default each model's are told as the CLI tells them: from a
+            transformers ``config`` (every modality), timm's ``pretrained_cfg``, a torchvision default
+            image, or an ``example_inputs`` attribute; a model whose inputs cannot be told takes the other's.
         student_inputs: the student's example inputs when they differ from the teacher's.
         method: element-selection method: "uniform" (the paper's rule), "consecutive", "random",
             "magnitude" (teacher weight norms) or "activation" (teacher activations on ``calibration``).
@@ -133,13 +136,13 @@ def initialize(
         The SelectionPlan: for every student tensor, its teacher source and index rule.
 
     Raises:
+        InputsError: no ``example_inputs`` and neither model's inputs can be told.
         TraceError, MatchError, SelectionError: with a message saying what to change.
     """
-    teacher_inputs = as_inputs(teacher, example_inputs)
+    teacher_inputs, student_inputs = example_pair(teacher, student, example_inputs, student_inputs, seed=seed)
     label = "the example inputs" if calibration is None else None
     compiled = compile(
-        teacher, student, teacher_inputs=teacher_inputs,
-        student_inputs=as_inputs(student, student_inputs if student_inputs is not None else example_inputs),
+        teacher, student, teacher_inputs=teacher_inputs, student_inputs=student_inputs,
         method=method, layer_policy=layer_policy, heads=heads, rescale=rescale, seed=seed,
         calibration=teacher_inputs if calibration is None else as_inputs(teacher, calibration),
         calibration_label=label, select_head=select_head, allow_partial=allow_partial,
@@ -149,26 +152,57 @@ def initialize(
     return compiled.plan
 
 
+def example_pair(
+    teacher: nn.Module,
+    student: nn.Module,
+    example_inputs: torch.Tensor | Inputs | None,
+    student_inputs: torch.Tensor | Inputs | None = None,
+    *,
+    seed: int = 0,
+) -> tuple[Inputs, Inputs]:
+    """Teacher and student example inputs: the given ones, else told from each model as the CLI tells them.
+
+    ``student_inputs`` defaults to ``example_inputs``. Without either, each model's inputs come from its
+    config (``specs.example_inputs``); a model whose inputs cannot be told takes the other's.
+
+    Raises:
+        InputsError: neither model's inputs can be told; the message asks for ``example_inputs``.
+    """
+    if example_inputs is not None:
+        given = student_inputs if student_inputs is not None else example_inputs
+        return as_inputs(teacher, example_inputs), as_inputs(student, given)
+    student_given = as_inputs(student, student_inputs) if student_inputs is not None else None
+    try:
+        teacher_told = specs.example_inputs(teacher, seed=seed)
+    except InputsError:
+        if student_given is not None:
+            return student_given, student_given
+        student_told = specs.example_inputs(student, seed=seed)  # neither told: this error asks for inputs
+        return student_told, student_told
+    if student_given is not None:
+        return teacher_told, student_given
+    try:
+        return teacher_told, specs.example_inputs(student, seed=seed)
+    except InputsError:
+        return teacher_told, teacher_told
+
+
 def as_inputs(model: nn.Module, inputs: torch.Tensor | Inputs | None) -> Inputs:
-    """Forward keyword arguments from a tensor, a dict, or timm's default input size."""
+    """Forward keyword arguments from a dict, a tensor (the first forward argument), or told from the model."""
     if isinstance(inputs, dict):
         return inputs
     if inputs is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        if "input_size" not in cfg:
-            raise TypeError("pass example_inputs: a tensor for the model's first forward argument or a dict")
-        channels, height, width = cfg["input_size"]
-        # NOTE: timm keeps pretrained_cfg's size when img_size is overridden; the patch embed knows
-        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        if img_size:
-            height, width = img_size
-        inputs = torch.randn(1, channels, height, width)
+        return specs.example_inputs(model)
     first = next(iter(inspect.signature(model.forward).parameters))
     return {first: inputs}
 
 
 def _on_device(inputs: Inputs, model: nn.Module) -> Inputs:
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    devices = [t.device for t in itertools.chain(model.parameters(), model.buffers())]
+    # NOTE: a model built on meta may keep a tensor or two on the CPU (legacy constructors such as
+    # wav2vec2's `torch.Tensor(n).uniform_()` ignore the device context); it still runs on meta.
+    meta = torch.device("meta")
+    device = meta if meta in devices else devices[0] if devices else torch.device("cpu")
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 

@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import inspect
 import itertools
+import json
 import os
 import sys
 from collections import Counter
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from wscompile.checkpoints import ConvertedSource, hf_checkpoint_source, is_transformers_model
-from wscompile.errors import SpecError
+from wscompile.errors import InputsError, SpecError
 from wscompile.hub import hub_snapshot, is_hub_id, is_hub_miss, timm_weights_error
 from wscompile.weights import (
     DictSource,
@@ -64,6 +65,8 @@ HF_TASKS = {
 
 DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
 DEFAULT_SEQ_LEN = 16
+DEFAULT_AUDIO_FRAMES = 16  # feature frames of an example waveform or spectrogram
+DEFAULT_WAVEFORM_LENGTH = 16000  # samples, when the config does not say how they become frames
 
 # Values of LoadedModel.kind.
 KIND_IMAGE = "image"
@@ -95,6 +98,7 @@ class LoadedModel:
     on_meta: bool  # module built on the meta device: shapes only, no data
     weights_origin: str | None = None  # where its values come from (a path, a hub id, timm pretrained); None: own init
     pretrained: bool | None = False  # values loaded from somewhere; None: unknown (a py:/file factory may load them)
+    described: list[_Input] = field(default_factory=list)  # how `inputs` and `make_inputs` are made
 
 
 def parse_spec(text: str) -> ModelSpec:
@@ -209,6 +213,7 @@ def load_model(
     trust_remote_code: bool = False,
     unsafe_pickle: bool = False,
     allow_outside_paths: bool = False,
+    inputs_from: LoadedModel | None = None,
 ) -> LoadedModel:
     """Build the model a spec names, attach its weights and example inputs.
 
@@ -226,8 +231,11 @@ def load_model(
         trust_remote_code: allow ``hf:`` configs/models defined by code in the directory.
         unsafe_pickle: allow pickle checkpoints that need code execution.
         allow_outside_paths: let a model folder name weight files outside itself (see ``weights.confined``).
+        inputs_from: the other model of the pair, whose example inputs this one takes when its own
+            cannot be told (a ``py:`` factory without ``example_inputs``, say).
 
     Raises:
+        InputsError: the inputs cannot be told and there is no ``inputs_from``.
         SpecError: the spec, its overrides, its inputs or its weights do not fit.
     """
     if role not in ("teacher", "student"):
@@ -236,7 +244,12 @@ def load_model(
     recipe = _recipe(spec, role=role, input_shape=input_shape, trust_remote_code=trust_remote_code)
     module = _construct(recipe.build, spec, device=device, seed=seed).eval()
     on_meta = any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
-    kind, described = recipe.describe_inputs(module)
+    try:
+        kind, described = recipe.describe_inputs(module)
+    except InputsError:
+        if inputs_from is None:
+            raise
+        kind, described = inputs_from.kind, inputs_from.described
 
     origin, pretrained = _weights_origin(spec, weights, recipe)
     weights = weights or recipe.default_weights
@@ -267,6 +280,7 @@ def load_model(
         on_meta=on_meta,
         weights_origin=origin,
         pretrained=pretrained,
+        described=described,
     )
 
 
@@ -280,6 +294,14 @@ def _weights_origin(spec: ModelSpec, weights: str | None, recipe: _Recipe) -> tu
         return recipe.builtin_weights, True
     # A factory may well load a checkpoint itself; only the built-in schemes are known to be fresh.
     return None, None if spec.scheme in ("py", "file") else False
+
+
+def build_module(text: str, *, role: str, device: str = "cpu", seed: int = 0,
+                 trust_remote_code: bool = False) -> nn.Module:
+    """The module a spec names, without weights or example inputs (to count its bytes on meta, say)."""
+    spec = resolve_hub(parse_spec(text), role=role)
+    recipe = _recipe(spec, role=role, input_shape=None, trust_remote_code=trust_remote_code)
+    return _construct(recipe.build, spec, device=device, seed=seed).eval()
 
 
 def _recipe(spec: ModelSpec, *, role: str, input_shape: tuple[int, ...] | None, trust_remote_code: bool) -> _Recipe:
@@ -460,11 +482,14 @@ def _torchvision_recipe(spec: ModelSpec, input_shape: tuple[int, ...] | None) ->
     def describe(module: nn.Module) -> tuple[str, list[_Input]]:
         if input_shape is not None:
             return _image_inputs(module, input_shape)
-        size = getattr(module, "image_size", None)  # vit_* models fix their input size
-        shape = (1, 3, size, size) if isinstance(size, int) else DEFAULT_IMAGE_SHAPE
-        return _image_inputs(module, shape)
+        return _image_inputs(module, _torchvision_image_shape(module))
 
     return _Recipe(lambda: torchvision.models.get_model(spec.name, weights=None, **spec.overrides), describe)
+
+
+def _torchvision_image_shape(module: nn.Module) -> tuple[int, ...]:
+    size = getattr(module, "image_size", None)  # vit_* models fix their input size
+    return (1, 3, size, size) if isinstance(size, int) else DEFAULT_IMAGE_SHAPE
 
 
 def _hf_recipe(spec: ModelSpec, *, role: str, input_shape: tuple[int, ...] | None, trust_remote_code: bool) -> _Recipe:
@@ -529,36 +554,127 @@ def _hf_builder(config: Any, task: str | None, remote: dict[str, bool]) -> Calla
 def _hf_inputs(
     module: nn.Module, config: Any, spec: ModelSpec, input_shape: tuple[int, ...] | None
 ) -> tuple[str, list[_Input]]:
-    params = inspect.signature(module.forward).parameters
-    vision = getattr(config, "vision_config", config)
-    text = config.get_text_config()
-    inputs: list[_Input] = []
-    if "pixel_values" in params and hasattr(vision, "image_size"):
-        size = vision.image_size
-        height, width = (size, size) if isinstance(size, int) else size
-        shape = (1, getattr(vision, "num_channels", 3), height, width)
-        if input_shape is not None and "input_ids" not in params:
-            shape = tuple(input_shape)
-        inputs.append(_Input("pixel_values", shape, "float"))
-    if "input_ids" in params and hasattr(text, "vocab_size"):
-        seq_len = min(DEFAULT_SEQ_LEN, getattr(text, "max_position_embeddings", DEFAULT_SEQ_LEN))
-        batch = 1
-        if input_shape is not None:
-            if len(input_shape) != 2:
-                raise SpecError(f"{spec.text!r} takes token ids: pass --input-shape BATCH,SEQ, got {input_shape}")
-            batch, seq_len = input_shape
-        text_names = ["input_ids", "attention_mask"]
-        if getattr(config, "is_encoder_decoder", False):
-            text_names.append("decoder_input_ids")
-        for name in text_names:
-            if name in params:
-                role = "mask" if name == "attention_mask" else "ids"
-                inputs.append(_Input(name, (batch, seq_len), role, torch.int64, text.vocab_size))
+    processor = _processor_config(spec.name) if spec.scheme == "hf" else {}
+    inputs = _hf_config_inputs(module, config, processor=processor, input_shape=input_shape, label=spec.text)
     if not inputs:
         return _python_inputs(module, spec, input_shape)
+    return _hf_kind(inputs), inputs
+
+
+def _hf_config_inputs(
+    module: nn.Module,
+    config: Any,
+    *,
+    processor: dict[str, Any] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    label: str = "the model",
+) -> list[_Input]:
+    """The forward arguments a transformers model takes, told from its config (and processor config).
+
+    Each modality the forward signature names gets one input: ``pixel_values`` (vision), ``input_features``
+    (log-mel spectrogram, Whisper), ``input_values`` (raw waveform, wav2vec2-like), ``input_ids`` (text),
+    and ``decoder_input_ids`` for encoder-decoder models. ``input_shape`` replaces the shape of the main
+    input: the token ids when there are any, else the single vision or audio input. Empty when the
+    signature names none of them.
+
+    Raises:
+        SpecError: ``input_shape`` does not have the main input's rank.
+    """
+    params = inspect.signature(module.forward).parameters
+    processor = processor or {}
+    vision = getattr(config, "vision_config", None) or config
+    text = config.get_text_config()
+    inputs: list[_Input] = []
+    if "pixel_values" in params:
+        inputs.append(_Input("pixel_values", (1, getattr(vision, "num_channels", 3), *_image_size(vision, processor)),
+                             "float"))
+    if "input_features" in params and hasattr(config, "num_mel_bins"):
+        inputs.append(_Input("input_features", _spectrogram_shape(config, processor), "float"))
+    if "input_values" in params:
+        inputs.append(_Input("input_values", (1, _waveform_length(config)), "float"))
+    seq_len = min(DEFAULT_SEQ_LEN, getattr(text, "max_position_embeddings", DEFAULT_SEQ_LEN))
+    if "input_ids" in params and hasattr(text, "vocab_size"):
+        inputs.append(_Input("input_ids", (1, seq_len), "ids", torch.int64, text.vocab_size))
+        if "attention_mask" in params:
+            inputs.append(_Input("attention_mask", (1, seq_len), "mask", torch.int64))
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params and hasattr(text, "vocab_size"):
+        decoder_len = min(seq_len, getattr(config, "max_target_positions", seq_len))
+        inputs.append(_Input("decoder_input_ids", (1, decoder_len), "ids", torch.int64, text.vocab_size))
+    if input_shape is not None and inputs:
+        inputs = _with_main_shape(inputs, tuple(input_shape), label)
+    return inputs
+
+
+def _with_main_shape(inputs: list[_Input], shape: tuple[int, ...], label: str) -> list[_Input]:
+    """``inputs`` with the main one (token ids, else the only non-text input) shaped ``shape``."""
+    if any(i.name == "input_ids" for i in inputs) or all(i.role != "float" for i in inputs):
+        if len(shape) != 2:
+            raise SpecError(f"{label!r} takes token ids: pass --input-shape BATCH,SEQ, got {shape}")
+        # Every token input (encoder, mask, decoder) follows the given batch and length.
+        return [replace(i, shape=shape) if i.role != "float" else i for i in inputs]
+    main = next(i for i in inputs if i.role == "float")
+    if len(shape) != len(main.shape):
+        raise SpecError(
+            f"{label!r} takes {main.name} of shape {main.shape}: pass --input-shape with {len(main.shape)} "
+            f"numbers, got {shape}"
+        )
+    batch = shape[0]
+    return [replace(i, shape=shape) if i is main else replace(i, shape=(batch, *i.shape[1:])) for i in inputs]
+
+
+def _hf_kind(inputs: list[_Input]) -> str:
     names = {i.name for i in inputs}
-    kind = KIND_OTHER if {"pixel_values", "input_ids"} <= names else KIND_TEXT if "input_ids" in names else KIND_IMAGE
-    return kind, inputs
+    if names == {"pixel_values"}:
+        return KIND_IMAGE
+    if all(i.role != "float" for i in inputs):
+        return KIND_TEXT
+    return KIND_OTHER
+
+
+def _image_size(vision: Any, processor: dict[str, Any]) -> tuple[int, int]:
+    """Height and width: the config's ``image_size``, else the processor's crop or resize, else 224."""
+    size = getattr(vision, "image_size", None)
+    if size is None:
+        size = processor.get("crop_size") if processor.get("do_center_crop", True) else None
+        size = size or processor.get("size")
+    if isinstance(size, dict):
+        size = (size["height"], size["width"]) if "height" in size and "width" in size else size.get("shortest_edge")
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    return DEFAULT_IMAGE_SHAPE[2], DEFAULT_IMAGE_SHAPE[3]
+
+
+def _spectrogram_shape(config: Any, processor: dict[str, Any]) -> tuple[int, int, int]:
+    """(1, mel bins, frames); Whisper's encoder takes exactly 2 frames per source position (its conv stride)."""
+    frames = 2 * config.max_source_positions if hasattr(config, "max_source_positions") else None
+    frames = frames or processor.get("nb_max_frames") or DEFAULT_AUDIO_FRAMES
+    return 1, config.num_mel_bins, frames
+
+
+def _waveform_length(config: Any) -> int:
+    """Samples of the shortest waveform the conv feature extractor turns into ``DEFAULT_AUDIO_FRAMES`` frames."""
+    kernels, strides = getattr(config, "conv_kernel", None), getattr(config, "conv_stride", None)
+    if not kernels or not strides:
+        return DEFAULT_WAVEFORM_LENGTH
+    length = DEFAULT_AUDIO_FRAMES
+    for kernel, stride in reversed(list(zip(kernels, strides, strict=True))):
+        length = (length - 1) * stride + kernel  # the input length of a conv that outputs `length` frames
+    return length
+
+
+def _processor_config(directory: str) -> dict[str, Any]:
+    """The directory's image processor / feature extractor config (preprocessor_config.json), or {}."""
+    path = os.path.join(directory, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            found = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _python_recipe(spec: ModelSpec, input_shape: tuple[int, ...] | None) -> _Recipe:
@@ -599,18 +715,26 @@ def _import_file(path: str, spec: ModelSpec) -> Any:
 def _python_inputs(module: nn.Module, spec: ModelSpec, input_shape: tuple[int, ...] | None) -> tuple[str, list[_Input]]:
     if input_shape is not None:
         return _kind_of([_Input(_first_param(module), tuple(input_shape), "float")])
+    inputs = _attribute_inputs(module, spec.text)
+    if inputs is None:
+        raise InputsError(
+            f"cannot tell the inputs of {spec.text!r}; pass --input-shape 1,3,32,32 (the shape of its first "
+            "forward argument) or give the model an `example_inputs` attribute (a tensor or a dict of them)"
+        )
+    return _kind_of(inputs)
+
+
+def _attribute_inputs(module: nn.Module, label: str) -> list[_Input] | None:
+    """The inputs described by the module's own ``example_inputs`` attribute, None without one."""
     examples = getattr(module, "example_inputs", None)
     if isinstance(examples, torch.Tensor):
         examples = {_first_param(module): examples}
     if not isinstance(examples, dict) or not examples:
-        raise SpecError(
-            f"cannot tell the inputs of {spec.text!r}; pass --input-shape 1,3,32,32 (the shape of its first "
-            "forward argument) or give the model an `example_inputs` attribute (a tensor or a dict of them)"
-        )
+        return None
     inputs = []
     for name, tensor in examples.items():
         if not isinstance(tensor, torch.Tensor):
-            raise SpecError(f"example_inputs[{name!r}] of {spec.text!r} is a {type(tensor).__name__}, not a tensor")
+            raise SpecError(f"example_inputs[{name!r}] of {label!r} is a {type(tensor).__name__}, not a tensor")
         shape = tuple(tensor.shape)
         if tensor.dtype == torch.bool:
             inputs.append(_Input(name, shape, "mask", torch.bool))
@@ -619,7 +743,48 @@ def _python_inputs(module: nn.Module, spec: ModelSpec, input_shape: tuple[int, .
         else:
             high = int(tensor.max()) + 1 if tensor.numel() and not tensor.is_meta else 1
             inputs.append(_Input(name, shape, "ids", tensor.dtype, high))
-    return _kind_of(inputs)
+    return inputs
+
+
+def example_inputs(module: nn.Module, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Batch-1 example inputs for an in-memory model, told the way the CLI tells them for a spec.
+
+    A transformers model's come from ``module.config`` (every modality, as for ``hf:`` specs), a timm
+    model's from its ``pretrained_cfg`` input size, a torchvision model's are a default image, and any
+    other model's from its ``example_inputs`` attribute. Tensors are on the CPU (meta for a meta model).
+
+    Raises:
+        InputsError: none of these tells the inputs; pass them (``example_inputs=`` in Python).
+    """
+    label = type(module).__name__
+    inputs = _module_inputs(module, label)
+    if inputs is None:
+        raise InputsError(
+            f"cannot tell the inputs of {label}: it has no transformers config, timm pretrained_cfg or "
+            "`example_inputs` attribute; pass example_inputs= (a tensor for its first forward argument or a dict "
+            "of keyword arguments)"
+        )
+    device = "meta" if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())) else "cpu"
+    return {name: t.to(device) for name, t in _make_inputs(inputs, None, None, seed).items()}
+
+
+def _module_inputs(module: nn.Module, label: str) -> list[_Input] | None:
+    config = getattr(module, "config", None)
+    if config is not None and callable(getattr(config, "get_text_config", None)):  # a transformers config
+        inputs = _hf_config_inputs(module, config, label=label)
+        if inputs:
+            return inputs
+    pretrained_cfg = getattr(module, "pretrained_cfg", None) or {}
+    if "input_size" in pretrained_cfg:
+        channels, height, width = pretrained_cfg["input_size"]
+        # NOTE: timm keeps pretrained_cfg's size when img_size is overridden; the patch embed knows.
+        img_size = getattr(getattr(module, "patch_embed", None), "img_size", None)
+        if img_size:
+            height, width = img_size
+        return [_Input(_first_param(module), (1, channels, height, width), "float")]
+    if type(module).__module__.startswith("torchvision.models"):
+        return [_Input(_first_param(module), _torchvision_image_shape(module), "float")]
+    return _attribute_inputs(module, label)
 
 
 def _kind_of(inputs: list[_Input]) -> tuple[str, list[_Input]]:

@@ -256,15 +256,16 @@ def build_ir(src: Source) -> nx.DiGraph:
                 module = _owner(slots[0].name)
 
         if slots:
+            # model tensors read in the data role (a weight used as input, e.g. an attention-pooling
+            # probe) are loose parameters; made first, so they precede their consumer in execution order
+            loose_inputs = [(position, loose_component(key, sub)) for position, role, sub in inputs
+                            if sub in tensor_expr and role in DATA_ROLES for key in sorted(tensor_expr[sub])]
             cid = add_component(op, module, slots, node)
             for position, sub in data:
                 for source in frontier.get(sub, frozenset()):
                     _add_edge(graph, source, cid, position)
-            # model tensors read in the data role (a weight used as input) are loose parameters
-            for position, role, sub in inputs:
-                if sub in tensor_expr and role in DATA_ROLES:
-                    for key in sorted(tensor_expr[sub]):
-                        _add_edge(graph, loose_component(key, sub), cid, position)
+            for position, source in loose_inputs:
+                _add_edge(graph, source, cid, position)
             frontier[node] = frozenset({cid})
         else:
             reach: set[int] = set()
