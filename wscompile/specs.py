@@ -61,6 +61,10 @@ HF_TASKS = {
     "token-classification": "AutoModelForTokenClassification",
     "question-answering": "AutoModelForQuestionAnswering",
     "image-classification": "AutoModelForImageClassification",
+    "semantic-segmentation": "AutoModelForSemanticSegmentation",
+    "speech-seq2seq": "AutoModelForSpeechSeq2Seq",
+    "ctc": "AutoModelForCTC",
+    "audio-classification": "AutoModelForAudioClassification",
 }
 
 DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
@@ -525,6 +529,8 @@ def _hf_recipe(spec: ModelSpec, *, role: str, input_shape: tuple[int, ...] | Non
     if hasattr(config, "use_cache"):
         # Caches add outputs (past_key_values) that tracing and export do not want.
         config.use_cache = False
+    _fit_layer_types(config, overrides)
+    _fit_backbone_stages(config, overrides)
     build = _hf_builder(config, task, remote)
     # The folder, not its weights file: open_weights keeps what the folder names inside it.
     has_weights = role == "teacher" and os.path.isdir(spec.name) and hf_weights_path(spec.name) is not None
@@ -534,6 +540,45 @@ def _hf_recipe(spec: ModelSpec, *, role: str, input_shape: tuple[int, ...] | Non
         lambda module: _hf_inputs(module, config, spec, input_shape),
         default_weights,
     )
+
+
+def _fit_layer_types(config: Any, overrides: dict[str, Any]) -> None:
+    """Keep a per-layer ``layer_types`` list as long as an overridden ``num_hidden_layers``.
+
+    Configs that list each layer's attention kind (sliding or full) keep the teacher's list when only
+    the depth is overridden, which transformers refuses when the config is saved. The student keeps
+    the first layers' kinds, as first-N layer selection keeps the first layers.
+    """
+    for sub_config in {id(c): c for c in (config, config.get_text_config())}.values():
+        types, depth = getattr(sub_config, "layer_types", None), getattr(sub_config, "num_hidden_layers", None)
+        if "layer_types" in overrides or not isinstance(types, list) or not isinstance(depth, int):
+            continue
+        if len(types) > depth:
+            sub_config.layer_types = types[:depth]
+        elif len(types) < depth and types:
+            sub_config.layer_types = [types[i % len(types)] for i in range(depth)]
+
+
+def _fit_backbone_stages(config: Any, overrides: dict[str, Any]) -> None:
+    """Re-derive a backbone config's ``stage_names`` after a depth override (DINOv2 names one per layer).
+
+    The teacher's ``out_features`` then name stages the student may not have; a teacher whose output
+    was its last stage gives a student whose output is its last stage, as the config class defaults.
+    """
+    from transformers.backbone_utils import BackboneConfigMixin
+
+    if not isinstance(config, BackboneConfigMixin) or {"stage_names", "out_features", "out_indices"} & set(overrides):
+        return
+    try:
+        stages = type(config)(**overrides).stage_names
+    except Exception:  # a config class that needs more than the overrides to construct: leave it
+        return
+    if not stages or stages == config.stage_names:
+        return
+    teacher_last = config.out_features == [config.stage_names[-1]]
+    kept = config.out_features if not teacher_last and set(config.out_features) <= set(stages) else None
+    config.stage_names = stages
+    config.set_output_features_output_indices(out_features=kept, out_indices=None)
 
 
 def _hf_builder(config: Any, task: str | None, remote: dict[str, bool]) -> Callable[[], nn.Module]:

@@ -7,6 +7,8 @@ each tensor wscompile reads lazily equals the tensor of ``from_pretrained(dir).s
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -66,6 +68,16 @@ def test_init_from_a_save_pretrained_directory_without_hints(family: str, checkp
                 values = values.index_select(axis, torch.tensor(index, dtype=torch.long))
         assert torch.equal(student[record.student], to_student_layout(values, record)), record.student
     assert len(selected) >= 5
+
+    # The same student as a folder: from_pretrained loads it with nothing missing and the same tensors.
+    folder = tmp_path / "folder"
+    run_init(InitOptions(teacher=options.teacher, student=options.student, out=f"{folder}/", progress=False),
+             log=lambda line: None)
+    model_class = getattr(transformers, json.loads((folder / "config.json").read_text())["architectures"][0])
+    model, info = model_class.from_pretrained(folder, output_loading_info=True)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set())
+    state = model.state_dict()
+    assert all(torch.equal(state[key], tensor) for key, tensor in student.items())
 
 
 def test_fused_experts_read_only_the_selected_experts(checkpoints: dict[str, str]) -> None:
