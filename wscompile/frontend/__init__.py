@@ -52,7 +52,11 @@ def trace(model: nn.Module, inputs: dict[str, torch.Tensor], *, frontends: list[
             except Exception as e:  # noqa: BLE001 - each tracer fails in its own way; we report all
                 failures.append(f"{name}: {_first_line(e)}")
                 continue
-            ir.verify(graph)
+            try:
+                ir.verify(graph)
+            except TraceError as e:  # this frontend built a graph that breaks an invariant: try the next
+                failures.append(f"{name}: {e}")
+                continue
             if graph.number_of_nodes() == 0:
                 failures.append(f"{name}: no operation reads a model tensor")
                 continue

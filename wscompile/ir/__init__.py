@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import networkx as nx
 
+from wscompile.errors import TraceError
+
 # Node attributes.
 KIND = "kind"  # one of the KIND_* values
 OP = "op"  # finer operation name: "linear", "conv2d", "layer_norm", "batch_norm", "add", ...
@@ -73,14 +75,29 @@ def tensor_names(graph: nx.DiGraph) -> set[str]:
 
 
 def verify(graph: nx.DiGraph) -> None:
-    """Check the invariants every frontend must establish; raises AssertionError (internal bug)."""
+    """Check the invariants every frontend must establish.
+
+    Raises:
+        TraceError: an invariant does not hold (a frontend bug on this model), naming the nodes and
+            their modules, so the next frontend can be tried and the user told where.
+    """
+    def where(node: int) -> str:
+        data = graph.nodes[node]
+        return f"node {node} ({data.get(OP, '?')} in {data.get(MODULE) or 'the root module'})"
+
     for node, data in graph.nodes(data=True):
-        for key in (KIND, OP, TENSORS, MODULE, ORDER):
-            assert key in data, f"IR node {node} lacks {key!r}"
-        assert data[ORDER] == node, f"IR node {node} has order {data[ORDER]}"
-        assert data[TENSORS], f"IR node {node} ({data[OP]}) owns no tensor"
+        missing = [key for key in (KIND, OP, TENSORS, MODULE, ORDER) if key not in data]
+        if missing:
+            raise TraceError(f"IR {where(node)} lacks {', '.join(missing)}")
+        if data[ORDER] != node:
+            raise TraceError(f"IR {where(node)} has execution order {data[ORDER]}")
+        if not data[TENSORS]:
+            raise TraceError(f"IR {where(node)} owns no tensor")
     for a, b in graph.edges:
-        assert a < b, f"IR edge {a}->{b} goes against execution order"
-    assert nx.is_directed_acyclic_graph(graph)
-    for key in (MODULES, INPUT_NODES, OUTPUT_NODES, FRONTEND):
-        assert key in graph.graph, f"IR graph lacks {key!r}"
+        if a >= b:
+            raise TraceError(f"IR edge from {where(a)} to {where(b)} goes against execution order")
+    if not nx.is_directed_acyclic_graph(graph):
+        raise TraceError(f"IR graph has a cycle through {where(nx.find_cycle(graph)[0][0])}")
+    missing = [key for key in (MODULES, INPUT_NODES, OUTPUT_NODES, FRONTEND) if key not in graph.graph]
+    if missing:
+        raise TraceError(f"IR graph lacks {', '.join(missing)}")
