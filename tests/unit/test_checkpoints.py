@@ -94,6 +94,24 @@ def test_fused_experts_read_only_the_selected_experts(checkpoints: dict[str, str
     assert torch.equal(teacher.source.read(key, [None, rows, None]), state[key][:, rows])
 
 
+@pytest.mark.parametrize("method", ["uniform", "magnitude"])
+def test_fused_experts_keep_gate_up_and_down_channels_together(checkpoints: dict[str, str], tmp_path,
+                                                               method: str) -> None:
+    # 128 -> 48 intermediate channels: not a divisor, so a rule over the fused 256 rows would mix gate and
+    # up rows; the grouped matmul's chunk(2) makes them two blocks coupled with down_proj's input.
+    student = ("num_hidden_layers=1&hidden_size=48&intermediate_size=48&num_attention_heads=2"
+               "&num_key_value_heads=1&num_local_experts=3")
+    options = InitOptions(teacher=f"hf:{checkpoints['mixtral']}", student=f"hf:{checkpoints['mixtral']}?{student}",
+                          out=str(tmp_path / "s.safetensors"), progress=False, method=method)
+    plan = run_init(options, log=lambda line: None)
+    groups = {group.id: group.indices for group in plan.groups}
+    index = {r.student: teacher_index(r, groups) for r in plan.tensors if r.teacher is not None}
+    gate_up, down = index["model.layers.0.mlp.experts.gate_up_proj"], index["model.layers.0.mlp.experts.down_proj"]
+    gate, up = gate_up[1][:48], gate_up[1][48:]
+    assert [i - 128 for i in up] == gate == down[2]
+    assert gate_up[0] == down[0] and len(gate_up[0]) == 3  # the same experts in both
+
+
 def test_base_model_prefix_both_ways(checkpoints: dict[str, str], tmp_path, capsys) -> None:
     _, lm = _reference(checkpoints["llama"])
     base = teacher = load_model(f"hf:{checkpoints['llama']}?task=base", role="teacher", device="meta")

@@ -45,7 +45,12 @@ FUNCTIONAL_ARGS: dict[str, tuple[str, ...]] = {
     # torch.nn.functional.embedding takes (input, weight); aten.embedding takes (weight, indices).
     "embedding": ("input", "weight"),
     "addmm": ("bias", "input", "weight"),  # transformers' Conv1D: bias + x @ weight, weight is (in, out)
+    # Stacked experts (MoE): tokens grouped by expert times one (in, out) matrix per expert.
+    "grouped_mm_fallback": ("input", "weight", "offs"),  # transformers' grouped matmul
+    "_grouped_mm": ("input", "weight", "offs"),  # aten
 }
+# Ops multiplying by a stack of per-expert matrices: the weight's axis 0 indexes experts.
+GROUPED_MATMULS = {"grouped_mm_fallback", "_grouped_mm"}
 ATEN_ALIASES = {
     "_native_batch_norm_legit_no_training": "batch_norm",
     "_native_batch_norm_legit": "batch_norm",
@@ -83,7 +88,7 @@ if hasattr(torch.nn, "RMSNorm"):
 
 
 def op_kind(op: str) -> str:
-    if op == "linear" or op == "addmm":
+    if op in ("linear", "addmm") or op in GROUPED_MATMULS:
         return ir.KIND_LINEAR
     if op.startswith("conv"):
         return ir.KIND_CONV
@@ -250,7 +255,10 @@ def build_ir(src: Source) -> nx.DiGraph:
                 if sub in tensor_expr and role not in DATA_ROLES:
                     for key in sorted(tensor_expr[sub]):
                         shape = src.tensor_shape(key)
-                        out_axis, in_axis = slot_axes(op, role or "weight", shape)
+                        if op in GROUPED_MATMULS:
+                            out_axis, in_axis = _expert_axes(shape, src.shape(node))
+                        else:
+                            out_axis, in_axis = slot_axes(op, role or "weight", shape)
                         slots.append(ir.TensorSlot(role or "weight", key, shape, out_axis, in_axis))
             if slots:
                 module = _owner(slots[0].name)
@@ -287,6 +295,21 @@ def build_ir(src: Source) -> nx.DiGraph:
     })
     _annotate_layouts(graph, fx_of, src)
     return graph
+
+
+def _expert_axes(shape: tuple[int, ...], out_shape: tuple[int, ...] | None) -> tuple[int | None, int | None]:
+    """(out_axis, in_axis) of a stacked experts weight ``(E, A, B)`` in a grouped matmul.
+
+    The output's last axis says which of A and B is the output width: transformers stores experts as
+    ``(E, out, in)`` and transposes them for the matmul, others store ``(E, in, out)``. Axis 0 indexes
+    experts and is selected on its own.
+    """
+    if len(shape) != 3:
+        return None, None
+    width = out_shape[-1] if out_shape else None
+    if width == shape[2] and width != shape[1]:
+        return 2, 1
+    return 1, 2
 
 
 def _add_edge(graph: nx.DiGraph, source: int, target: int, position: int) -> None:
