@@ -43,6 +43,9 @@ MEMORY_LIMIT_ENV = "WSCOMPILE_MEMORY_LIMIT"
 # Copies of the student's tensors alive at once during `init`: the built module (the selected
 # tensors are streamed to --out one at a time, see `_write_student`).
 STUDENT_COPIES_INIT = 1
+# Least share of the student's elements outside the head that must come from the teacher (see
+# check_something_matched); below it the pair is refused unless --allow-partial.
+MIN_MATCHED_SHARE = 0.5
 # Default largest shard of a directory --out (bytes), as transformers' save_pretrained.
 MAX_SHARD_SIZE = 5 * 10**9
 
@@ -195,7 +198,7 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
     )
     plan = compiled.plan
     record_teacher_weights(plan, teacher)
-    check_something_matched(compiled)
+    check_something_matched(compiled, allow_partial=options.allow_partial)
     folder = write_outputs(options, plan, teacher.source, student.module)
     log(summary(plan))
     for path in (options.out, options.manifest, options.report):
@@ -374,22 +377,36 @@ def record_teacher_weights(plan: SelectionPlan, teacher: LoadedModel) -> None:
         plan.teacher_weights = "built by the factory" if teacher.pretrained is None else "none (random init)"
 
 
-def check_something_matched(compiled: pipeline.Compiled) -> None:
-    """Refuse to write a student none of whose layers outside the head has a teacher counterpart
-    (a CNN and a text transformer); layers matched but kept for being larger (--allow-partial) count.
+def check_something_matched(compiled: pipeline.Compiled, *, allow_partial: bool = False) -> None:
+    """Refuse to write a student too little of which has a teacher counterpart.
+
+    None of its layers outside the head matched (a CNN and a text transformer): always refused. Less
+    than ``MIN_MATCHED_SHARE`` of its elements outside the head come from the teacher (a ResNet's stem
+    and one stage paired with a BERT): refused unless ``allow_partial``, which keeps such partial maps
+    for the user who wants them. Layers matched but kept for being larger (--allow-partial) count.
 
     Raises:
-        MatchError: naming one unmatched student tensor and why.
+        MatchError: naming what matched best and, for nothing matched, one unmatched tensor and why.
     """
     alignment = compiled.alignment
     body = [n for n in compiled.student_graph.nodes if n not in alignment.head]
-    if not body or any(n in alignment.pairs for n in body):
+    if not body:
         return
-    kept = next((r for r in compiled.plan.tensors if not r.is_head), None)
-    example = f" (e.g. {kept.student}: {kept.reason})" if kept else ""
+    if not any(n in alignment.pairs for n in body):
+        kept = next((r for r in compiled.plan.tensors if not r.is_head), None)
+        example = f" (e.g. {kept.student}: {kept.reason})" if kept else ""
+        raise MatchError(
+            f"nothing in the student matched the teacher: no student layer outside the head has a teacher "
+            f"counterpart{example}; are they the same family of model (e.g. both vision transformers)?"
+        )
+    share = compiled.plan.coverage.fraction_no_head if compiled.plan.coverage else 1.0
+    if share >= MIN_MATCHED_SHARE or allow_partial:
+        return
+    matched = [s for s in compiled.plan.stages if s.teacher]
+    best = f"; best matched: student {matched[0].student} <- teacher {matched[0].teacher}" if matched else ""
     raise MatchError(
-        f"nothing in the student matched the teacher: no student layer outside the head has a teacher counterpart"
-        f"{example}; are they the same family of model (e.g. both vision transformers)?"
+        f"only {share:.1%} of the student outside the head has a teacher counterpart (under "
+        f"{MIN_MATCHED_SHARE:.0%}){best}; are they the same family of model? pass --allow-partial to write it anyway"
     )
 
 

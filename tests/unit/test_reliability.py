@@ -131,3 +131,15 @@ def test_the_scheme_decides_before_a_py_suffix(tmp_path, capsys, monkeypatch):
     assert _init(tmp_path, "timm:evil.py:f".replace("timm:", "odd:"), "timm:vit_tiny_patch16_224") == 2
     assert "write it as ./odd:evil.py:f" in _error_line(capsys)
     assert not marker.exists()
+
+
+def test_an_unrelated_pair_is_refused_unless_partial_maps_are_asked_for(tmp_path, capsys):
+    folder = tmp_path / "bert"
+    transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=32).save_pretrained(folder)
+    student = f"hf:{folder}?hidden_size=16&num_attention_heads=1"
+    assert _init(tmp_path, "timm:resnet18", student, "--allow-random-teacher") == 2
+    line = _error_line(capsys)
+    assert "of the student outside the head has a teacher counterpart" in line and "--allow-partial" in line
+    assert not (tmp_path / "out.safetensors").exists()
+    assert _init(tmp_path, "timm:resnet18", student, "--allow-random-teacher", "--allow-partial") == 0
