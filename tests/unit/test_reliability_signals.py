@@ -166,15 +166,16 @@ def test_signal_handlers_are_restored_after_a_run(work):
 # ---- 5. tracebacks become one-line errors ---------------------------------------------------------------
 
 
-def test_disk_full_while_writing(work, capsys, monkeypatch):
+@pytest.mark.parametrize("out", ["old.safetensors", "folder/"])
+def test_disk_full_while_writing(work, capsys, monkeypatch, out):
     def full(tensor: torch.Tensor) -> memoryview:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(wscompile.outputs, "_as_bytes", full)  # the tensor bytes written to the file
     before = _snapshot(work)
-    assert _init() == 2
-    assert "no space left on device writing 'old.safetensors'; free space" in _error_line(capsys)
-    assert _snapshot(work) == before  # old file kept, temporary removed
+    assert _init(out=out) == 2
+    assert f"no space left on device writing '{out}'; free space" in _error_line(capsys)
+    assert _snapshot(work) == before and not (work / "folder").exists()  # old file kept, temporaries removed
 
 
 def test_target_that_cannot_be_replaced(work, capsys, monkeypatch):
