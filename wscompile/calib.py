@@ -87,9 +87,16 @@ def _images(path: str, teacher: LoadedModel) -> tuple[dict[str, torch.Tensor], s
     std = torch.tensor(cfg.get("std", IMAGENET_DEFAULT_STD)).view(-1, 1, 1)
     samples = []
     for file in files:
-        with Image.open(os.path.join(path, file)) as image:
-            image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
-            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        try:
+            with Image.open(os.path.join(path, file)) as image:
+                image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+                pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        except Image.DecompressionBombError as e:
+            raise SpecError(f"--calib image '{os.path.join(path, file)}' is too large to decode safely ({e}); "
+                            "resize it or remove it from the folder") from e
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise SpecError(f"--calib image '{os.path.join(path, file)}' cannot be read ({type(e).__name__}: {e}); "
+                            "remove or replace it") from e
         pixels = pixels.view(height, width, -1).permute(2, 0, 1).float() / 255
         samples.append((pixels - mean[: pixels.shape[0]]) / std[: pixels.shape[0]])
     return {name: torch.stack(samples)}, f"{len(samples)} images from {os.path.basename(os.path.normpath(path))}/"
@@ -100,8 +107,12 @@ def _text(path: str, teacher: LoadedModel) -> tuple[dict[str, torch.Tensor], str
     if teacher.kind != KIND_TEXT or spec.scheme != "hf":
         raise SpecError(f"--calib '{path}' is read as text, which needs an hf: text teacher with a tokenizer "
                         f"({teacher.spec.text} is not one); pass a .pt/.safetensors file of its input tensors")
-    with open(path, encoding="utf-8") as fh:
-        lines = [line.strip() for line in fh if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = [line.strip() for line in fh if line.strip()]
+    except UnicodeDecodeError as e:
+        raise SpecError(f"--calib '{path}' is not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x}); "
+                        "save it as UTF-8, or pass a .pt/.safetensors file of input tensors") from e
     if not lines:
         raise SpecError(f"--calib text file '{path}' has no non-empty lines")
     try:

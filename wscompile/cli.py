@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 from wscompile import __version__
-from wscompile.errors import WscompileError
+from wscompile.errors import Terminated, WscompileError
 from wscompile.matching.layers import POLICIES
 from wscompile.passes.heads import HEAD_MODES
 from wscompile.passes.select import METHODS
+
+# Exit status of an unexpected exception (a bug in wscompile or a library): bad input is 2, a failed check 1.
+INTERNAL_ERROR = 3
+# Exit status when stdout is a pipe closed early (`wscompile diff ... | head`): 128 + SIGPIPE, as Unix tools.
+BROKEN_PIPE = 128 + 13
+# Signals that end a run as Ctrl-C does: temporaries removed, exit status 128 + the signal's number.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+SEED_MAX = 2**63 - 1  # torch.manual_seed's largest seed that is also a signed 64-bit integer
 
 SPEC_HELP = ("model spec: timm:NAME?k=v&..., torchvision:NAME?..., hf:DIR_OR_ID?..., py:pkg.module:factory?... "
              "or path/to/file.py:factory?... (py: and file specs import and run that code: use only code you trust)")
@@ -23,6 +36,17 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,3,224,224, got {text!r}") from None
 
 
+def _seed(text: str) -> int:
+    """A seed: a whole number from 0 to 2**63 - 1."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {SEED_MAX} (2**63 - 1), got {text!r}")
+    return seed
+
+
 def _bytes(text: str) -> int:
     """A size like 5GB, 500MB or 1000000 (decimal units), in bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text.upper())
@@ -33,7 +57,7 @@ def _bytes(text: str) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
-    p.add_argument("--seed", type=int, default=0, help="seed for the student's own init and example inputs")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for the student's own init and example inputs")
     p.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224 (text: BATCH,SEQ)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let hf: specs run code from the model directory (off by default)")
@@ -133,16 +157,79 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    prefix = f"wscompile {args.command}"
     try:
-        return _run(args)
+        with _signals_raise(STOP_SIGNALS):
+            status = _run(args)
+            sys.stdout.flush()  # a pipe closed early fails here, not at interpreter exit
+            return status
     except WscompileError as e:
         if args.debug:
             raise
-        print(f"wscompile {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        _say(f"{prefix}: error: {_one_line(e)}")
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"wscompile {args.command}: interrupted; no output was left half-written", file=sys.stderr)
+        _say(f"{prefix}: interrupted; no output was left half-written")
         return 130
+    except Terminated as e:
+        _say(f"{prefix}: terminated ({signal.Signals(e.signum).name}); no output was left half-written")
+        return 128 + e.signum
+    except BrokenPipeError:
+        _discard_stdout()
+        return BROKEN_PIPE
+    except Exception as e:
+        if args.debug:
+            raise
+        _say(f"{prefix}: error: internal error: {type(e).__name__}: {_one_line(e)} "
+             "(rerun with --debug for the traceback)")
+        return INTERNAL_ERROR
+
+
+@contextmanager
+def _signals_raise(signals: tuple[int, ...]) -> Iterator[None]:
+    """While the block runs, the first of ``signals`` to arrive raises ``Terminated``, so every cleanup
+    path (``finally``, ``except BaseException``) runs as for Ctrl-C; the previous handlers come back after.
+
+    Later signals are ignored while that cleanup runs (SIGKILL still ends the process). A signal the
+    parent set to be ignored (``nohup`` ignores SIGHUP) stays ignored; outside the main thread, where
+    Python cannot set handlers, nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not received:
+            received.append(signum)
+            raise Terminated(signum)
+
+    previous = {signum: signal.getsignal(signum) for signum in signals}
+    for signum, old in previous.items():
+        if old != signal.SIG_IGN:
+            signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, signal.SIG_DFL if old is None else old)
+
+
+def _say(line: str) -> None:
+    """Print ``line`` on stderr; a terminal gone with SIGHUP is no reason for a traceback."""
+    with suppress(OSError):
+        print(line, file=sys.stderr)
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null: the reader has gone, and the interpreter's last flush must not fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass  # stdout is not a file descriptor (captured in a test): nothing flushes to the pipe
+    finally:
+        os.close(devnull)
 
 
 def _run(args: argparse.Namespace) -> int:

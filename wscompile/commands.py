@@ -23,6 +23,7 @@ from wscompile.checkpoints import hf_checkpoint_source
 from wscompile.errors import InputsError, MatchError, ResourceError, SelectionError, SpecError
 from wscompile.folders import DTYPES, FolderPlan, check_teacher_files, plan_folder
 from wscompile.outputs import (
+    check_not_inputs,
     check_output_dir,
     check_outputs,
     is_directory_output,
@@ -31,7 +32,7 @@ from wscompile.outputs import (
 )
 from wscompile.passes.apply import student_layout, student_tensors
 from wscompile.plan import RULE_STUDENT_INIT, SelectionPlan
-from wscompile.specs import LoadedModel, build_module, load_model, parse_spec, resolve_hub
+from wscompile.specs import LoadedModel, build_module, load_model, parse_spec, resolve_hub, spec_files
 from wscompile.weights import ModuleSource, TensorSource, hf_weights_path, open_weights
 
 Log = Callable[[str], None]
@@ -219,7 +220,11 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
 
 
 def check_init_outputs(options: InitOptions) -> None:
-    """Fail on an output that exists (without --force) or a report format that is unknown, before any work."""
+    """Fail on an output that would overwrite an input (even with --force), that exists (without --force)
+    or whose report format is unknown, before any work."""
+    written = [("--out", options.out), ("--manifest", options.manifest), ("--report", options.report),
+               *onnx_outputs(options.onnx, options)]
+    check_not_inputs(written, run_inputs(options))
     out_dir = options.out is not None and is_directory_output(options.out)
     paths = [None if out_dir else options.out, options.manifest, options.report, options.onnx]
     check_outputs(paths, force=options.force)
@@ -231,6 +236,24 @@ def check_init_outputs(options: InitOptions) -> None:
         raise SpecError(f"unknown --dtype {options.dtype!r}; use one of {', '.join(DTYPES)}")
     if options.report:
         reports.format_from_path(options.report)
+
+
+def run_inputs(options: InitOptions) -> list[tuple[str, str | None]]:
+    """What a run reads, as (what, path): no output may overwrite any of it."""
+    found: list[tuple[str, str | None]] = [("--teacher-weights", options.teacher_weights), ("--calib", options.calib)]
+    for role, text in (("teacher", options.teacher), ("student", options.student)):
+        found += spec_files(text, role=role)
+    return found
+
+
+def onnx_outputs(onnx_path: str | None, options: InitOptions) -> list[tuple[str, str]]:
+    """The ONNX files an export writes, as ("--onnx", path): the model and its --fp16 and --int8 copies."""
+    if onnx_path is None:
+        return []
+    from wscompile.backend.variants import FP16, INT8, variant_path
+
+    copies = [name for name, wanted in ((FP16, options.fp16), (INT8, options.int8)) if wanted]
+    return [("--onnx", onnx_path), *(("--onnx", variant_path(onnx_path, name)) for name in copies)]
 
 
 def write_outputs(options: InitOptions, plan: SelectionPlan, teacher: TensorSource,
@@ -439,6 +462,7 @@ def selection_options(options: InitOptions, teacher: LoadedModel) -> dict:
 
 def run_diff(options: InitOptions, fmt: str | None, output: str | None, log: Log = print) -> SelectionPlan:
     if output:
+        check_not_inputs([("--output", output)], run_inputs(options))
         check_outputs([output], force=options.force)
         fmt = fmt or reports.format_from_path(output)
     check_selection(options)
@@ -468,6 +492,7 @@ def run_export(student_spec: str, weights: str, onnx_path: str, options: InitOpt
     if verify_only and not os.path.isfile(onnx_path):
         raise SpecError(f"'{onnx_path}' does not exist; drop --verify-only to export it")
     if not verify_only:
+        check_not_inputs(onnx_outputs(onnx_path, options), [("--weights", weights), *run_inputs(options)])
         check_outputs([onnx_path], force=options.force)
     student = load_model(student_spec, role="student", seed=options.seed, input_shape=options.input_shape,
                          trust_remote_code=options.trust_remote_code)

@@ -53,3 +53,14 @@ class ValidationError(WscompileError, AssertionError):
 
 class MissingDependencyError(WscompileError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived; raised by the CLI's handler so every cleanup path runs as for Ctrl-C.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: ``except Exception`` blocks do not swallow it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum  # the signal's number; the CLI exits with 128 + signum

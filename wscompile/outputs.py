@@ -5,11 +5,14 @@ temporary file in its target directory and renamed over the target only once com
 (``atomic_output``): an interrupted run leaves either the old file or the new one, never half of
 one. An exception or Ctrl-C deletes the temporary; a process killed outright (SIGKILL, power loss)
 cannot, so the next write of the same target deletes temporaries whose process is gone. An
-existing file is replaced only with ``force``.
+existing file is replaced only with ``force``, and never one the run reads (``check_not_inputs``).
+A write that fails for a reason the user can fix (disk full, a target that cannot be replaced) is
+an ``OutputError`` naming the file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -85,6 +88,67 @@ def check_outputs(paths: Iterable[PathLike | None], *, force: bool) -> list[Path
     return checked
 
 
+def check_not_inputs(outputs: Iterable[tuple[str, PathLike | None]],
+                     inputs: Iterable[tuple[str, PathLike | None]]) -> None:
+    """Refuse outputs that would overwrite a file or folder the run reads, ``force`` or not.
+
+    An output overlaps an input when it is the input, lies inside an input folder (a model folder, an
+    image folder), or is a folder holding the input. Paths are compared resolved (symlinks) and by
+    device and inode (hard links, bind mounts). ``None`` paths (not asked for) are skipped.
+
+    Args:
+        outputs: (option, path) of each output, e.g. ``("--out", "student.safetensors")``.
+        inputs: (what, path) of each input, e.g. ``("--teacher-weights", "teacher.safetensors")``.
+
+    Raises:
+        OutputError: one message naming every overlapping pair.
+    """
+    read = [(what, path, _identities(path)) for what, path in inputs if path is not None]
+    problems = []
+    for option, output in outputs:
+        if output is None:
+            continue
+        written = _identities(output)
+        for what, path, identities in read:
+            if _inside(written, identities):
+                relation = "is" if _same(written[0], identities[0]) else "is inside"
+            elif _inside(identities, written):
+                relation = "holds"
+            else:
+                continue
+            problems.append(f"{option} '{output}' {relation} {what} '{path}', which this run reads")
+            break  # one input per output is enough to say why
+    if problems:
+        raise OutputError("; ".join(problems) + "; an input is never overwritten, even with --force: "
+                          "choose another output path")
+
+
+# A path's identity: its resolved form, and its (st_dev, st_ino) when it exists.
+_Identity = tuple[Path, tuple[int, int] | None]
+
+
+def _identities(path: PathLike) -> list[_Identity]:
+    """Identities of ``path`` and of each folder above it, innermost first."""
+    resolved = Path(path).resolve()
+    found = []
+    for each in (resolved, *resolved.parents):
+        try:
+            stat = os.stat(each)
+            found.append((each, (stat.st_dev, stat.st_ino)))
+        except OSError:
+            found.append((each, None))
+    return found
+
+
+def _same(a: _Identity, b: _Identity) -> bool:
+    return a[0] == b[0] or (a[1] is not None and a[1] == b[1])
+
+
+def _inside(path: list[_Identity], folder: list[_Identity]) -> bool:
+    """Whether ``path`` (its identities) is ``folder`` or lies under it."""
+    return any(_same(each, folder[0]) for each in path)
+
+
 @contextmanager
 def atomic_output(path: PathLike, *, force: bool) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it onto ``path`` when the block succeeds.
@@ -95,7 +159,8 @@ def atomic_output(path: PathLike, *, force: bool) -> Iterator[Path]:
 
     Raises:
         OutputError: as ``check_output``, or nothing was written to the temporary path, or
-            ``path`` appeared meanwhile and ``force`` is False.
+            ``path`` appeared meanwhile and ``force`` is False, or writing failed for a reason the
+            user can fix (``_write_problem``: the disk is full, the target cannot be replaced).
     """
     target = check_output(path, force=force)
     _remove_stale_temps(target)
@@ -109,10 +174,32 @@ def atomic_output(path: PathLike, *, force: bool) -> Iterator[Path]:
         if target.exists() and not force:
             raise OutputError(f"'{path}' exists; pass --force to overwrite it")
         os.replace(temp, target)
-    except BaseException:
+    except BaseException as e:
         temp.unlink(missing_ok=True)
-        raise
+        problem = _write_problem(e, path)
+        if problem is None:
+            raise
+        raise problem from e
     _fsync_directory(target.parent)
+
+
+def _write_problem(error: BaseException, path: PathLike) -> OutputError | None:
+    """The one-line ``OutputError`` for an ``OSError`` raised while writing ``path``, or None when
+    the error is not about the output (a bug, or a problem reading an input)."""
+    if not isinstance(error, OSError) or isinstance(error, OutputError):
+        return None
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"no space left on device writing '{path}'; free space or choose another output path "
+                           "(--out, --manifest, --report, --onnx)")
+    if error.errno == errno.EROFS:
+        return OutputError(f"'{path}' is on a read-only file system; choose another output path")
+    if error.errno == errno.EFBIG:
+        return OutputError(f"'{path}' is larger than the file system allows; choose another output path "
+                           "(or, for --out, a folder ending in '/', written in shards)")
+    if isinstance(error, PermissionError):
+        return OutputError(f"cannot write or replace '{path}' ({error.strerror}); it or its folder is read-only or "
+                           "immutable (chattr +i): fix its permissions or choose another output path")
+    return None
 
 
 def _temp_prefix(target: Path) -> str:
@@ -380,9 +467,12 @@ def atomic_output_dir(path: PathLike, *, force: bool) -> Iterator[Path]:
             if old is not None:
                 os.replace(old, target)
             raise
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(temp, ignore_errors=True)
-        raise
+        problem = _write_problem(e, path)
+        if problem is None:
+            raise
+        raise problem from e
     _fsync_directory(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -185,6 +185,43 @@ def resolve_hub(spec: ModelSpec, *, role: str) -> ModelSpec:
     return replace(spec, name=path, overrides=overrides, origin=f"{spec.name}@{os.path.basename(path)}")
 
 
+def spec_files(text: str, *, role: str) -> list[tuple[str, str]]:
+    """Files and folders that building spec ``text`` reads, as (what, path), for outputs to be checked against.
+
+    A local ``hf:`` directory, the ``.py`` file of a ``py:`` or file spec, a timm ``pretrained_file``.
+    A hub id is not listed (its snapshot, in the hub cache, is found later); text that is not a spec
+    gives nothing (``load_model`` reports it).
+    """
+    try:
+        spec = parse_spec(text)
+    except SpecError:
+        return []
+    found = []
+    if spec.scheme == "hf" and os.path.exists(spec.name):
+        found.append((f"the {role} model folder", spec.name))
+    elif spec.scheme == "file":
+        found.append((f"the {role} spec's file", spec.name.rpartition(":")[0]))
+    elif spec.scheme == "py":
+        origin = _module_file(spec.name.partition(":")[0])
+        if origin:
+            found.append((f"the {role} spec's module", origin))
+    if spec.scheme == "timm" and "pretrained_file" in spec.overrides:
+        found.append((f"the {role}'s pretrained_file", str(spec.overrides["pretrained_file"])))
+    return found
+
+
+def _module_file(name: str) -> str | None:
+    """The file module ``name`` is imported from, or None when it cannot be found.
+
+    NOTE: finding ``pkg.mod`` imports ``pkg``, as loading the spec will.
+    """
+    try:
+        found = importlib.util.find_spec(name)
+    except Exception:  # the package's own code may raise anything; loading the spec reports it
+        return None
+    return found.origin if found is not None and found.has_location else None
+
+
 @dataclass(frozen=True)
 class _Input:
     """How to make one forward argument; ``make_inputs`` builds tensors from these."""

@@ -272,7 +272,7 @@ def test_failure_mid_write_leaves_no_folder(tmp_path, teachers, monkeypatch) -> 
 
     monkeypatch.setattr(wscompile.outputs, "_as_bytes", fail_on_the_third_tensor)
     teacher = f"hf:{teachers['bert']}"
-    with pytest.raises(RuntimeError, match="disk full"):
-        init("--teacher", teacher, "--student", f"{teacher}?{BERT_STUDENT}", "--out", f"{tmp_path}/student/")
+    with pytest.raises(RuntimeError, match="disk full"):  # --debug: unexpected errors propagate
+        init("--teacher", teacher, "--student", f"{teacher}?{BERT_STUDENT}", "--out", f"{tmp_path}/student/", "--debug")
     assert list(tmp_path.iterdir()) == []
 
