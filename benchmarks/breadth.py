@@ -188,7 +188,7 @@ CASES = [
     Case("hf-qwen2-moe", _hf("qwen2_moe"), _hf("qwen2_moe", num_hidden_layers=1, hidden_size=64,
                                                num_attention_heads=2, num_key_value_heads=1, intermediate_size=128,
                                                moe_intermediate_size=32, shared_expert_intermediate_size=64,
-                                               num_experts=2)),
+                                               num_experts=2, num_experts_per_tok=1)),
     Case("hf-t5", _hf("t5"), _hf("t5", d_model=64, num_heads=2, d_ff=256, num_layers=2, num_decoder_layers=2)),
     Case("hf-bart", _hf("bart"), _hf("bart", d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
                                      decoder_attention_heads=2, encoder_ffn_dim=256, decoder_ffn_dim=256)),
@@ -214,8 +214,10 @@ CASES = [
     Case("cross-tv-convnext-t->timm-convnext-atto", "torchvision:convnext_tiny", "timm:convnext_atto", IMG64),
     # ---- unrelated: must be refused ----
     Case("refuse-resnet18->bert", "timm:resnet18", _hf("bert", **BERTISH), expect="refuse"),
-    Case("refuse-bert->resnet18", _hf("bert"), "timm:resnet18", IMG64, expect="refuse"),
-    Case("refuse-gpt2->vit", _hf("gpt2"), _hf("vit", **BERTISH), expect="refuse"),
+    Case("refuse-bert->resnet18", _hf("bert"), "timm:resnet18", expect="refuse"),
+    Case("refuse-resnet18->gpt2", "timm:resnet18", _hf("gpt2", n_embd=64, n_layer=2, n_head=2), expect="refuse"),
+    # a text transformer into a vision transformer: the blocks are alike, so this maps (by design)
+    Case("cross-hf-gpt2->hf-vit", _hf("gpt2"), _hf("vit", **BERTISH)),
 ]
 # fmt: on
 
