@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep the student's init where it is wider or deeper than the teacher instead of failing")
     init.add_argument("--allow-random-teacher", action="store_true",
                       help="no warning when a timm, torchvision or hf teacher has no pretrained weights")
+    init.add_argument("--strict", action="store_true",
+                      help="make NaN or inf among the teacher values the student takes an error (exit 2, no output "
+                           "file) instead of a warning")
     _selection_options(init)
     _onnx_options(init)
     _common(init)
@@ -161,7 +164,7 @@ def _run(args: argparse.Namespace) -> int:
         opset=getattr(args, "opset", None), fp16=getattr(args, "fp16", False), int8=getattr(args, "int8", False),
         progress=getattr(args, "progress", None), max_shard_size=getattr(args, "max_shard_size", 5 * 10**9),
         dtype=getattr(args, "dtype", None),
-        allow_random_teacher=getattr(args, "allow_random_teacher", False),
+        allow_random_teacher=getattr(args, "allow_random_teacher", False), strict=getattr(args, "strict", False),
     )
     if args.command == "init":
         commands.run_init(options)

@@ -78,6 +78,7 @@ class InitOptions:
     max_shard_size: int = MAX_SHARD_SIZE  # bytes per shard of a directory --out
     dtype: str | None = None  # floating tensors written as fp32, fp16 or bf16; None: as the student's
     allow_random_teacher: bool = False  # no warning for a teacher without pretrained weights
+    strict: bool = False  # NaN/inf among the teacher values read is an error, not a warning
 
 
 def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, LoadedModel]:
@@ -220,6 +221,7 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
     record_teacher_weights(plan, teacher)
     check_something_matched(compiled)
     folder = write_outputs(options, plan, teacher.source, student.module)
+    warn_nonfinite(plan)
     log(summary(plan))
     for path in (options.out, options.manifest, options.report):
         if path:
@@ -331,7 +333,7 @@ def _write_student(options: InitOptions, plan: SelectionPlan, teacher: TensorSou
 
     def saved_tensors() -> Iterator[tuple[str, torch.Tensor]]:
         held: dict[str, torch.Tensor] = {}  # tensors saved converted wait for every part of their group
-        for key, tensor in student_tensors(plan, teacher, student_state):
+        for key, tensor in student_tensors(plan, teacher, student_state, strict=options.strict):
             if key in folder.converted:
                 held[key] = tensor
             elif key in folder.written:
@@ -386,6 +388,17 @@ def warn_random_teacher(options: InitOptions, teacher: LoadedModel) -> None:
     print(f"warning: teacher {options.teacher} has no pretrained weights (random init); the student will inherit "
           f"random numbers. Pass --teacher-weights FILE, {pretrained}or --allow-random-teacher to silence this.",
           file=sys.stderr)
+
+
+def warn_nonfinite(plan: SelectionPlan) -> None:
+    """Say on stderr, in one line, which teacher tensors gave the student NaN or inf values."""
+    found = plan.nonfinite_teacher or []
+    if not found:
+        return
+    names = ", ".join(f"{n.teacher} ({n.count})" for n in found[:5]) + (", ..." if len(found) > 5 else "")
+    print(f"warning: {len(found)} teacher tensor(s) hold NaN or inf among the values the student took: {names}; "
+          "the student inherits them (listed in the manifest's nonfinite_teacher). Pass --strict to make this an "
+          "error.", file=sys.stderr)
 
 
 def record_teacher_weights(plan: SelectionPlan, teacher: LoadedModel) -> None:
