@@ -252,7 +252,7 @@ def check_init_outputs(options: InitOptions) -> None:
     if options.dtype is not None and options.dtype not in DTYPES:
         raise SpecError(f"unknown --dtype {options.dtype!r}; use one of {', '.join(DTYPES)}")
     if options.report:
-        reports.format_from_path(options.report)
+        reports.format_from_path(options.report, format_flag=False)
 
 
 def write_outputs(options: InitOptions, plan: SelectionPlan, teacher: TensorSource,

@@ -36,11 +36,12 @@ import torch
 from torch import nn
 
 from wscompile import ir
+from wscompile.choices import CALIB_BATCH_SIZE, CALIB_MAX_SAMPLES
 from wscompile.errors import SelectionError
 from wscompile.passes.activation import ChannelMeans
 
-MAX_SAMPLES = 512  # calibration samples used at most (the first ones)
-BATCH_SIZE = 16  # samples per calibration forward
+MAX_SAMPLES = CALIB_MAX_SAMPLES  # calibration samples used at most (the first ones)
+BATCH_SIZE = CALIB_BATCH_SIZE  # samples per calibration forward
 MASK_INPUT = "attention_mask"  # forward argument marking real (1) and padded (0) positions
 CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
                   nn.modules.instancenorm._InstanceNorm)
