@@ -1,6 +1,9 @@
 """wscompile: initialize small models from larger pretrained ones by structural weight selection."""
 
-from wscompile.commands import save
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from wscompile.errors import (
     ExportError,
     InputsError,
@@ -11,8 +14,11 @@ from wscompile.errors import (
     ValidationError,
     WscompileError,
 )
-from wscompile.pipeline import compile, initialize
-from wscompile.plan import SelectionPlan
+
+if TYPE_CHECKING:
+    from wscompile.commands import save
+    from wscompile.pipeline import compile, initialize
+    from wscompile.plan import SelectionPlan
 
 __version__ = "0.1.0"
 
@@ -30,3 +36,17 @@ __all__ = [
     "initialize",
     "save",
 ]
+
+# NOTE: imported on first use, so that `wscompile --help` and argument errors do not wait for torch.
+_LAZY = {"compile": "wscompile.pipeline", "initialize": "wscompile.pipeline", "save": "wscompile.commands",
+         "SelectionPlan": "wscompile.plan"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'wscompile' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value

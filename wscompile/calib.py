@@ -10,7 +10,9 @@
 - a text file, one sample per line, for an ``hf:`` text teacher: tokenized with the tokenizer in
   the teacher's directory, padded to the longest line.
 
-All samples form one batch (images: the first ``MAX_SAMPLES`` files by name).
+At most the first ``MAX_SAMPLES`` samples are read (images: files by name; text: lines); the
+calibration pass runs them in batches of ``BATCH_SIZE`` (``passes/calibration.py``), and the
+plan's calibration record says how many were used of how many, and the cap.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import os
 import torch
 
 from wscompile.errors import SpecError
+from wscompile.passes.calibration import MAX_SAMPLES, describe
 from wscompile.specs import KIND_IMAGE, KIND_TEXT, LoadedModel
 from wscompile.weights import TORCH_SUFFIXES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-MAX_SAMPLES = 512  # images read from a folder; every sample runs in one batch
 MAX_TEXT_TOKENS = 128  # tokens kept per line of a text file
 
 
@@ -65,8 +67,10 @@ def _tensors(path: str, teacher: LoadedModel) -> tuple[dict[str, torch.Tensor], 
     if unknown:
         raise SpecError(f"calibration tensor(s) {unknown} in '{path}' are not inputs of the teacher; name them like "
                         f"its forward arguments: {', '.join(names)}")
-    batch = next(iter(loaded.values())).shape[0] if next(iter(loaded.values())).dim() else 1
-    return dict(loaded), f"{batch} samples from {os.path.basename(path)}"
+    first = next(iter(loaded.values()))
+    total = first.shape[0] if first.dim() else 1
+    kept = {k: v[:MAX_SAMPLES] if v.dim() and v.shape[0] == total else v for k, v in loaded.items()}
+    return kept, describe(min(total, MAX_SAMPLES), total, "samples", os.path.basename(path))
 
 
 def _images(path: str, teacher: LoadedModel) -> tuple[dict[str, torch.Tensor], str]:
@@ -77,7 +81,8 @@ def _images(path: str, teacher: LoadedModel) -> tuple[dict[str, torch.Tensor], s
                         f"{', '.join(teacher.inputs)}; pass a .pt/.safetensors file of its input tensors")
     name, example = next(iter(teacher.inputs.items()))
     channels, height, width = example.shape[1:]
-    files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))[:MAX_SAMPLES]
+    found = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
+    files = found[:MAX_SAMPLES]
     if not files:
         raise SpecError(f"--calib folder '{path}' has no images ({', '.join(IMAGE_SUFFIXES)})")
     cfg = getattr(teacher.module, "pretrained_cfg", None) or {}
@@ -99,7 +104,8 @@ def _images(path: str, teacher: LoadedModel) -> tuple[dict[str, torch.Tensor], s
                             "remove or replace it") from e
         pixels = pixels.view(height, width, -1).permute(2, 0, 1).float() / 255
         samples.append((pixels - mean[: pixels.shape[0]]) / std[: pixels.shape[0]])
-    return {name: torch.stack(samples)}, f"{len(samples)} images from {os.path.basename(os.path.normpath(path))}/"
+    return {name: torch.stack(samples)}, describe(len(samples), len(found), "images",
+                                                  f"{os.path.basename(os.path.normpath(path))}/")
 
 
 def _text(path: str, teacher: LoadedModel) -> tuple[dict[str, torch.Tensor], str]:
@@ -113,6 +119,7 @@ def _text(path: str, teacher: LoadedModel) -> tuple[dict[str, torch.Tensor], str
     except UnicodeDecodeError as e:
         raise SpecError(f"--calib '{path}' is not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x}); "
                         "save it as UTF-8, or pass a .pt/.safetensors file of input tensors") from e
+    total, lines = len(lines), lines[:MAX_SAMPLES]
     if not lines:
         raise SpecError(f"--calib text file '{path}' has no non-empty lines")
     try:
@@ -129,4 +136,5 @@ def _text(path: str, teacher: LoadedModel) -> tuple[dict[str, torch.Tensor], str
     if "input_ids" not in inputs:
         raise SpecError(f"the teacher {teacher.spec.text} takes {', '.join(teacher.inputs)}, not token ids; "
                         f"pass a .pt/.safetensors file of its input tensors as --calib")
-    return inputs, f"{len(lines)} lines from {os.path.basename(path)}"
+    return inputs, describe(len(lines), total, "lines", os.path.basename(path))
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 import signal
@@ -10,12 +11,11 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from typing import NoReturn
 
 from wscompile import __version__
+from wscompile.choices import CALIB_BATCH_SIZE, CALIB_MAX_SAMPLES, HEAD_MODES, LAYER_POLICIES, METHODS
 from wscompile.errors import Terminated, WscompileError
-from wscompile.matching.layers import POLICIES
-from wscompile.passes.heads import HEAD_MODES
-from wscompile.passes.select import METHODS
 
 # Exit status of an unexpected exception (a bug in wscompile or a library): bad input is 2, a failed check 1.
 INTERNAL_ERROR = 3
@@ -27,6 +27,84 @@ SEED_MAX = 2**63 - 1  # torch.manual_seed's largest seed that is also a signed 6
 
 SPEC_HELP = ("model spec: timm:NAME?k=v&..., torchvision:NAME?..., hf:DIR_OR_ID?..., py:pkg.module:factory?... "
              "or path/to/file.py:factory?... (py: and file specs import and run that code: use only code you trust)")
+
+
+EXAMPLES = {
+    "init": """examples:
+  wscompile init --teacher timm:vit_small_patch16_224?pretrained=True \\
+      --student timm:vit_tiny_patch16_224 --out student.safetensors --manifest student.json
+  wscompile init --teacher hf:path/to/bert-base --student hf:path/to/bert-base?num_hidden_layers=4 \\
+      --out student/ --report student.html
+  wscompile init --teacher timm:resnet50 --teacher-weights resnet50.safetensors \\
+      --student timm:resnet18 --method activation --calib images/ --out student.safetensors --strict""",
+    "diff": """examples:
+  wscompile diff --teacher timm:vit_small_patch16_224 --student timm:vit_tiny_patch16_224
+  wscompile diff --teacher timm:convnext_tiny --student timm:convnext_tiny?depths=2,2,2,2 -o plan.html""",
+    "export": """examples:
+  wscompile export --student timm:vit_tiny_patch16_224 --weights student.safetensors --onnx student.onnx
+  wscompile export --student timm:vit_tiny_patch16_224 --weights student.safetensors --onnx student.onnx \\
+      --int8 --calib images/
+  wscompile export --student timm:vit_tiny_patch16_224 --weights student.safetensors --onnx student.onnx \\
+      --verify-only""",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors that name the closest flag or subcommand (difflib), and the
+    model-free argument checks (``preflight.py``) run right after parsing, before torch is imported."""
+
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's signature
+        self._argv = list(sys.argv[1:] if args is None else args)
+        flags = self._flags()
+        # Before argparse's own checks, which would first complain that the flag meant is missing.
+        unknown = [word for word in self._argv if word.startswith("--") and word != "--"
+                   and not any(flag.startswith(word.split("=")[0]) for flag in flags)]
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        parsed = super().parse_args(self._argv, namespace)
+        from wscompile.preflight import check_arguments
+
+        try:
+            check_arguments(parsed)
+        except WscompileError as e:
+            if parsed.debug:
+                raise
+            self.exit(e.exit_code, f"wscompile {parsed.command}: error: {_one_line(e)}\n")
+        return parsed
+
+    def error(self, message: str) -> NoReturn:
+        hint = _did_you_mean(message, self._flags())
+        prog = self._named()[0].prog if self._named() else self.prog
+        self.exit(2, f"{prog}: error: {_one_line(message)}{hint}; see `{prog} --help`\n")
+
+    def _named(self) -> list[argparse.ArgumentParser]:
+        """The parser of the subcommand named on the command line, if this parser has subcommands and one is."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return [action.choices[a] for a in getattr(self, "_argv", []) if a in action.choices][:1]
+        return []
+
+    def _flags(self) -> list[str]:
+        """The option strings of the subcommand being parsed (of every subcommand when none is named)."""
+        parsers = [self]
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers = [self, *(self._named() or action.choices.values())]
+        return [flag for p in parsers for a in p._actions for flag in a.option_strings]
+
+
+def _did_you_mean(message: str, flags: list[str]) -> str:
+    """" (did you mean --teacher?)" for the mistyped flags or subcommand an argparse error names."""
+    choice = re.search(r"invalid choice: '?([^'\s]+)'? \(choose from (.*)\)", message)
+    if choice:
+        known = re.findall(r"[\w-]+", choice[2])
+        close = difflib.get_close_matches(choice[1], known, n=1, cutoff=0.5)
+        return f" (did you mean {close[0]}?)" if close else ""
+    if "unrecognized arguments:" not in message:
+        return ""
+    typed = [word.split("=")[0] for word in message.split(":", 1)[1].split() if word.startswith("-")]
+    close = [match for word in typed for match in difflib.get_close_matches(word, flags, n=1, cutoff=0.6)]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -75,7 +153,7 @@ def _selection_options(p: argparse.ArgumentParser) -> None:
                         "(first indices), random (--seed), magnitude (teacher weight norms), activation (teacher "
                         "activations on --calib)")
     p.add_argument("--layers", default="first", metavar="POLICY",
-                   help=f"layer selection per stage: {', '.join(POLICIES)} (on --calib), or an explicit map "
+                   help=f"layer selection per stage: {', '.join(LAYER_POLICIES)} (on --calib), or an explicit map "
                         "'STAGE:BLOCK,...;...' of student stage index to teacher block indices, e.g. '0:0,2,4;1:0,1' "
                         "(default: first, the paper's)")
     p.add_argument("--heads", default="split", choices=list(HEAD_MODES),
@@ -86,7 +164,8 @@ def _selection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", metavar="PATH",
                    help="calibration inputs for --method activation and --layers importance: a .pt/.safetensors file "
                         "of input tensors named like the forward arguments, a folder of images, or a text file "
-                        "(one sample per line; hf: teachers)")
+                        f"(one sample per line; hf: teachers); the first {CALIB_MAX_SAMPLES} samples are used at "
+                        f"most, run in batches of {CALIB_BATCH_SIZE}")
 
 
 def _onnx_options(p: argparse.ArgumentParser) -> None:
@@ -96,12 +175,16 @@ def _onnx_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="wscompile", description="Initialize a small model from a larger pretrained one (weight selection).")
     parser.add_argument("--version", action="version", version=f"wscompile {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    init = sub.add_parser("init", help="select the student's weights from the teacher and save them")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                              epilog=EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    init = command("init", "select the student's weights from the teacher and save them")
     init.add_argument("--teacher", required=True, help=SPEC_HELP)
     init.add_argument("--student", required=True, help=SPEC_HELP)
     init.add_argument("--teacher-weights", help="teacher weights: .safetensors, .pt/.pth/.bin, or a Hugging Face directory")
@@ -125,11 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep the student's init where it is wider or deeper than the teacher instead of failing")
     init.add_argument("--allow-random-teacher", action="store_true",
                       help="no warning when a timm, torchvision or hf teacher has no pretrained weights")
+    init.add_argument("--strict", action="store_true",
+                      help="make NaN or inf among the teacher values the student takes an error (exit 2, no output "
+                           "file) instead of a warning")
     _selection_options(init)
     _onnx_options(init)
     _common(init)
 
-    diff = sub.add_parser("diff", help="show how a student maps onto a teacher (no weights needed)")
+    diff = command("diff", "show how a student maps onto a teacher (no weights needed)")
     diff.add_argument("--teacher", required=True, help=SPEC_HELP)
     diff.add_argument("--student", required=True, help=SPEC_HELP)
     diff.add_argument("--format", choices=["text", "md", "json", "html"], help="default: text, or from -o's extension")
@@ -141,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     _selection_options(diff)
     _common(diff)
 
-    export = sub.add_parser("export", help="export a student to ONNX and verify it with onnxruntime")
+    export = command("export", "export a student to ONNX and verify it with onnxruntime")
     export.add_argument("--student", required=True, help=SPEC_HELP)
     export.add_argument("--weights", required=True, help="student weights (.safetensors from `wscompile init`)")
     export.add_argument("--onnx", required=True, help="ONNX file to write")
@@ -248,7 +334,7 @@ def _run(args: argparse.Namespace) -> int:
         opset=getattr(args, "opset", None), fp16=getattr(args, "fp16", False), int8=getattr(args, "int8", False),
         progress=getattr(args, "progress", None), max_shard_size=getattr(args, "max_shard_size", 5 * 10**9),
         dtype=getattr(args, "dtype", None),
-        allow_random_teacher=getattr(args, "allow_random_teacher", False),
+        allow_random_teacher=getattr(args, "allow_random_teacher", False), strict=getattr(args, "strict", False),
     )
     if args.command == "init":
         commands.run_init(options)

@@ -32,7 +32,7 @@ from wscompile.outputs import (
 )
 from wscompile.passes.apply import student_layout, student_tensors
 from wscompile.plan import RULE_STUDENT_INIT, SelectionPlan
-from wscompile.specs import LoadedModel, build_module, load_model, parse_spec, resolve_hub, spec_files
+from wscompile.specs import LoadedModel, build_on_meta, load_model, parse_spec, resolve_hub, spec_files
 from wscompile.weights import ModuleSource, TensorSource, hf_weights_path, open_weights
 
 Log = Callable[[str], None]
@@ -82,6 +82,7 @@ class InitOptions:
     max_shard_size: int = MAX_SHARD_SIZE  # bytes per shard of a directory --out
     dtype: str | None = None  # floating tensors written as fp32, fp16 or bf16; None: as the student's
     allow_random_teacher: bool = False  # no warning for a teacher without pretrained weights
+    strict: bool = False  # NaN/inf among the teacher values read is an error, not a warning
 
 
 def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, LoadedModel]:
@@ -117,27 +118,41 @@ def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, 
 def check_memory(options: InitOptions, *, teacher_in_memory: bool, student_copies: int) -> None:
     """Refuse a run whose tensors would not fit in memory, before allocating any of them.
 
-    Both models are first built on the meta device (shapes only; a ``py:`` factory runs twice).
-    A teacher read from a weights file is streamed and not counted.
+    Counted (``memory.py``): the student's tensors, the teacher's when it is built in memory (a
+    teacher read from a weights file is streamed and not counted), both models' example inputs and
+    the peak activations of one forward on them, all on the meta device (a ``py:`` factory runs
+    twice). A construction that runs long with more bytes than available is stopped midway.
 
     Raises:
         ResourceError: the estimate exceeds ``available_memory()``; the message gives the sizes.
     """
     available, origin = available_memory()
-    student = _tensor_bytes(options.student, "student", options)
-    teacher = _tensor_bytes(options.teacher, "teacher", options) if teacher_in_memory else 0
-    needed = student_copies * student + teacher
+    where = f"{_size(available)} is available ({origin})"
+    student, student_inputs, student_peak = _measure(options.student, "student", options, available, where)
+    teacher, teacher_inputs, teacher_peak = 0, student_inputs, None
+    if teacher_in_memory:
+        teacher, teacher_inputs, teacher_peak = _measure(options.teacher, "teacher", options, available, where)
+    # The example inputs of both models exist together; the forwards run one at a time.
+    inputs = student_inputs + teacher_inputs
+    activations = max(student_peak or 0, teacher_peak or 0)
+    needed = student_copies * student + teacher + inputs + activations
     if needed <= available:
         return
     parts = [f"{student_copies} x {_size(student)} for student {options.student}"]
     advice = "use a smaller student or a machine with more memory"
     if teacher:
         parts.append(f"{_size(teacher)} for teacher {options.teacher} built in memory")
-        if student_copies * student <= available:
+        if student_copies * student + inputs + activations <= available:
             advice = "pass --teacher-weights so the teacher is read from disk instead of built in memory"
+    if inputs + activations >= available / 100:
+        shape = ",".join(map(str, options.input_shape)) if options.input_shape else "the default shape"
+        parts.append(f"{_size(inputs + activations)} for the example inputs ({shape}) and the activations of a "
+                     "forward on them")
+        if student_copies * student + teacher <= available:
+            advice = "pass a smaller --input-shape"
     raise ResourceError(
-        f"not enough memory: this run needs about {_size(needed)} ({' + '.join(parts)}) but {_size(available)} "
-        f"is available ({origin}); {advice}, or set {MEMORY_LIMIT_ENV}=BYTES if the estimate is wrong"
+        f"not enough memory: this run needs about {_size(needed)} ({' + '.join(parts)}) but {where}; {advice}, "
+        f"or set {MEMORY_LIMIT_ENV}=BYTES if the estimate is wrong"
     )
 
 
@@ -173,12 +188,21 @@ def available_memory() -> tuple[int, str]:
     return min(found)
 
 
-def _tensor_bytes(spec: str, role: str, options: InitOptions) -> int:
-    """Bytes of a model's state_dict, counted on the meta device (a tied tensor once)."""
-    module = build_module(spec, role=role, device="meta", seed=options.seed,
-                          trust_remote_code=options.trust_remote_code)
-    unique = {id(t): t for t in module.state_dict(keep_vars=True).values()}
-    return sum(t.numel() * t.element_size() for t in unique.values())
+def _measure(spec: str, role: str, options: InitOptions, available: int, where: str) -> tuple[int, int, int | None]:
+    """(bytes of the model's state_dict, of its example inputs, peak bytes of its forward's activations), on meta.
+
+    A tied tensor counts once. The construction runs under ``memory.construction_guard``; a model
+    whose inputs its spec does not tell counts none (it takes the other model's, counted there).
+    """
+    from wscompile.memory import construction_guard, nbytes, peak_activation_bytes
+
+    with construction_guard(available, f"{role} {spec}", where):
+        module, inputs = build_on_meta(spec, role=role, seed=options.seed, input_shape=options.input_shape,
+                                       trust_remote_code=options.trust_remote_code)
+    tensors = nbytes(list({id(t): t for t in module.state_dict(keep_vars=True).values()}.values()))
+    if inputs is None:
+        return tensors, 0, None
+    return tensors, nbytes(inputs), peak_activation_bytes(module, inputs)
 
 
 def _size(n: int) -> str:
@@ -201,6 +225,7 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
     record_teacher_weights(plan, teacher)
     check_something_matched(compiled, allow_partial=options.allow_partial)
     folder = write_outputs(options, plan, teacher.source, student.module)
+    warn_nonfinite(plan)
     log(summary(plan))
     for path in (options.out, options.manifest, options.report):
         if path:
@@ -235,7 +260,7 @@ def check_init_outputs(options: InitOptions) -> None:
     if options.dtype is not None and options.dtype not in DTYPES:
         raise SpecError(f"unknown --dtype {options.dtype!r}; use one of {', '.join(DTYPES)}")
     if options.report:
-        reports.format_from_path(options.report)
+        reports.format_from_path(options.report, format_flag=False)
 
 
 def run_inputs(options: InitOptions) -> list[tuple[str, str | None]]:
@@ -334,7 +359,7 @@ def _write_student(options: InitOptions, plan: SelectionPlan, teacher: TensorSou
 
     def saved_tensors() -> Iterator[tuple[str, torch.Tensor]]:
         held: dict[str, torch.Tensor] = {}  # tensors saved converted wait for every part of their group
-        for key, tensor in student_tensors(plan, teacher, student_state):
+        for key, tensor in student_tensors(plan, teacher, student_state, strict=options.strict):
             if key in folder.converted:
                 held[key] = tensor
             elif key in folder.written:
@@ -389,6 +414,17 @@ def warn_random_teacher(options: InitOptions, teacher: LoadedModel) -> None:
     print(f"warning: teacher {options.teacher} has no pretrained weights (random init); the student will inherit "
           f"random numbers. Pass --teacher-weights FILE, {pretrained}or --allow-random-teacher to silence this.",
           file=sys.stderr)
+
+
+def warn_nonfinite(plan: SelectionPlan) -> None:
+    """Say on stderr, in one line, which teacher tensors gave the student NaN or inf values."""
+    found = plan.nonfinite_teacher or []
+    if not found:
+        return
+    names = ", ".join(f"{n.teacher} ({n.count})" for n in found[:5]) + (", ..." if len(found) > 5 else "")
+    print(f"warning: {len(found)} teacher tensor(s) hold NaN or inf among the values the student took: {names}; "
+          "the student inherits them (listed in the manifest's nonfinite_teacher). Pass --strict to make this an "
+          "error.", file=sys.stderr)
 
 
 def record_teacher_weights(plan: SelectionPlan, teacher: LoadedModel) -> None:

@@ -19,7 +19,7 @@ from wscompile.errors import InputsError, SelectionError
 from wscompile.matching import Alignment, align
 from wscompile.matching.layers import parse_layer_policy
 from wscompile.passes.apply import apply_plan
-from wscompile.passes.calibration import Calibrator
+from wscompile.passes.calibration import MAX_SAMPLES, Calibrator, describe
 from wscompile.passes.select import NEEDS_CALIBRATION, build_plan
 from wscompile.plan import SelectionPlan
 from wscompile.weights import ModuleSource, TensorSource
@@ -69,7 +69,7 @@ def compile(
     # 1. frontend: both models into the IR (torch.fx, falling back to torch.export)
     teacher_graph = frontend.trace(teacher, _on_device(teacher_inputs, teacher), label=f"teacher {teacher_spec}")
     student_graph = frontend.trace(student, _on_device(student_inputs, student), label=f"student {student_spec}")
-    # 2. calibration: one teacher forward pass on real inputs, observed lazily by hooks (when needed)
+    # 2. calibration: the teacher run on real inputs in bounded batches, observed lazily by hooks (when needed)
     calibrator = None
     if method in NEEDS_CALIBRATION or policy.needs_calibration:
         if calibration is None:
@@ -77,8 +77,9 @@ def compile(
             raise SelectionError(f"{wants} ranks by the teacher's activations on real inputs: pass calibration "
                                  "inputs (--calib FILE_OR_DIR, or calibration= in Python)")
         batch = _on_device(calibration, teacher)
-        calibrator = Calibrator(teacher, teacher_graph, batch, channels=method in NEEDS_CALIBRATION,
-                                description=calibration_label or f"{_batch(batch)} calibration samples")
+        given = _batch(batch)
+        label = calibration_label or describe(min(given, MAX_SAMPLES), given, "samples", "the calibration inputs")
+        calibrator = Calibrator(teacher, teacher_graph, batch, channels=method in NEEDS_CALIBRATION, description=label)
     # 3. matching: stages and blocks (layer selection by the policy), then components inside blocks
     alignment = align(teacher_graph, student_graph, layer_policy=policy,
                       block_similarity=calibrator.block_similarity if calibrator else None)

@@ -106,6 +106,15 @@ class Coverage:
 
 
 @dataclass
+class NonFinite:
+    """A teacher tensor whose elements read for a student tensor hold NaN or infinity."""
+
+    teacher: str
+    student: str  # the student tensor the elements were read for
+    count: int  # non-finite elements among those read
+
+
+@dataclass
 class UnusedTeacher:
     """A teacher tensor that feeds no student tensor."""
 
@@ -137,3 +146,5 @@ class SelectionPlan:
     calibration: str | None = None  # what activation statistics were computed on, None if none were
     teacher_weights: str | None = None  # where the teacher's values came from (path, hub id, ...); None: not recorded
     teacher_pretrained: bool | None = None  # the teacher had loaded weights; None: unknown (py: factory, Python API)
+    # Teacher reads that held NaN/inf, found while writing the student; None: no values read (diff).
+    nonfinite_teacher: list[NonFinite] | None = None

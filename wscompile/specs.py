@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from wscompile.checkpoints import ConvertedSource, hf_checkpoint_source, is_transformers_model
-from wscompile.errors import InputsError, SpecError
+from wscompile.errors import InputsError, SpecError, WscompileError
 from wscompile.hub import hub_snapshot, is_hub_id, is_hub_miss, timm_weights_error
 from wscompile.weights import (
     DictSource,
@@ -132,7 +132,27 @@ def parse_spec(text: str) -> ModelSpec:
         raise SpecError(f"spec {text!r} needs a factory: py:package.module:factory")
     if scheme == "file" and not name.rpartition(":")[2]:
         raise SpecError(f"spec {text!r} needs a factory: path/to/file.py:factory")
-    return ModelSpec(scheme=scheme, name=name, overrides=_parse_overrides(query, text), text=text)
+    overrides = _parse_overrides(query, text)
+    if scheme in ("timm", "torchvision", "hf"):
+        _check_depths(overrides, text)
+    return ModelSpec(scheme=scheme, name=name, overrides=overrides, text=text)
+
+
+# Overrides of a library model that count layers, and the most layers one may ask for: a larger count
+# is a typo, and would spend minutes constructing the model before any memory check could refuse it.
+DEPTH_OVERRIDES = ("depth", "depths", "layers", "num_layers", "num_hidden_layers", "n_layer", "n_layers",
+                   "num_blocks", "encoder_layers", "decoder_layers")
+MAX_DEPTH = 1000
+
+
+def _check_depths(overrides: dict[str, Any], text: str) -> None:
+    for key in DEPTH_OVERRIDES:
+        value = overrides.get(key)
+        counts = value if isinstance(value, tuple) else (value,)
+        too_deep = [n for n in counts if isinstance(n, int) and n > MAX_DEPTH]
+        if too_deep:
+            raise SpecError(f"override {key}={too_deep[0]} in {text!r} asks for more than {MAX_DEPTH} layers; "
+                            "pass a smaller count (a model that deep would not fit in memory)")
 
 
 def _parse_overrides(query: str, text: str) -> dict[str, Any]:
@@ -337,12 +357,21 @@ def _weights_origin(spec: ModelSpec, weights: str | None, recipe: _Recipe) -> tu
     return None, None if spec.scheme in ("py", "file") else False
 
 
-def build_module(text: str, *, role: str, device: str = "cpu", seed: int = 0,
-                 trust_remote_code: bool = False) -> nn.Module:
-    """The module a spec names, without weights or example inputs (to count its bytes on meta, say)."""
+def build_on_meta(text: str, *, role: str, seed: int = 0, input_shape: tuple[int, ...] | None = None,
+                  trust_remote_code: bool = False) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+    """The module a spec names on the meta device (CPU if it cannot be built there), with meta example inputs.
+
+    The inputs are those ``load_model`` would make (``input_shape`` replacing the main one's), as
+    shapes only: none is allocated. They are None when the spec does not tell them (``InputsError``).
+    """
     spec = resolve_hub(parse_spec(text), role=role)
-    recipe = _recipe(spec, role=role, input_shape=None, trust_remote_code=trust_remote_code)
-    return _construct(recipe.build, spec, device=device, seed=seed).eval()
+    recipe = _recipe(spec, role=role, input_shape=input_shape, trust_remote_code=trust_remote_code)
+    module = _construct(recipe.build, spec, device="meta", seed=seed).eval()
+    try:
+        _, described = recipe.describe_inputs(module)
+    except InputsError:
+        return module, None
+    return module, {i.name: torch.empty(i.shape, dtype=i.dtype, device="meta") for i in described}
 
 
 def _recipe(spec: ModelSpec, *, role: str, input_shape: tuple[int, ...] | None, trust_remote_code: bool) -> _Recipe:
@@ -363,7 +392,7 @@ def _construct(build: Callable[[], nn.Module], spec: ModelSpec, *, device: str, 
             try:
                 with torch.device("meta"):
                     return _checked_module(build(), spec)
-            except SpecError:
+            except WscompileError:  # a SpecError, or construction_guard's ResourceError
                 raise
             except Exception:
                 # Some constructors compute on tensor data (e.g. ``.item()``), which meta has not.
@@ -372,7 +401,7 @@ def _construct(build: Callable[[], nn.Module], spec: ModelSpec, *, device: str, 
         try:
             with torch.device(device):
                 return _checked_module(build(), spec)
-        except SpecError:
+        except WscompileError:
             raise
         except Exception as e:
             raise _build_error(spec, e) from e

@@ -205,7 +205,7 @@ def test_activation_keeps_the_units_most_active_on_calibration_inputs():
     scores = pre.abs().mean(0) + pre.relu().abs().mean(0)  # fc1's output + fc2's input
     expected = sorted(scores.topk(5).indices.tolist())
     assert _taken(plan, "0.weight", 0) == expected == _taken(plan, "2.weight", 1)
-    assert plan.calibration == "64 calibration samples"
+    assert plan.calibration == "64 samples from the calibration inputs (at most 512 samples, batches of 16)"
     by_weight = wscompile.initialize(teacher, student, torch.randn(3, 6), method="magnitude", select_head=True)
     assert _taken(by_weight, "0.weight", 0) != expected  # the two rankings differ on this teacher
 
@@ -360,7 +360,7 @@ def test_cli_options_reach_the_plan(tmp_path):
     manifest = json.loads((tmp_path / "s.json").read_text())
     validate_manifest(manifest)
     assert (manifest["method"], manifest["layer_policy"], manifest["rescale"]) == ("activation", "drop-middle", True)
-    assert manifest["calibration"] == "16 samples from calib.pt"
+    assert manifest["calibration"] == "16 samples from calib.pt (at most 512 samples, batches of 16)"
     assert [b["teacher"] for b in manifest["stages"][0]["blocks"]] == ["blocks.0", "blocks.3"]
     assert "activation" in {g["rule"] for g in manifest["groups"]} <= {"activation", "full"}
     written = open_weights(str(tmp_path / "s.safetensors"))

@@ -309,7 +309,7 @@ def test_memory_need_is_predicted_before_allocating(tmp_path, capsys):
     big = "timm:vit_tiny_patch16_224?img_size=32&patch_size=8&depth=2&num_heads=1&embed_dim="
     assert init(tmp_path, big + "65536", big + "32768") == 2
     line = error_line(capsys)
-    assert "not enough memory: this run needs about 515.88 GB (1 x 103.24 GB for student" in line
+    assert "not enough memory: this run needs about 515.94 GB (1 x 103.24 GB for student" in line
     assert "+ 412.64 GB for teacher" in line and "GB is available (" in line and MEMORY_LIMIT_ENV in line
     assert outputs(tmp_path) == []
 

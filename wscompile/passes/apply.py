@@ -7,6 +7,9 @@ student tensor's dtype (an fp16/bf16 teacher initializes an fp32 student).
 ``student_tensors`` yields the student's tensors one by one, computed when asked for: a writer that
 saves each before asking for the next (``outputs.stream_safetensors``) holds one teacher read and
 one student tensor at a time, whatever the models' sizes. ``apply_plan`` collects them in memory.
+
+Every floating read is checked for NaN and infinity as it passes (no extra pass over the teacher);
+what is found goes to ``plan.nonfinite_teacher``, or, with ``strict``, stops the writing.
 """
 
 from __future__ import annotations
@@ -15,16 +18,21 @@ from collections.abc import Iterator
 
 import torch
 
+from wscompile.errors import SelectionError
 from wscompile.passes.select import teacher_index, to_student_layout
-from wscompile.plan import RULE_STUDENT_INIT, SelectionPlan
+from wscompile.plan import RULE_STUDENT_INIT, NonFinite, SelectionPlan
 from wscompile.weights import TensorSource
 
 
 def student_tensors(
-    plan: SelectionPlan, teacher: TensorSource, student_state: dict[str, torch.Tensor]
+    plan: SelectionPlan, teacher: TensorSource, student_state: dict[str, torch.Tensor], *, strict: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) for every student tensor in plan order: planned ones from the teacher, the rest
-    as given in ``student_state``. Each tensor is contiguous, on the CPU, in the student's dtype."""
+    as given in ``student_state``. Each tensor is contiguous, on the CPU, in the student's dtype.
+
+    Teacher reads holding NaN/inf are listed in ``plan.nonfinite_teacher``; with ``strict`` the first
+    one raises ``SelectionError`` instead (a streaming writer then leaves no file)."""
+    plan.nonfinite_teacher = []
     group_indices = {g.id: g.indices for g in plan.groups}
     planned = [r for r in plan.tensors if r.rule != RULE_STUDENT_INIT]
     following = dict(zip((r.student for r in planned), planned[1:], strict=False))  # last: none
@@ -34,12 +42,25 @@ def student_tensors(
             yield record.student, current.detach().clone()
             continue
         values = teacher.read(record.teacher, teacher_index(record, group_indices))
+        if values.is_floating_point():
+            _check_finite(plan, record.teacher, record.student, values, strict=strict)
         upcoming = following.get(record.student)
         if upcoming is not None:
             # A file source reads the next tensor while this one is converted and written.
             teacher.prefetch(upcoming.teacher, teacher_index(upcoming, group_indices))
         values = to_student_layout(values, record).to(dtype=current.dtype)
         yield record.student, values.contiguous()
+
+
+def _check_finite(plan: SelectionPlan, teacher: str, student: str, values: torch.Tensor, *, strict: bool) -> None:
+    count = values.numel() - int(torch.isfinite(values).sum())
+    if not count:
+        return
+    if strict:
+        raise SelectionError(f"teacher tensor {teacher!r} has {count} non-finite value(s) (NaN or inf) among the "
+                             f"elements selected for student {student!r}; repair the teacher checkpoint, or drop "
+                             "--strict to write the student anyway (with a warning)")
+    plan.nonfinite_teacher.append(NonFinite(teacher, student, count))
 
 
 def student_layout(plan: SelectionPlan, student_state: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -70,11 +70,12 @@ def render(plan: SelectionPlan, fmt: str, *, color: bool = False) -> str:
     return render_html(plan, report)
 
 
-def format_from_path(path: str) -> str:
+def format_from_path(path: str, *, format_flag: bool = True) -> str:
     """The report format a file name asks for, from its extension (case-insensitive).
 
     Args:
         path: Output file path, e.g. "plan.html".
+        format_flag: whether the command takes ``--format`` (``diff``), so the error may suggest it.
 
     Returns:
         "text" for .txt, "md" for .md, "json" for .json, "html" for .html or .htm.
@@ -87,8 +88,8 @@ def format_from_path(path: str) -> str:
         known = ", ".join(EXTENSIONS)
         got = f"extension '{extension}'" if extension else "no extension"
         raise OutputError(
-            f"cannot tell the report format of '{path}': {got}, expected one of {known}; "
-            f"rename the file or pass --format {'|'.join(FORMATS)}"
+            f"cannot tell the report format of '{path}': {got}, expected one of {known}; rename the file"
+            + (f" or pass --format {'|'.join(FORMATS)}" if format_flag else f" (e.g. '{os.path.splitext(path)[0]}.html')")
         )
     return EXTENSIONS[extension]
 

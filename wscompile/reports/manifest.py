@@ -18,7 +18,7 @@ from wscompile.errors import MissingDependencyError, ValidationError
 from wscompile.plan import AxisRule, SelectionPlan, StagePair, TensorRecord
 
 # Major: a field removed, renamed or changing meaning. Minor: a field added.
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 MAX_LISTED_PROBLEMS = 20  # a wholly wrong document would otherwise give thousands
 
 
@@ -93,6 +93,9 @@ def plan_to_dict(plan: SelectionPlan) -> dict[str, Any]:
         "calibration": plan.calibration,
         "teacher_weights": plan.teacher_weights,
         "teacher_pretrained": plan.teacher_pretrained,
+        "nonfinite_teacher": None
+        if plan.nonfinite_teacher is None
+        else [{"teacher": n.teacher, "student": n.student, "count": n.count} for n in plan.nonfinite_teacher],
         "frontend": dict(plan.frontend),
         "coverage": None
         if coverage is None
