@@ -179,7 +179,7 @@ CASES = [
     Case("hf-gpt2", _hf("gpt2"), _hf("gpt2", n_embd=64, n_layer=2, n_head=2)),
     *[Case(f"hf-{name}", _hf(name), _hf(name, **DECODER)) for name in ("llama", "mistral", "qwen2")],
     Case("hf-gemma", _hf("gemma"), _hf("gemma", num_hidden_layers=2, hidden_size=64, intermediate_size=172)),
-    Case("hf-phi", _hf("phi"), _hf("phi", **BERTISH)),
+    Case("hf-phi", _hf("phi"), _hf("phi", **BERTISH, num_key_value_heads=2)),
     Case("hf-opt", _hf("opt"), _hf("opt", num_hidden_layers=2, hidden_size=64, num_attention_heads=2, ffn_dim=256,
                                    word_embed_proj_dim=64)),
     Case("hf-gpt-neox", _hf("gpt_neox"), _hf("gpt_neox", **BERTISH)),
