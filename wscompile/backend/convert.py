@@ -344,4 +344,6 @@ def _summary(error: Exception) -> str:
     if marker in text:
         text = text.split(marker, 1)[1]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
+    # A line ending in a colon introduces the details ("Found the following conflicts ...:").
+    shown = lines[:2] if lines and lines[0].endswith(":") else lines[:1]
+    return f"{type(error).__name__}: {' '.join(shown)}"[:500]
