@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import pathlib
+from collections.abc import Iterator
 
 from wscompile.backend.deps import import_onnxruntime
 from wscompile.errors import ExportError
 
 ORT_SUFFIX = ".ort"
 CONFIG_SUFFIX = ".required_operators.config"
+TOOL_LOGGER = "ort_format_model"  # the converter's logger
 
 
 def ort_paths(onnx_path: str) -> tuple[str, str]:
@@ -40,8 +43,9 @@ def write_ort(onnx_path: str) -> tuple[str, str]:
     ort_path, config_path = ort_paths(onnx_path)
     model = pathlib.Path(onnx_path)
     try:
-        # NOTE: the tool prints its progress to stdout; the caller logs one line instead.
-        with contextlib.redirect_stdout(io.StringIO()):
+        # NOTE: the tool prints its progress to stdout and logs each config at INFO; the caller logs
+        # one line instead.
+        with contextlib.redirect_stdout(io.StringIO()), _quiet(logging.getLogger(TOOL_LOGGER)):
             convert_onnx_models_to_ort(model, output_dir=model.parent, optimization_styles=[OptimizationStyle.Fixed])
     except Exception as e:  # the converter raises assorted exception types
         raise ExportError(f"converting {onnx_path} to the .ort format failed: {e}; export without --ort") from e
@@ -49,3 +53,14 @@ def write_ort(onnx_path: str) -> tuple[str, str]:
         if not os.path.isfile(path):
             raise ExportError(f"onnxruntime's converter did not write {path}; export without --ort")
     return ort_path, config_path
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """Raise ``logger`` to WARNING for the duration."""
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
