@@ -70,23 +70,51 @@ SWIN = "img_size=64&window_size=4&depths=1,1,1,1&embed_dim=32&num_heads=1,2,2,4"
 STUDENTS = [
     # The families issue 14 names: batch baked into a Reshape/view before this export.
     Student("beit", "beit", "timm:beit_base_patch16_224?img_size=64&embed_dim=64&depth=2&num_heads=2"),
-    Student("vit_relpos", "vit_relpos", "timm:vit_relpos_small_patch16_224?img_size=64&embed_dim=64&depth=2&num_heads=2"),
+    Student(
+        "vit_relpos", "vit_relpos", "timm:vit_relpos_small_patch16_224?img_size=64&embed_dim=64&depth=2&num_heads=2"
+    ),
     Student("coatnet", "coatnet", "timm:coatnet_nano_rw_224?img_size=64"),
-    Student("pvt_v2", "pvt_v2", "timm:pvt_v2_b0?img_size=64"),
+    Student("pvt_v2", "pvt_v2", "timm:pvt_v2_b0"),
     Student("swinv2", "swinv2", f"timm:swinv2_tiny_window8_256?{SWIN}"),
-    Student("segformer", "hf segformer", _hf(
-        "SegformerConfig", num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
-        num_attention_heads=[1, 2], decoder_hidden_size=32, patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2],
-        image_size=64,
-    ), None),  # fmt: skip
+    Student(
+        "segformer",
+        "hf segformer",
+        _hf(
+            "SegformerConfig",
+            num_encoder_blocks=2,
+            depths=[1, 1],
+            sr_ratios=[2, 1],
+            hidden_sizes=[16, 32],
+            num_attention_heads=[1, 2],
+            decoder_hidden_size=32,
+            patch_sizes=[7, 3],
+            strides=[4, 2],
+            mlp_ratios=[2, 2],
+            image_size=64,
+        ),
+        None,
+    ),  # fmt: skip
     # MoE: transformers' grouped_mm experts have no ONNX translation.
-    Student("mixtral", "hf mixtral (moe)", _hf(
-        "MixtralConfig", **TINY_TEXT, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2
-    ), None),  # fmt: skip
-    Student("qwen2_moe", "hf qwen2-moe (moe)", _hf(
-        "Qwen2MoeConfig", **TINY_TEXT, num_key_value_heads=1, moe_intermediate_size=32,
-        shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-    ), None),  # fmt: skip
+    Student(
+        "mixtral",
+        "hf mixtral (moe)",
+        _hf("MixtralConfig", **TINY_TEXT, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2),
+        None,
+    ),  # fmt: skip
+    Student(
+        "qwen2_moe",
+        "hf qwen2-moe (moe)",
+        _hf(
+            "Qwen2MoeConfig",
+            **TINY_TEXT,
+            num_key_value_heads=1,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+        ),
+        None,
+    ),  # fmt: skip
     # Other timm families, small configs.
     Student("swin", "swin", f"timm:swin_tiny_patch4_window7_224?{SWIN}"),
     Student("maxvit", "maxvit", "timm:maxvit_nano_rw_256?img_size=64"),
@@ -97,7 +125,7 @@ STUDENTS = [
     Student("xcit", "xcit", "timm:xcit_nano_12_p16_224?img_size=64&depth=2"),
     Student("levit", "levit", "timm:levit_128s?img_size=64"),
     Student("tiny_vit", "tiny_vit", "timm:tiny_vit_5m_224", None),  # fixed-resolution attention biases
-    Student("mixer", "mlp-mixer", "timm:mixer_s16_224?img_size=64&num_blocks=2"),
+    Student("mixer", "mlp-mixer", "timm:mixer_s16_224?img_size=64"),
     Student("convnext", "convnext", "timm:convnext_atto"),
     Student("convnextv2", "convnextv2", "timm:convnextv2_atto"),
     Student("efficientnet", "efficientnet", "timm:efficientnet_b0"),
@@ -113,13 +141,26 @@ STUDENTS = [
     # Other Hugging Face families.
     Student("bert", "hf bert", _hf("BertConfig", **TINY_TEXT), None),
     Student("gpt2", "hf gpt2", _hf("GPT2Config", n_embd=32, n_layer=2, n_head=2, vocab_size=100), None),
-    Student("hf_vit", "hf vit", _hf(
-        "ViTConfig", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        image_size=64, patch_size=16,
-    ), None),  # fmt: skip
-    Student("hf_swin", "hf swin", _hf(
-        "SwinConfig", image_size=64, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4
-    ), None),  # fmt: skip
+    Student(
+        "hf_vit",
+        "hf vit",
+        _hf(
+            "ViTConfig",
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=64,
+            patch_size=16,
+        ),
+        None,
+    ),  # fmt: skip
+    Student(
+        "hf_swin",
+        "hf swin",
+        _hf("SwinConfig", image_size=64, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4),
+        None,
+    ),  # fmt: skip
 ]
 
 # The first version's (teacher, student) timm pairs at 224 px.
@@ -252,7 +293,9 @@ def write_markdown(rows: list[dict[str, object]], command: str, args: argparse.N
     ]
     for row in rows:
         if row.get("error"):
-            lines.append(f"| {row['model']} | {row['family']} | {fmt(row.get('params_m'), 1)} | failed: {row['error']} |")
+            lines.append(
+                f"| {row['model']} | {row['family']} | {fmt(row.get('params_m'), 1)} | failed: {row['error']} |"
+            )
             continue
         lines.append(
             f"| {row['model']} | {row['family']} | {fmt(row['params_m'])} | {row['exporter']} "

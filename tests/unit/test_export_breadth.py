@@ -114,7 +114,10 @@ def test_a_model_that_fixes_its_batch_falls_back_to_the_static_batch_asked_for(t
     result = export(model, path, batch_size=4, log=lines.append)
 
     assert result.exporter == "dynamo"
-    assert result.fallback_reason is not None and "static shape of 2 for dimension inputs[0].shape[0]" in result.fallback_reason
+    assert (
+        result.fallback_reason is not None
+        and "static shape of 2 for dimension inputs[0].shape[0]" in result.fallback_reason
+    )
     assert result.dynamic_axes == {}
     assert result.export_shapes == result.verify_shapes == {"x": [4, 3, IMAGE_SIZE, IMAGE_SIZE]}
     assert any("static shapes x [4, 3, 32, 32]" in line for line in lines)

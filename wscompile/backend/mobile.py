@@ -22,7 +22,7 @@ from wscompile.errors import ExportError
 
 ORT_SUFFIX = ".ort"
 CONFIG_SUFFIX = ".required_operators.config"
-TOOL_LOGGER = "ort_format_model"  # the converter's logger
+TOOL_LOGGER = "ort_format_model.utils"  # the converter's logger, at DEBUG level of its own
 
 
 def ort_paths(onnx_path: str) -> tuple[str, str]:
