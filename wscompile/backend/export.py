@@ -290,7 +290,7 @@ def _export_first_that_runs(
     """Try ``export_attempts`` in order; keep the first file that runs at the verify shapes."""
     kind = settings.kind
     seq_len = example_seq_len(inputs) if kind == KIND_TEXT else None
-    example_batch = next((t.shape[0] for t in inputs.values() if t.ndim > 0), 1)
+    example_batch = _batch_of(inputs)
     static_batch = settings.batch_size or example_batch
     failures: list[str] = []
     for attempt in export_attempts(inputs, kind):
