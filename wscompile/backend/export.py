@@ -372,7 +372,7 @@ def _write_ort_copy(
         try:
             check_parity(
                 session, ort_path, model, exported.verify_inputs, kind=settings.kind, atol=settings.atol,
-                rtol=settings.rtol, log=log,
+                rtol=settings.rtol, log=lambda line: log(f"{os.path.basename(ort_path)} {line}"),
             )  # fmt: skip
         except ValidationError as e:
             raise ValidationError(f"{e}; nothing was written") from e
