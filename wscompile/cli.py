@@ -172,6 +172,19 @@ def _onnx_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--fp16", action="store_true", help="also write an fp16 copy (<name>.fp16.onnx)")
     p.add_argument("--int8", action="store_true", help="also write a dynamically quantized int8 copy")
+    p.add_argument("--ort", action="store_true",
+                   help="also write the ONNX Runtime mobile format of every file (<name>.ort) and the "
+                        "reduced-operator config for a minimal build (<name>.required_operators.config)")
+    p.add_argument("--optimize", choices=["basic", "extended"],
+                   help="apply onnxruntime graph optimizations before saving (extended adds onnxruntime-only "
+                        "fused operators)")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="onnxruntime device for the checks and latency (cuda needs onnxruntime-gpu; default: cuda "
+                        "when available)")
+    p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the parity check (default 1e-4)")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="batch of a static-shape export, used when the model fixes its batch (default: the example "
+                        "input's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,6 +345,7 @@ def _run(args: argparse.Namespace) -> int:
         input_shape=args.input_shape, trust_remote_code=args.trust_remote_code, unsafe_pickle=args.unsafe_pickle,
         allow_outside_paths=args.allow_outside_paths,
         opset=getattr(args, "opset", None), fp16=getattr(args, "fp16", False), int8=getattr(args, "int8", False),
+        export=commands.ExportSettings.from_args(args),
         progress=getattr(args, "progress", None), max_shard_size=getattr(args, "max_shard_size", 5 * 10**9),
         dtype=getattr(args, "dtype", None),
         allow_random_teacher=getattr(args, "allow_random_teacher", False), strict=getattr(args, "strict", False),

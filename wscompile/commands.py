@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TypeVar
 
 import torch
@@ -52,6 +52,23 @@ MAX_SHARD_SIZE = 5 * 10**9
 
 
 @dataclass
+class ExportSettings:
+    """The ONNX options beyond --opset/--fp16/--int8 (``wscompile init --onnx`` and ``export``)."""
+
+    ort: bool = False  # also write .ort copies and their reduced-operator configs
+    optimize: str | None = None  # onnxruntime graph optimizations before saving: "basic", "extended"
+    device: str | None = None  # onnxruntime device: "cpu", "cuda"; None: cuda when available
+    atol: float = 1e-4  # absolute tolerance of the fp32 parity checks
+    batch_size: int | None = None  # batch of a static-shape export; None: the example input's
+
+    @classmethod
+    def from_args(cls, args: object) -> ExportSettings:
+        """The settings from parsed arguments; defaults for a subcommand without ONNX options."""
+        names = [f.name for f in fields(cls)]
+        return cls(**{name: getattr(args, name) for name in names if getattr(args, name, None) is not None})
+
+
+@dataclass
 class InitOptions:
     """Arguments of ``wscompile init`` (and, with ``out=None``, of ``diff``)."""
 
@@ -83,6 +100,7 @@ class InitOptions:
     dtype: str | None = None  # floating tensors written as fp32, fp16 or bf16; None: as the student's
     allow_random_teacher: bool = False  # no warning for a teacher without pretrained weights
     strict: bool = False  # NaN/inf among the teacher values read is an error, not a warning
+    export: ExportSettings = field(default_factory=ExportSettings)  # further ONNX options
 
 
 def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, LoadedModel]:
@@ -544,7 +562,8 @@ def run_export(student_spec: str, weights: str, onnx_path: str, options: InitOpt
         from wscompile.backend import verify_onnx
 
         with torch.no_grad():
-            return verify_onnx(onnx_path, student.module, student.make_inputs, kind=student.kind, log=log)
+            return verify_onnx(onnx_path, student.module, student.make_inputs, kind=student.kind, log=log,
+                               atol=options.export.atol, device=options.export.device)
     return _export(student, onnx_path, options, log)
 
 
@@ -563,6 +582,8 @@ def _export(student: LoadedModel, onnx_path: str, options: InitOptions, log: Log
         return export_student(
             student.module, student.inputs, student.make_inputs, onnx_path, kind=student.kind,
             opset=options.opset, fp16=options.fp16, int8=options.int8, calib=calib, force=options.force, log=log,
+            ort=options.export.ort, optimize=options.export.optimize, device=options.export.device,
+            atol=options.export.atol, batch_size=options.export.batch_size,
         )
 
 

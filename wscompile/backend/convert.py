@@ -2,19 +2,42 @@
 
 Exporter choice. ``torch.onnx.export(dynamo=True)`` is tried first: it is torch's default and
 maintained exporter (torch.export graph, translated and optimized by onnxscript), it supports opsets
-18+, and its graphs quantize cleanly. When it fails (an op torch.export cannot capture, a
-data-dependent shape, an axis it specialized to a constant) the deprecated TorchScript tracing
-exporter (``dynamo=False``, opsets up to 20) is tried, and the reason is kept in the result.
+18+, and its graphs quantize cleanly. The deprecated TorchScript tracing exporter (``dynamo=False``,
+opsets up to 20) is the last resort, and the reasons dynamo failed are kept in the result.
 
-Found on torch 2.14 with timm ViT/ConvNeXt/ResNet/MobileNetV3 and HF BERT students:
+Attempts, in order (``export_attempts``); the first whose file runs at another shape wins:
 
-- both exporters reproduce all of them to ~1e-6 at other batch sizes and sequence lengths;
-- dynamo needs the dynamic axes given by *name* (strings, turned into ``Dim.DYNAMIC``): a
-  ``torch.export.Dim("batch")`` with the batch-1 example input fails on ConvNeXt with
-  "Invalid ranges [2:1]" (torch.export's 0/1 specialization);
-- TorchScript deduplicates identical initializers, after which onnxruntime's ``quantize_dynamic``
-  fails on ResNet ("Expected onnx::Conv_205 to be an initializer");
-- dynamo takes 3-7 s per small model against 0.2 s for TorchScript.
+1. dynamo, every axis dynamic (batch; and sequence for text);
+2. dynamo, batch only dynamic (text students);
+3. dynamo, static shapes at the user's ``batch_size`` and example shape: for models that fix a
+   dimension in their code (window partitions, relative-position tables, ``view(1, ...)``);
+4. TorchScript with the dynamic axes, then TorchScript static.
+
+The example batch of a dynamic attempt is ``EXPORT_BATCH`` (2), never 1: torch.export specializes
+sizes 0 and 1, so a batch-1 example let it bake the batch into ``Reshape`` shapes (timm CoAtNet,
+PVTv2), and a named ``Dim`` failed outright ("Invalid ranges [2:1]", ConvNeXt).
+
+Dynamic axes are given by *name* (strings, which ``torch.onnx.export`` turns into
+``Dim.DYNAMIC``): torch.export then keeps the model's real constraints on them (a sequence no longer
+than the position table) instead of refusing the export, and an axis it had to fix shows up as a
+constant in the graph input, which ``_require_dynamic`` rejects.
+
+Attention is traced with PyTorch's math backend of ``scaled_dot_product_attention``. With the
+default (flash attention for CPU) the traced output has the layout of that kernel, so
+``out.transpose(1, 2).reshape(B, N, C)`` is recorded as a ``view``; the ONNX exporter then
+decomposes attention with the math layout and the view fails ("Cannot view a tensor with shape
+[B, 17, 2, 32] and strides (1088, 32, 544, 1)": timm BEiT, ViT-relpos, anything passing an
+``attn_mask``).
+
+Mixture-of-experts students (transformers Mixtral, Qwen2-MoE) run their experts with
+``grouped_mm`` by default, a custom op (``transformers::grouped_mm_fallback``) with no ONNX
+translation; ``exportable_experts`` switches them to transformers' own ``batched_mm`` for the export
+(a gather of each token's expert weights and a batched matmul: no data-dependent shapes, unlike
+``eager``, which loops over the experts that were hit) and back afterwards.
+
+Also found on torch 2.14: TorchScript deduplicates identical initializers, after which
+onnxruntime's ``quantize_dynamic`` fails on ResNet ("Expected onnx::Conv_205 to be an
+initializer"); dynamo takes 3-7 s per small model against 0.2 s for TorchScript.
 """
 
 from __future__ import annotations
@@ -23,11 +46,12 @@ import contextlib
 import io
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from wscompile.backend.deps import import_onnx
 from wscompile.backend.results import EXPORTER_DYNAMO, EXPORTER_TORCHSCRIPT
@@ -107,38 +131,42 @@ class _FlatForward(nn.Module):
         return tuple(tensor for _, tensor in flatten_outputs(output, self.kind))
 
 
-class _ExporterFailed(Exception):
-    """One exporter could not produce a usable file; the next one is tried."""
+class ExporterFailed(Exception):
+    """One export attempt could not produce a usable file; the next one is tried."""
 
 
-def write_onnx(
-    model: nn.Module,
-    inputs: dict[str, torch.Tensor],
-    path: str,
-    *,
-    kind: str,
-    opset: int | None,
-    external_data: bool,
-    log: Callable[[str], None],
-) -> ExportedFile:
-    """Export ``model(**inputs)`` to ``path``: dynamo first, TorchScript when dynamo fails.
+@dataclass
+class Attempt:
+    """One way to export: an exporter and the input axes it is asked to keep dynamic."""
 
-    Args:
-        model: The student, in eval mode.
-        inputs: Example forward kwargs.
-        path: Where to write the ``.onnx`` file (``path + ".data"`` holds the weights when
-            ``external_data``).
-        kind: "image", "text" or "other".
-        opset: ai.onnx opset, or None for the exporter's default.
-        external_data: Write the weights to ``path + ".data"`` instead of inline.
-        log: Receives one line per exporter attempt that failed.
+    exporter: str  # EXPORTER_DYNAMO or EXPORTER_TORCHSCRIPT
+    axes: dict[str, dict[int, str]]  # input name -> {axis: name}; empty: every shape static
 
-    Returns:
-        Which exporter wrote the file, and the graph's input and output names.
+    def describe(self) -> str:
+        """``dynamo exporter (dynamic batch, sequence)`` or ``... (static shapes)``."""
+        names = sorted({name for axes in self.axes.values() for name in axes.values()}, key=_AXIS_ORDER.index)
+        shapes = f"dynamic {', '.join(names)}" if names else "static shapes"
+        return f"{self.exporter} exporter ({shapes})"
+
+
+_AXIS_ORDER = [BATCH_AXIS, SEQUENCE_AXIS]
+
+
+def export_attempts(inputs: dict[str, torch.Tensor], kind: str) -> list[Attempt]:
+    """The attempts of the module docstring, most dynamic first, TorchScript last."""
+    every = dynamic_axes(inputs, kind)
+    batch_only = {name: {axis: n for axis, n in axes.items() if n == BATCH_AXIS} for name, axes in every.items()}
+    levels = [every] + ([batch_only] if batch_only != every else []) + [{}]
+    dynamo = [Attempt(EXPORTER_DYNAMO, axes) for axes in levels]
+    torchscript = [Attempt(EXPORTER_TORCHSCRIPT, axes) for axes in (every, {})]
+    return dynamo + torchscript
+
+
+def output_names(model: nn.Module, inputs: dict[str, torch.Tensor], kind: str) -> list[str]:
+    """Names of the student's tensor outputs on ``inputs`` (see ``flatten_outputs``).
 
     Raises:
-        ExportError: The model fails on ``inputs``, or neither exporter produced a file with the
-            requested dynamic axes.
+        ExportError: The model fails on ``inputs`` or returns no tensor.
     """
     try:
         with torch.inference_mode():
@@ -148,30 +176,92 @@ def write_onnx(
         raise ExportError(f"{type(model).__name__} fails on the example inputs {shapes}: {e}") from e
     if not example:
         raise ExportError(f"{type(model).__name__} returns no tensors; ONNX export needs at least one tensor output")
+    return [name for name, _ in example]
+
+
+def write_onnx(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    path: str,
+    attempt: Attempt,
+    *,
+    kind: str,
+    names: list[str],
+    opset: int | None,
+    external_data: bool,
+) -> None:
+    """Export ``model(**inputs)`` to ``path`` as ``attempt`` says.
+
+    Args:
+        model: The student, in eval mode.
+        inputs: Example forward kwargs; their shapes are the static ones of the file.
+        path: Where to write the ``.onnx`` file (``path + ".data"`` holds the weights when
+            ``external_data``).
+        attempt: The exporter and the axes to keep dynamic.
+        kind: "image", "text" or "other".
+        names: Output names, from ``output_names``.
+        opset: ai.onnx opset, or None for the exporter's default.
+        external_data: Write the weights to ``path + ".data"`` instead of inline.
+
+    Raises:
+        ExporterFailed: The exporter failed, or fixed an axis it was asked to keep dynamic.
+    """
     input_names = list(inputs)
-    output_names = [name for name, _ in example]
     wrapper = _FlatForward(model, input_names, kind)
-    args = tuple(inputs.values())
-    axes = dynamic_axes(inputs, kind)
-    failures: list[str] = []
-    for exporter, export in ((EXPORTER_DYNAMO, _export_dynamo), (EXPORTER_TORCHSCRIPT, _export_torchscript)):
-        try:
-            # NOTE: the exporters warn (deprecation, tracer) and print graph dumps to stderr when they
-            # fail; parity is checked afterwards and a failure is summarized in one line below.
-            with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-                warnings.simplefilter("ignore")
-                export(wrapper, args, path, input_names, output_names, axes, opset, external_data)
-            _require_dynamic(path, axes)
-        except Exception as e:  # any exporter failure means: try the next one
-            reason = f"{exporter} exporter failed: {_summary(e)}"
-            log(reason)
-            failures.append(reason)
-            continue
-        return ExportedFile(exporter, failures[0] if failures else None, input_names, output_names)
-    raise ExportError(
-        f"could not export {type(model).__name__} to ONNX (opset {opset or 'default'}): {'; '.join(failures)}; "
-        "try another --opset, or check that the model runs under torch.export"
-    )
+    export = _export_dynamo if attempt.exporter == EXPORTER_DYNAMO else _export_torchscript
+    try:
+        # NOTE: the exporters warn (deprecation, tracer) and print graph dumps to stderr when they
+        # fail; the caller summarizes a failure in one line.
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stderr(io.StringIO()),
+            exportable_experts(model),
+            sdpa_kernel([SDPBackend.MATH]),
+        ):
+            warnings.simplefilter("ignore")
+            export(wrapper, tuple(inputs.values()), path, input_names, names, attempt.axes, opset, external_data)
+    except Exception as e:  # any exporter failure means: try the next attempt
+        raise ExporterFailed(_summary(e)) from e
+    _require_dynamic(path, attempt.axes)
+
+
+# transformers' experts implementations that torch.export captures without custom ops or
+# data-dependent shapes; the first is the one switched to.
+EXPORTABLE_EXPERTS = ("batched_mm",)
+
+
+def experts_implementation(model: nn.Module) -> str | None:
+    """The transformers MoE experts implementation ``exportable_experts`` exports with; None for others."""
+    owner = _experts_owner(model)
+    if owner is None:
+        return None
+    current = owner.config._experts_implementation
+    return current if current in EXPORTABLE_EXPERTS else EXPORTABLE_EXPERTS[0]
+
+
+@contextlib.contextmanager
+def exportable_experts(model: nn.Module) -> Iterator[None]:
+    """Run a transformers MoE model with an exportable experts implementation; restore it afterwards."""
+    owner = _experts_owner(model)
+    wanted = experts_implementation(model)
+    if owner is None or wanted is None or owner.config._experts_implementation == wanted:
+        yield
+        return
+    previous = owner.config._experts_implementation
+    owner.set_experts_implementation(wanted)
+    try:
+        yield
+    finally:
+        owner.set_experts_implementation(previous)
+
+
+def _experts_owner(model: nn.Module) -> nn.Module | None:
+    """The outermost transformers model whose experts implementation can be chosen, if any."""
+    for module in model.modules():
+        can_set = getattr(type(module), "_can_set_experts_implementation", None)
+        if can_set is not None and hasattr(module, "set_experts_implementation") and can_set():
+            return module
+    return None
 
 
 def _export_dynamo(
@@ -244,7 +334,7 @@ def _require_dynamic(path: str, axes: dict[str, dict[int, str]]) -> None:
             if axis < len(dims) and dims[axis].HasField("dim_value"):
                 static.append(f"{value.name} axis {axis} ({axis_name}) is fixed at {dims[axis].dim_value}")
     if static:
-        raise _ExporterFailed("; ".join(static))
+        raise ExporterFailed("; ".join(static))
 
 
 def _summary(error: Exception) -> str:
@@ -254,4 +344,6 @@ def _summary(error: Exception) -> str:
     if marker in text:
         text = text.split(marker, 1)[1]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
+    # A line ending in a colon introduces the details ("Found the following conflicts ...:").
+    shown = lines[:2] if lines and lines[0].endswith(":") else lines[:1]
+    return f"{type(error).__name__}: {' '.join(shown)}"[:500]

@@ -35,6 +35,18 @@ class VariantResult:
 
 
 @dataclass
+class OrtFile:
+    """An ONNX Runtime mobile-format (``.ort``) copy of one written ``.onnx`` file, as run by onnxruntime."""
+
+    name: str  # which .onnx it was converted from: "fp32", "fp16" or "int8"
+    path: str  # the .ort file, beside its .onnx
+    config_path: str  # reduced-operator config for a minimal onnxruntime build (--include_ops_by_config)
+    size_bytes: int
+    cosine: float  # worst output's cosine similarity vs the fp32 PyTorch student
+    max_abs: float  # max |ort - torch| over every output; for fp32 held to the parity tolerance
+
+
+@dataclass
 class Latency:
     """Median batch-1 latency of the fp32 ONNX model and of the PyTorch student."""
 
@@ -50,15 +62,20 @@ class ExportResult:
 
     onnx_path: str  # the fp32 model
     data_path: str | None  # its external weights file; only for models over 2 GB
-    exporter: str  # EXPORTER_DYNAMO by default, EXPORTER_TORCHSCRIPT when dynamo failed
-    fallback_reason: str | None  # why the dynamo exporter was not used; None when it was
+    exporter: str  # EXPORTER_DYNAMO by default, EXPORTER_TORCHSCRIPT when every dynamo attempt failed
+    fallback_reason: str | None  # why the first attempts failed ("; "-joined); None when the first worked
     opset: int  # ai.onnx opset of the written model
     input_names: list[str]  # ONNX inputs: the forward kwarg names
     output_names: list[str]  # ONNX outputs: "logits", or the model output's tensor fields in order
     size_bytes: int  # .onnx plus its .onnx.data, if any
+    dynamic_axes: dict[str, dict[int, str]]  # input -> {axis: name} of the axes left dynamic; {} if all static
+    export_shapes: dict[str, list[int]]  # example input shapes the exporter saw; static axes keep these sizes
     verify_shapes: dict[str, list[int]]  # input shapes of the parity run (another batch, sequence length)
     checks: list[OutputCheck]  # fp32 parity, one per output
     variants: list[VariantResult] = field(default_factory=list)  # fp16 / int8 copies, when asked for
+    ort_files: list[OrtFile] = field(default_factory=list)  # .ort copies of every written file, with --ort
+    optimization: str | None = None  # onnxruntime graph optimization applied before saving: "basic", "extended"
+    experts_implementation: str | None = None  # transformers MoE experts forward exported; None: not an MoE model
     latency: Latency | None = None  # None when latency_runs == 0
 
     def to_dict(self) -> dict[str, object]:

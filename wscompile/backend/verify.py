@@ -1,4 +1,4 @@
-"""Run an ONNX file with onnxruntime and compare it with the PyTorch student.
+"""Run an ONNX (or ``.ort``) file with onnxruntime and compare it with the PyTorch student.
 
 Parity is checked on inputs of another shape than the export example (batch 3, and for text
 another sequence length), so a batch or sequence size baked into the graph fails here rather than
@@ -18,7 +18,7 @@ from torch import nn
 from wscompile.backend.convert import KIND_TEXT, flatten_outputs
 from wscompile.backend.deps import import_onnxruntime
 from wscompile.backend.results import OutputCheck
-from wscompile.errors import ValidationError
+from wscompile.errors import MissingDependencyError, ValidationError
 
 VERIFY_BATCH = 3  # any size but the batch-1 export example
 
@@ -38,14 +38,34 @@ def example_seq_len(inputs: dict[str, torch.Tensor]) -> int | None:
     return next((tensor.shape[1] for tensor in inputs.values() if tensor.ndim >= 2), None)
 
 
-def providers() -> list[str]:
-    """CUDA first when this onnxruntime build has it, CPU always."""
+DEVICE_CPU = "cpu"
+DEVICE_CUDA = "cuda"
+DEVICES = (DEVICE_CPU, DEVICE_CUDA)
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+def providers(device: str | None = None) -> list[str]:
+    """onnxruntime execution providers for ``device``: CPU only, CUDA then CPU, or (None) CUDA when present.
+
+    Raises:
+        MissingDependencyError: ``device`` is "cuda" and this onnxruntime build has no CUDA provider.
+    """
+    if device not in (None, *DEVICES):
+        raise ValueError(f"device must be one of {DEVICES} or None, got {device!r}")
     available = import_onnxruntime().get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    if device == DEVICE_CUDA and CUDA_PROVIDER not in available:
+        raise MissingDependencyError(
+            f"--device cuda needs onnxruntime's {CUDA_PROVIDER}, which this onnxruntime does not have (it has "
+            f"{', '.join(available)}); install the gpu extra: `pip uninstall -y onnxruntime && "
+            "pip install 'wscompile[gpu]'`, or pass --device cpu"
+        )
+    wanted = (CPU_PROVIDER,) if device == DEVICE_CPU else (CUDA_PROVIDER, CPU_PROVIDER)
+    return [p for p in wanted if p in available]
 
 
-def open_session(path: str) -> Any:
-    """An onnxruntime ``InferenceSession`` on ``path``; load failures become ValidationError.
+def open_session(path: str, device: str | None = None) -> Any:
+    """An onnxruntime ``InferenceSession`` on ``path`` (``.onnx`` or ``.ort``); load failures become ValidationError.
 
     The session gets PyTorch's thread budget (``torch.get_num_threads()``, the physical cores by
     default, as onnxruntime's own default), so latency comparisons run both with the same threads.
@@ -54,10 +74,29 @@ def open_session(path: str) -> Any:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: initializer-pruning warnings are noise here
     options.intra_op_num_threads = torch.get_num_threads()
+    chosen = providers(device)
     try:
-        return ort.InferenceSession(path, sess_options=options, providers=providers())
+        return ort.InferenceSession(path, sess_options=options, providers=chosen)
     except Exception as e:  # onnxruntime raises its own unrelated exception types
         raise ValidationError(f"onnxruntime cannot load {path}: {e}") from e
+
+
+def shape_problem(session: Any, model: nn.Module, inputs: dict[str, torch.Tensor], kind: str) -> str | None:
+    """Why ``session`` cannot stand in for the student at the shapes of ``inputs``; None when it can.
+
+    A run failure or an output of another shape means a size was baked into the graph, which
+    another export attempt may avoid; wrong values at the right shapes are for ``check_parity``.
+    """
+    try:
+        got = run_session(session, inputs)
+    except ValidationError as e:
+        return str(e.__cause__ or e).strip().splitlines()[0][:300]
+    want = run_torch(model, inputs, kind)
+    shapes = [(tuple(g.shape), tuple(w.shape)) for g, (_, w) in zip(got, want, strict=False)]
+    wrong = [f"output {i} has shape {g}, expected {w}" for i, (g, w) in enumerate(shapes) if g != w]
+    if len(got) != len(want):
+        wrong.insert(0, f"{len(got)} outputs, expected {len(want)}")
+    return "; ".join(wrong) or None
 
 
 def run_session(session: Any, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
@@ -96,6 +135,7 @@ def verify_onnx(
     seq_len: int | None = None,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    device: str | None = None,
     log: Callable[[str], None] = print,
 ) -> list[OutputCheck]:
     """Check that an ONNX file reproduces the PyTorch student on fresh inputs.
@@ -106,10 +146,13 @@ def verify_onnx(
         make_inputs: ``make_inputs(batch, seq_len)`` builds forward kwargs; ``seq_len`` None means
             the spec's default length.
         kind: "image", "text" or "other".
-        batch: Batch size of the check; pick one other than the export example's.
-        seq_len: Sequence length of the check for text students; None for the default.
+        batch: Batch size of the check; pick one other than the export example's. A file with a
+            static batch is checked at its own.
+        seq_len: Sequence length of the check for text students; None for the default. A file
+            with a static sequence length is checked at its own.
         atol: Absolute tolerance.
         rtol: Relative tolerance.
+        device: onnxruntime device, "cpu" or "cuda" (see ``providers``); None: CUDA when present.
         log: Receives one line per output.
 
     Returns:
@@ -118,8 +161,15 @@ def verify_onnx(
     Raises:
         ValidationError: Once, listing every output out of tolerance (or a load/run failure).
     """
+    session = open_session(onnx_path, device)
+    # A file exported with static shapes is checked at them (its first input's fixed axes).
+    dims = session.get_inputs()[0].shape
+    if dims and isinstance(dims[0], int):
+        batch = dims[0]
+    if kind == KIND_TEXT and len(dims) > 1 and isinstance(dims[1], int):
+        seq_len = dims[1]
     inputs = make_inputs(batch, seq_len if kind == KIND_TEXT else None)
-    return check_parity(open_session(onnx_path), onnx_path, model, inputs, kind=kind, atol=atol, rtol=rtol, log=log)
+    return check_parity(session, onnx_path, model, inputs, kind=kind, atol=atol, rtol=rtol, log=log)
 
 
 def check_parity(
