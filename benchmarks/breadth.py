@@ -5,7 +5,7 @@ would try next. Each pair runs in its own process (a crash or a runaway pair can
 down), as ``wscompile init`` with a random teacher (``--allow-random-teacher``): first as is, and, when
 that fails because the student is larger somewhere, again with ``--allow-partial``. Then, in the same
 process, the written file is loaded strictly into an independently built student and its outputs
-are checked to be finite. Pairs marked ``refuse`` are unrelated models that must be refused.
+are checked to be finite, and the student is exported to ONNX and checked (``wscompile export``). Pairs marked ``refuse`` are unrelated models that must be refused.
 
     python benchmarks/breadth.py [--only SUBSTRING] [--timeout 300]
 
@@ -221,8 +221,8 @@ CASES = [
 ]
 # fmt: on
 
-COLUMNS = ["pair", "expect", "outcome", "partial", "coverage_no_head_pct", "strict_load", "finite", "seconds",
-           "error"]
+COLUMNS = ["pair", "expect", "outcome", "partial", "coverage_no_head_pct", "strict_load", "finite", "onnx",
+           "seconds", "error"]
 
 
 def write_configs(root: Path) -> dict[str, str]:
@@ -268,6 +268,10 @@ def run_one(case: Case, places: dict[str, str], work: Path) -> dict[str, object]
         output = built.module(**built.make_inputs(2, None))
     tensors = _tensors(output)
     row["finite"] = bool(tensors) and all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+    # ONNX: exported and checked by onnxruntime against the student at another batch size
+    export = ["export", "--student", student, "--weights", str(out), "--onnx", str(work / f"{case.id}.onnx"),
+              "--force"]
+    row["onnx"] = main(export + (["--input-shape", case.input_shape] if case.input_shape else [])) == 0
     return row
 
 
@@ -328,7 +332,7 @@ def main() -> None:
                 row["outcome"] = "timeout"
             row["seconds"] = round(time.perf_counter() - start, 1)
             rows.append(row)
-            print(f"{case.id}: {row.get('outcome')} {row.get('coverage_no_head_pct', '')} {row.get('error', '')}",
+            print(f"{case.id}: {row.get('outcome')} {row.get('coverage_no_head_pct', '')} onnx={row.get('onnx')} {row.get('error', '')}",
                   flush=True)
     if not args.only:
         _write(rows, time.time() - started)
@@ -367,14 +371,17 @@ def _write(rows: list[dict[str, object]], seconds: float) -> None:
         f"{sum(1 for r in ok if r.get('partial'))} of them with `--allow-partial`",
         f"- mean coverage outside the head over those: **{sum(coverages) / max(1, len(coverages)):.1f}%**; "
         f"{sum(1 for c in coverages if c >= 95)} at >= 95%",
+        f"- ONNX: **{sum(1 for r in ok if r.get('onnx'))} of {len(ok)}** of those export and match the student "
+        "in onnxruntime at another batch size (`wscompile export`)",
         f"- unrelated pairs refused: **{len(refused)} of {sum(1 for r in rows if r['expect'] == 'refuse')}**",
         "",
-        "| pair | outcome | --allow-partial | coverage no head % | strict load | finite | s | error |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| pair | outcome | --allow-partial | coverage no head % | strict load | finite | onnx | s | error |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(f"| {r['pair']} | {r.get('outcome', '')} | {'yes' if r.get('partial') else ''} | "
                      f"{r.get('coverage_no_head_pct', '')} | {r.get('strict_load', '')} | {r.get('finite', '')} | "
+                     f"{r.get('onnx', '')} | "
                      f"{r.get('seconds', '')} | {str(r.get('error', '')).replace('|', '/')} |")
     causes = Counter(_cause(str(r.get("error", ""))) for r in expected_init if r.get("outcome") != "initialized")
     if causes:
