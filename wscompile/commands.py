@@ -105,7 +105,8 @@ class InitOptions:
 
 def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, LoadedModel]:
     """Teacher (on the meta device when its values come from a file and it never runs) and student."""
-    teacher_spec = resolve_hub(parse_spec(options.teacher), role="teacher")
+    teacher_spec = resolve_hub(parse_spec(options.teacher), role="teacher",
+                               weights=options.teacher_weights is None)
     has_file = options.teacher_weights is not None or (
         teacher_spec.scheme == "hf" and hf_weights_path(teacher_spec.name) is not None
     )
