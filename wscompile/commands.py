@@ -31,7 +31,7 @@ from wscompile.outputs import (
     stream_safetensors_dir,
 )
 from wscompile.passes.apply import student_layout, student_tensors
-from wscompile.plan import RULE_STUDENT_INIT, SelectionPlan
+from wscompile.plan import RULE_STUDENT_INIT, ExportSummary, SelectionPlan
 from wscompile.specs import LoadedModel, build_on_meta, load_model, parse_spec, resolve_hub, spec_files
 from wscompile.weights import ModuleSource, TensorSource, hf_weights_path, open_weights
 
@@ -105,7 +105,8 @@ class InitOptions:
 
 def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, LoadedModel]:
     """Teacher (on the meta device when its values come from a file and it never runs) and student."""
-    teacher_spec = resolve_hub(parse_spec(options.teacher), role="teacher")
+    teacher_spec = resolve_hub(parse_spec(options.teacher), role="teacher",
+                               weights=options.teacher_weights is None)
     has_file = options.teacher_weights is not None or (
         teacher_spec.scheme == "hf" and hf_weights_path(teacher_spec.name) is not None
     )
@@ -242,24 +243,41 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
     plan = compiled.plan
     record_teacher_weights(plan, teacher)
     check_something_matched(compiled, allow_partial=options.allow_partial)
-    folder = write_outputs(options, plan, teacher.source, student.module)
+    folder = write_outputs(replace(options, manifest=None, report=None), plan, teacher.source, student.module)
     warn_nonfinite(plan)
     log(summary(plan))
-    for path in (options.out, options.manifest, options.report):
-        if path:
-            log(f"wrote {path}")
-    if options.onnx:
-        if options.out:
-            written = open_weights(options.out)
-            state = {key: written.read(saved) for key, saved in folder.saved_as.items()}
-            if folder.converted:  # read back as from_pretrained reads the folder
-                fused = hf_checkpoint_source(student.module, written)
-                state |= {key: fused.read(key) for key in folder.converted}
-        else:
-            state = compiled.state_dict
-        student.module.load_state_dict(state)
-        _export(student, options.onnx, options, log)
+    if options.out:
+        log(f"wrote {options.out}")
+    try:
+        if options.onnx:
+            if options.out:
+                written = open_weights(options.out)
+                state = {key: written.read(saved) for key, saved in folder.saved_as.items()}
+                if folder.converted:  # read back as from_pretrained reads the folder
+                    fused = hf_checkpoint_source(student.module, written)
+                    state |= {key: fused.read(key) for key in folder.converted}
+            else:
+                state = compiled.state_dict
+            student.module.load_state_dict(state)
+            plan.export = export_summary(_export(student, options.onnx, options, log))
+    finally:
+        # Manifest and report last, so they say what the export wrote (or, if it failed, that nothing was).
+        write_outputs(replace(options, out=None), plan, teacher.source, student.module)
+        for path in (options.manifest, options.report):
+            if path:
+                log(f"wrote {path}")
     return plan
+
+
+def export_summary(result) -> ExportSummary:
+    """The manifest's record of a verified ``backend.ExportResult``."""
+    dynamic = {name: list(axes.values()) for name, axes in result.dynamic_axes.items() if axes}
+    written = [result.onnx_path, *(v.path for v in result.variants), *(f.path for f in result.ort_files)]
+    return ExportSummary(
+        onnx=os.path.basename(result.onnx_path), exporter=result.exporter, dynamic_axes=dynamic,
+        static_shapes={name: list(shape) for name, shape in result.export_shapes.items() if name not in dynamic},
+        max_abs_diff=max((c.max_abs for c in result.checks), default=0.0), fallback_reason=result.fallback_reason,
+        files=[os.path.basename(path) for path in written])
 
 
 def check_init_outputs(options: InitOptions) -> None:

@@ -124,6 +124,19 @@ class UnusedTeacher:
 
 
 @dataclass
+class ExportSummary:
+    """What ``init --onnx`` wrote and how it was checked (the full result is ``backend.ExportResult``)."""
+
+    onnx: str  # file name of the fp32 model (no directory: manifests hold no paths)
+    exporter: str  # "dynamo" or "torchscript"
+    dynamic_axes: dict[str, list[str]]  # input -> names of its dynamic axes ("batch", "sequence"); [] all static
+    static_shapes: dict[str, list[int]]  # input -> the shape a static input is fixed at
+    max_abs_diff: float  # largest |onnx - torch| over the parity run's outputs
+    fallback_reason: str | None  # why earlier export attempts failed; None when the first one worked
+    files: list[str]  # every file written (fp16/int8 copies, .ort), by name
+
+
+@dataclass
 class SelectionPlan:
     """Everything ``init`` decided; the single source for the writer, manifest and reports."""
 
@@ -148,3 +161,5 @@ class SelectionPlan:
     teacher_pretrained: bool | None = None  # the teacher had loaded weights; None: unknown (py: factory, Python API)
     # Teacher reads that held NaN/inf, found while writing the student; None: no values read (diff).
     nonfinite_teacher: list[NonFinite] | None = None
+    # The ONNX export of the initialized student (init --onnx), as verified; None: not exported.
+    export: ExportSummary | None = None

@@ -180,11 +180,12 @@ def _parse_value(value: str) -> Any:
 HUB_OVERRIDES = ("revision", "cache_dir")  # hf: overrides that choose the hub snapshot, not the config
 
 
-def resolve_hub(spec: ModelSpec, *, role: str) -> ModelSpec:
+def resolve_hub(spec: ModelSpec, *, role: str, weights: bool | None = None) -> ModelSpec:
     """An ``hf:org/name`` spec with its name replaced by the local snapshot directory (see ``hub.py``).
 
     ``revision=`` and ``cache_dir=`` overrides pick the snapshot and are removed, so they never reach
-    the config; ``origin`` records ``org/name@commit``. A teacher's snapshot includes its weights.
+    the config; ``origin`` records ``org/name@commit``. The snapshot includes the weights when
+    ``weights`` says so (default: for a teacher; not when its weights come from ``--teacher-weights``).
     Any other spec is returned unchanged.
 
     Raises:
@@ -201,7 +202,8 @@ def resolve_hub(spec: ModelSpec, *, role: str) -> ModelSpec:
     overrides = {key: value for key, value in spec.overrides.items() if key not in HUB_OVERRIDES}
     revision, cache_dir = (spec.overrides.get(key) for key in HUB_OVERRIDES)
     path = hub_snapshot(spec.name, revision=None if revision is None else str(revision),
-                        cache_dir=None if cache_dir is None else str(cache_dir), weights=role == "teacher")
+                        cache_dir=None if cache_dir is None else str(cache_dir),
+                        weights=role == "teacher" if weights is None else weights)
     return replace(spec, name=path, overrides=overrides, origin=f"{spec.name}@{os.path.basename(path)}")
 
 
@@ -301,7 +303,7 @@ def load_model(
     """
     if role not in ("teacher", "student"):
         raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
-    spec = resolve_hub(parse_spec(text), role=role)
+    spec = resolve_hub(parse_spec(text), role=role, weights=role == "teacher" and not weights)
     recipe = _recipe(spec, role=role, input_shape=input_shape, trust_remote_code=trust_remote_code)
     module = _construct(recipe.build, spec, device=device, seed=seed).eval()
     on_meta = any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
@@ -364,7 +366,7 @@ def build_on_meta(text: str, *, role: str, seed: int = 0, input_shape: tuple[int
     The inputs are those ``load_model`` would make (``input_shape`` replacing the main one's), as
     shapes only: none is allocated. They are None when the spec does not tell them (``InputsError``).
     """
-    spec = resolve_hub(parse_spec(text), role=role)
+    spec = resolve_hub(parse_spec(text), role=role, weights=False)  # shapes only: no weights to fetch
     recipe = _recipe(spec, role=role, input_shape=input_shape, trust_remote_code=trust_remote_code)
     module = _construct(recipe.build, spec, device="meta", seed=seed).eval()
     try:

@@ -108,3 +108,23 @@ def test_int8_export_uses_static_quantization_with_calibration_inputs(tmp_path, 
     assert main(args + ["--calib", str(calib)]) == 0
     out = capsys.readouterr().out
     assert "static" in out and (tmp_path / "s.int8.onnx").exists()
+
+
+def test_init_onnx_records_the_export_in_the_manifest_and_report(tmp_path):
+    from wscompile.reports import validate_manifest
+
+    manifest, report = tmp_path / "m.json", tmp_path / "r.md"
+    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(tmp_path / "s.safetensors"),
+                 "--manifest", str(manifest), "--report", str(report), "--onnx", str(tmp_path / "s.onnx"),
+                 "--allow-random-teacher"]) == 0
+    written = json.loads(manifest.read_text())
+    validate_manifest(written)
+    export = written["export"]
+    assert export["onnx"] == "s.onnx" and export["files"] == ["s.onnx"]
+    assert export["dynamic_axes"]["x"] == ["batch"] and export["static_shapes"] == {}
+    assert export["max_abs_diff"] < 1e-4
+    assert "**onnx export**: s.onnx (dynamo); dynamic axes x: batch" in report.read_text()
+    # Without --onnx the field is there, and null.
+    main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(tmp_path / "t.safetensors"),
+          "--manifest", str(tmp_path / "t.json"), "--allow-random-teacher"])
+    assert json.loads((tmp_path / "t.json").read_text())["export"] is None

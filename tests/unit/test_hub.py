@@ -212,6 +212,13 @@ def test_hub_fetches_only_the_files_it_reads(tmp_path, monkeypatch):
         ["config.json", "modeling_custom.py", "tokenizer.json", "vocab.txt"]]
     with pytest.raises(SpecError, match=r"'org/unreachable': the Hugging Face hub cannot be reached and it is not"):
         hub.hub_snapshot("org/unreachable", cache_dir=cache)
+    # A teacher whose weights come from --teacher-weights fetches no hub weights.
+    from wscompile.specs import parse_spec, resolve_hub
+
+    requested.clear()
+    resolve_hub(parse_spec(f"hf:org/given-weights?cache_dir={cache}"), role="teacher", weights=False)
+    assert [sorted(filter_repo_objects(repo, allow_patterns=p)) for p in requested] == [
+        ["config.json", "modeling_custom.py", "tokenizer.json", "vocab.txt"]]
 
 
 # ---- timm: pretrained=True through the hub cache, pretrained_file, pretrained_cfg_overlay ----------

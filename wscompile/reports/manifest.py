@@ -18,7 +18,7 @@ from wscompile.errors import MissingDependencyError, ValidationError
 from wscompile.plan import AxisRule, SelectionPlan, StagePair, TensorRecord
 
 # Major: a field removed, renamed or changing meaning. Minor: a field added.
-SCHEMA_VERSION = "1.4"
+SCHEMA_VERSION = "1.5"
 MAX_LISTED_PROBLEMS = 20  # a wholly wrong document would otherwise give thousands
 
 
@@ -96,6 +96,13 @@ def plan_to_dict(plan: SelectionPlan) -> dict[str, Any]:
         "nonfinite_teacher": None
         if plan.nonfinite_teacher is None
         else [{"teacher": n.teacher, "student": n.student, "count": n.count} for n in plan.nonfinite_teacher],
+        "export": None if plan.export is None else {
+            "onnx": plan.export.onnx, "exporter": plan.export.exporter,
+            "dynamic_axes": {k: list(v) for k, v in plan.export.dynamic_axes.items()},
+            "static_shapes": {k: list(v) for k, v in plan.export.static_shapes.items()},
+            "max_abs_diff": plan.export.max_abs_diff, "fallback_reason": plan.export.fallback_reason,
+            "files": list(plan.export.files),
+        },
         "frontend": dict(plan.frontend),
         "coverage": None
         if coverage is None

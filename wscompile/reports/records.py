@@ -147,6 +147,12 @@ def _summary(plan: SelectionPlan) -> list[tuple[str, str]]:
     ]
     if plan.teacher_weights is not None:
         lines.insert(1, ("teacher weights", plan.teacher_weights))
+    if plan.export is not None:
+        e = plan.export
+        axes = "; ".join(f"{name}: {', '.join(names)}" for name, names in e.dynamic_axes.items()) or "none"
+        fixed = "; ".join(f"{name} {shape}" for name, shape in e.static_shapes.items())
+        lines.append(("onnx export", f"{e.onnx} ({e.exporter}); dynamic axes {axes}"
+                      + (f"; static {fixed}" if fixed else "") + f"; max |onnx - torch| {e.max_abs_diff:.2g}"))
     coverage = plan.coverage
     if coverage is None:
         lines.append(("from teacher", "not computed (the plan has no coverage)"))
