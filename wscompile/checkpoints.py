@@ -188,18 +188,11 @@ class _Eager(_Node):
     inputs: dict[str, list[_Node] | _Node]
     target: str
     kwargs: dict = field(repr=False)
-
-    def __post_init__(self) -> None:
-        meta = self._run(lambda node: torch.empty(node.shape, dtype=node.dtype, device="meta"))
-        self.shape, self.dtype = tuple(meta.shape), meta.dtype
-
-    def _run(self, value) -> torch.Tensor:
-        tensors = {k: [value(n) for n in v] if isinstance(v, list) else value(v) for k, v in self.inputs.items()}
-        out = self.op.convert(tensors, **self.kwargs)[self.target]
-        return out[0] if isinstance(out, list) else out
+    shape: tuple[int, ...]  # of the output, from running the op on meta tensors (``_apply``)
+    dtype: torch.dtype
 
     def read(self, index):
-        out = self._run(lambda node: node.read(None))
+        out = _single(_run_op(self.op, self.inputs, self.kwargs, lambda node: node.read(None))[self.target])
         return take(out, index) if index is not None else out
 
     def leaves(self):
@@ -302,7 +295,8 @@ def _convert(converter, first_target: str, module: nn.Module) -> dict[str, _Node
     return {head + k + tail: v[0] if isinstance(v, list) else v for k, v in tensors.items()}
 
 
-def _single(value: list[_Node] | _Node) -> _Node:
+def _single(value):
+    """The one item of a list, or ``value`` itself (ops hand over either)."""
     return value[0] if isinstance(value, list) else value
 
 
@@ -338,8 +332,14 @@ def _apply(op, tensors: dict[str, list[_Node] | _Node], kwargs: dict) -> dict[st
             out[name] = _Narrow(whole, op.dim, start, size)
             start += size
         return out
-    # Anything else: transformers runs the op on real tensors when a target is read.
-    meta = op.convert({k: [torch.empty(n.shape, dtype=n.dtype, device="meta") for n in v] if isinstance(v, list)
-                       else torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()},
+    # Anything else: transformers runs the op on real tensors when a target is read; run on meta
+    # tensors here, it tells the targets and their shapes.
+    meta = _run_op(op, tensors, kwargs, lambda node: torch.empty(node.shape, dtype=node.dtype, device="meta"))
+    return {target: _Eager(op, dict(tensors), target, kwargs, tuple(_single(out).shape), _single(out).dtype)
+            for target, out in meta.items()}
+
+
+def _run_op(op, tensors: dict[str, list[_Node] | _Node], kwargs: dict, value) -> dict:
+    """``op.convert`` on ``value(node)`` for every node of ``tensors`` (a fresh dict: ops pop their inputs)."""
+    return op.convert({k: [value(n) for n in v] if isinstance(v, list) else value(v) for k, v in tensors.items()},
                       **kwargs)
-    return {target: _Eager(op, dict(tensors), target, kwargs) for target in meta}

@@ -947,14 +947,13 @@ def _fit_hf_weights(module: nn.Module, source: ConvertedSource, spec: ModelSpec,
     if source.unexpected:
         _warn(f"{len(source.unexpected)} tensor(s) in '{path}' have no place in {type(module).__name__} and are "
               f"not used ({_first(source.unexpected)})")
-    expected = module.state_dict(keep_vars=True)
-    missing = [key for key in expected if key not in set(source.keys())]
+    known = set(source.keys())
+    tied = _tied_names(module.state_dict(keep_vars=True))
+    missing = [key for key, names in tied.items() if not known.intersection(names)]  # a tied twin counts
     prefix = f"{module.base_model_prefix}." if module.base_model_prefix else None
-    tied = _tied_names(expected)
-    missing = [key for key in missing if not any(other in set(source.keys()) for other in tied[key])]
     head = [key for key in missing if prefix and not key.startswith(prefix)]
     base_only = prefix is not None and hasattr(module, module.base_model_prefix) and not any(
-        not key.startswith(prefix) for key in source.keys()) and head == missing
+        not key.startswith(prefix) for key in known) and head == missing
     if missing and not base_only:
         return _fit_weights(module, source, spec, path)  # the full error message
     if head:
@@ -984,16 +983,20 @@ def _tied_names(state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
 
 def _fresh_tensors(module: nn.Module, keys: list[str], *, seed: int) -> dict[str, torch.Tensor]:
     """The model's own init of ``keys``, computed on copies of their submodules (``module`` stays as it is)."""
+    by_owner: dict[str, list[str]] = {}
+    for key in keys:
+        owner_name, _, name = key.rpartition(".")
+        by_owner.setdefault(owner_name, []).append(name)
     out: dict[str, torch.Tensor] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for key in keys:
-            owner_name, _, name = key.rpartition(".")
+        for owner_name, names in by_owner.items():
             owner = copy.deepcopy(module.get_submodule(owner_name))
             if any(t.is_meta for t in itertools.chain(owner.parameters(), owner.buffers())):
                 owner = owner.to_empty(device="cpu")
                 module._init_weights(owner)
-            out[key] = owner.state_dict()[name].detach().clone()
+            state = owner.state_dict()
+            out |= {f"{owner_name}.{name}" if owner_name else name: state[name].detach().clone() for name in names}
     return out
 
 
@@ -1014,12 +1017,10 @@ def _fit_weights(module: nn.Module, source: TensorSource, spec: ModelSpec, path:
         elif key not in transient:
             unexpected.append(file_key)
     # A tied weight is saved once; its other names read the same file tensor.
-    tied: dict[int, list[str]] = {}
-    for key, tensor in state.items():
-        tied.setdefault(id(tensor), []).append(key)
-    for key, tensor in state.items():
+    tied = _tied_names(state)
+    for key in state:
         if key not in names:
-            loaded = next((names[other] for other in tied[id(tensor)] if other in names), None)
+            loaded = next((names[other] for other in tied[key] if other in names), None)
             if loaded is not None:
                 names[key] = loaded
     missing = [key for key in expected if key not in names]
@@ -1029,7 +1030,7 @@ def _fit_weights(module: nn.Module, source: TensorSource, spec: ModelSpec, path:
         if key in names and tuple(source.shape(names[key])) != shape
     ]
     problems = [
-        f"{len(found)} {what} ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''})"
+        f"{len(found)} {what} ({_first(found, 5)})"
         for what, found in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),

@@ -154,3 +154,16 @@ def test_a_checkpoint_of_another_model_still_fails_with_the_keys(checkpoints: di
     assert code != 0 and not list(tmp_path.iterdir())
     err = capsys.readouterr().err.strip().splitlines()
     assert "missing keys" in err[-1] and "model.embed_tokens.weight" in err[-1]
+
+
+def test_an_op_without_a_lazy_form_is_run_by_transformers_on_read() -> None:
+    from transformers.core_model_loading import Transpose
+
+    from wscompile.checkpoints import _apply, _Leaf
+    from wscompile.weights import DictSource
+
+    stored = torch.arange(12.0).reshape(3, 4)
+    kwargs = dict(source_patterns=["w"], target_patterns=["wt"], full_layer_name="wt", model=None, config=None)
+    node = _apply(Transpose(0, 1), {"w": [_Leaf(DictSource({"w": stored}), "w")]}, kwargs)["wt"]
+    assert node.shape == (4, 3) and node.dtype == torch.float32  # from a run on meta tensors
+    assert torch.equal(node.read([[1, 3], None]), stored.t()[[1, 3]])
