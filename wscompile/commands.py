@@ -387,8 +387,12 @@ def _write_student(options: InitOptions, plan: SelectionPlan, teacher: TensorSou
     metadata = student_metadata(options)
     layout = {key: (shape, _written_dtype(stored, dtype)) for key, (shape, stored) in
               student_layout(plan, student_state).items()}
-    folder = (plan_folder(student, parse_spec(options.student), parse_spec(options.teacher), dtype)
-              if is_directory_output(options.out) else FolderPlan({key: key for key in layout}, set(layout)))
+    if is_directory_output(options.out):
+        # a hub teacher's tokenizer files are in its snapshot (already fetched: hub.py remembers it)
+        teacher_spec = resolve_hub(parse_spec(options.teacher), role="teacher", weights=options.teacher_weights is None)
+        folder = plan_folder(student, parse_spec(options.student), teacher_spec, dtype)
+    else:
+        folder = FolderPlan({key: key for key in layout}, set(layout))
     layout = {folder.saved_as[key]: value for key, value in layout.items() if key in folder.written}
     layout |= {key: (shape, _written_dtype(stored, dtype)) for key, (shape, stored) in folder.converted_layout.items()}
     show = sys.stderr.isatty() if options.progress is None else options.progress

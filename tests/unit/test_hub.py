@@ -315,3 +315,21 @@ def test_python_factory_teacher_is_not_called_out(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     document = manifest(tmp_path)
     assert (document["teacher_weights"], document["teacher_pretrained"]) == ("built by the factory", None)
+
+
+def test_hf_hub_teacher_folder_output_takes_the_snapshot_tokenizer(tmp_path, hub_cache):
+    import transformers
+
+    tiny_bert(tmp_path / "bert")
+    vocab = tmp_path / "bert" / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat"]) + "\n")
+    transformers.BertTokenizer(str(vocab)).save_pretrained(tmp_path / "bert")
+    lay_out_repo(hub_cache, "org/tiny-bert", tmp_path / "bert")
+
+    out = tmp_path / "student"
+    assert main(["init", "--teacher", "hf:org/tiny-bert", "--student", f"hf:org/tiny-bert?{BERT_STUDENT}",
+                 "--out", f"{out}/"]) == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer("the cat")["input_ids"] == [2, 5, 6, 3]
+    model, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set())
