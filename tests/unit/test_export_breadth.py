@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from tests.unit.test_onnx import TinyClassifier
 from wscompile.backend import ExportResult, export_student, verify_onnx
 from wscompile.backend.verify import CUDA_PROVIDER
 from wscompile.cli import main
@@ -36,16 +37,6 @@ def text_inputs(batch: int, seq_len: int | None) -> dict[str, torch.Tensor]:
     attention_mask = torch.ones(batch, seq_len, dtype=torch.long)
     attention_mask[1:, seq_len // 2 :] = 0
     return {"input_ids": torch.randint(0, VOCAB, (batch, seq_len)), "attention_mask": attention_mask}
-
-
-class TinyClassifier(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, stride=2)
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.conv(x).relu().mean((2, 3)))
 
 
 class BatchBranch(TinyClassifier):
