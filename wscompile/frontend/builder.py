@@ -323,8 +323,11 @@ def _add_edge(graph: nx.DiGraph, source: int, target: int, position: int) -> Non
         graph.add_edge(source, target, **{ir.ARG: frozenset({position})})
 
 
-# Ops whose result is a size, not data: an edge through them would say a layer reads another's output.
-SHAPE_OPS = {"size", "dim", "sym_size", "numel", "sym_numel", "sym_stride"}
+# Ops whose result depends only on their input's size (a size, or a new tensor of constants such as
+# the attention mask torchvision's shifted windows build with ``x.new_zeros``): an edge through them
+# would say a layer reads another's output.
+SHAPE_OPS = {"size", "dim", "sym_size", "numel", "sym_numel", "sym_stride",
+             "new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like", "full_like"}
 RESHAPES = {"reshape", "view", "unflatten", "_unsafe_view"}
 SPLITS = {"chunk", "split", "unbind", "split_with_sizes", "tensor_split"}
 
