@@ -92,7 +92,7 @@ def test_smaller_fused_rows_are_the_teacher_projections_at_the_plan_indices(meth
 def test_uniform_parts_match_the_fused_teacher_rule():
     """The paper's rule on the assembled tensor: every part keeps the even rows and columns (t = 2 s)."""
     teacher, student = _hf_vit(128, 4), _timm_vit(64, 2)
-    plan = initialize(teacher, student, IMAGE)
+    initialize(teacher, student, IMAGE)
     t_state, s_state = teacher.state_dict(), student.state_dict()
     keep = list(range(0, 128, 2))
     for block in range(2):
