@@ -64,10 +64,11 @@ def test_hf_vit_into_timm_vit_computes_the_teacher():
         torch.testing.assert_close(student.forward_features(IMAGE), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", ["uniform", "magnitude", "random"])
-def test_smaller_fused_rows_are_the_teacher_projections_at_the_plan_indices(method):
+@pytest.mark.parametrize("method, heads", [("uniform", "split"), ("magnitude", "split"), ("random", "split"),
+                                           ("activation", "split"), ("magnitude", "whole")])
+def test_smaller_fused_rows_are_the_teacher_projections_at_the_plan_indices(method, heads):
     teacher, student = _hf_vit(128, 4), _timm_vit(64, 2)
-    plan = initialize(teacher, student, IMAGE, method=method)
+    plan = initialize(teacher, student, IMAGE, method=method, heads=heads)
     records = {r.student: r for r in plan.tensors}
     t_state, s_state = teacher.state_dict(), student.state_dict()
 
