@@ -16,6 +16,7 @@ import transformers
 from torch import nn
 
 from wscompile import frontend
+from wscompile.errors import SelectionError
 from wscompile.pipeline import initialize
 from wscompile.plan import AxisRule, SelectionPlan, TensorRecord
 from wscompile.reports.manifest import plan_to_dict, validate_manifest
@@ -173,3 +174,13 @@ def test_torchvision_swin_pairs_with_timm_swin():
     assert stages == [(2, 2), (2, 2)]  # shifted and plain blocks are one stage (the mask reads no data)
     with torch.no_grad():
         torch.testing.assert_close(student(IMAGE), teacher(IMAGE), rtol=0, atol=1e-5)
+
+
+def test_a_wider_fused_student_keeps_its_init_and_says_why():
+    teacher, student = _hf_vit(64, 2), _timm_vit(128, 4)
+    with pytest.raises(SelectionError, match="larger than their teacher match"):
+        initialize(teacher, student, IMAGE)
+    plan = initialize(teacher, student, IMAGE, allow_partial=True)
+    record = next(r for r in plan.tensors if r.student == "blocks.0.attn.qkv.weight")
+    assert record.teacher is None and not record.parts
+    assert record.reason.startswith("a part [128, 128] is larger than its teacher match layers.0.attention.q_proj.weight")
