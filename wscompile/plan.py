@@ -49,6 +49,10 @@ class TensorRecord:
     is_head: bool = False  # part of the classifier head
     reason: str | None = None  # why kept at student init, or a note (dtype converted, ...)
     scale: float | None = None  # --rescale: selected values multiplied by sqrt(t_in / s_in); None: not scaled
+    # Assembled from several teacher tensors (separate q, k, v into a fused qkv): each part is planned
+    # like a tensor of its own and fills one slice; the slices are concatenated along ``parts_axis``.
+    parts: list[TensorRecord] = field(default_factory=list)
+    parts_axis: int | None = None
 
     @property
     def numel(self) -> int:

@@ -269,6 +269,11 @@ PAIRS: list[Pair] = [
                    "hf:{vit}?task=image-classification&image_size=32&hidden_size=192&num_attention_heads=3"
                    "&intermediate_size=768&num_hidden_layers=2&layer_norm_eps=1e-6&num_labels=1000"),
          note="fused qkv (timm) -> separate query/key/value (HF)"),
+    Pair("cross-hf-vit->timm-vit", "hf:{vit}", "timm:vit_tiny_patch16_224?img_size=32&depth=6", kind=CROSS_LIBRARY,
+         identity=("hf:{vit}?task=image-classification&image_size=32&hidden_size=192&num_attention_heads=3"
+                   "&intermediate_size=768&num_hidden_layers=2&layer_norm_eps=1e-6&num_labels=1000",
+                   "timm:vit_tiny_patch16_224?img_size=32&depth=2"),
+         note="separate query/key/value (HF) -> fused qkv (timm): each part of qkv from one teacher projection"),
     Pair("cross-torchvision-resnet50->timm-resnet26", "torchvision:resnet50", "timm:resnet26",
          family="cross-torchvision-resnet->timm-resnet", kind=CROSS_LIBRARY, input_shape=IMAGE_32,
          identity=("torchvision:resnet18", "timm:resnet18")),
@@ -293,7 +298,8 @@ SUPPORTED_FAMILIES = {
     "hf-bert", "hf-gpt2", "hf-llama", "hf-t5", "hf-bart", "hf-vit", "minilm",
     "hf-checkpoint-llama", "hf-checkpoint-qwen2", "hf-checkpoint-mixtral", "hf-checkpoint-qwen2-moe",
     "hf-checkpoint-gpt-neox", "hf-checkpoint-dinov2", "hf-checkpoint-swin", "hf-checkpoint-segformer",
-    "cross-timm-vit->hf-vit", "cross-torchvision-resnet->timm-resnet", "cross-hf-bert->plain-bert",
+    "cross-timm-vit->hf-vit", "cross-hf-vit->timm-vit", "cross-torchvision-resnet->timm-resnet",
+    "cross-hf-bert->plain-bert",
 }
 # fmt: on
 

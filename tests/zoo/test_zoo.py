@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from wscompile import pipeline
 from wscompile.passes.select import teacher_index, to_student_layout
-from wscompile.plan import RULE_STUDENT_INIT
+from wscompile.plan import RULE_STUDENT_INIT, TensorRecord
 from wscompile.specs import LoadedModel, load_model
 
 from .registry import PAIRS, PARTIAL, SUPPORTED_FAMILIES, Pair, family_representatives, resolve
@@ -157,13 +157,18 @@ def test_selected_values_are_the_teacher_elements_at_the_reported_indices(pair: 
     selected = [record for record in plan.tensors if record.teacher is not None]
     assert selected, f"{pair.id}: nothing selected"
     wrong = []
-    for record in selected:
+    def read(record: TensorRecord) -> torch.Tensor:
         values = teacher_state[record.teacher]
         assert list(values.shape) == record.teacher_shape, record.student
         for axis, index in enumerate(teacher_index(record, groups)):
             if index is not None:
                 values = values.index_select(axis, torch.tensor(index, dtype=torch.long))
-        expected = to_student_layout(values, record).to(state[record.student].dtype)
+        return to_student_layout(values, record)
+
+    for record in selected:
+        # an assembled tensor (separate teacher q, k, v into a fused qkv): its parts side by side
+        values = torch.cat([read(p) for p in record.parts], record.parts_axis) if record.parts else read(record)
+        expected = values.to(state[record.student].dtype)
         if not torch.equal(state[record.student], expected):
             wrong.append(f"{record.student} <- {record.teacher}")
     assert not wrong, f"{pair.id}: {len(wrong)} of {len(selected)} selected tensors differ: {wrong[:10]}"

@@ -11,8 +11,9 @@ in topological order and keeps, per fx node:
 
 A node becomes a component when it is a leaf layer with tensors, or a known functional op
 (``linear``, ``conv2d``, ``layer_norm``, ``embedding``, ...) reading model tensors in a tensor role
-(weight, bias, running stats). A model tensor reaching any other op becomes a loose-parameter
-component of its own. Edges run from every component in ``frontier`` of a data input to the
+(weight, bias, running stats), or an RMSNorm written with tensor ops (``weight * x *
+rsqrt(mean(x^2) + eps)``, as HF Llama and T5 write it), which becomes the ``rms_norm`` component
+``nn.RMSNorm`` is. A model tensor reaching any other op becomes a loose-parameter component of its own. Edges run from every component in ``frontier`` of a data input to the
 component consuming it, labelled with the argument positions.
 """
 
@@ -243,6 +244,18 @@ def build_ir(src: Source) -> nx.DiGraph:
             tensor_expr[node] = frozenset().union(*(tensor_expr[s] for _, _, s in inputs)) if inputs else frozenset()
             continue
 
+        rms = None if leaf is not None or names is not None else _rms_norm_weight(op, inputs, tensor_expr, src)
+        if rms is not None and rms[0] not in loose:
+            # an RMSNorm written with tensor ops is the same component as nn.RMSNorm
+            key, normalized = rms
+            shape = src.tensor_shape(key)
+            slot = ir.TensorSlot("weight", key, shape, *slot_axes("rms_norm", "weight", shape))
+            cid = add_component("rms_norm", _owner(key), [slot], node)
+            for source in frontier.get(normalized, frozenset()):
+                _add_edge(graph, source, cid, 0)
+            frontier[node] = frozenset({cid})
+            continue
+
         slots: list[ir.TensorSlot] = []
         module = ""
         if leaf is not None:
@@ -297,6 +310,56 @@ def build_ir(src: Source) -> nx.DiGraph:
     return graph
 
 
+CASTS = {"to", "float", "type_as", "_to_copy", "contiguous", "clone"}
+
+
+def _rms_norm_weight(op: str | None, inputs: list[tuple[int, str | None, torch.fx.Node]],
+                     tensor_expr: dict[torch.fx.Node, frozenset[str]], src: Source) -> tuple[str, torch.fx.Node] | None:
+    """(weight key, normalized input) when the op is ``weight * x * rsqrt(mean(x^2) + eps)`` (HF Llama,
+    T5) or ``weight * x / sqrt(...)``: one 1-D model tensor, read as it is, times RMS-normalized data."""
+    if op != "mul" or len(inputs) != 2:
+        return None
+    weights = [sub for _, _, sub in inputs if sub in tensor_expr]
+    data = [sub for _, _, sub in inputs if sub not in tensor_expr]
+    if len(weights) != 1 or len(data) != 1:
+        return None
+    key = src.tensor_name(weights[0])
+    if key is None or len(src.tensor_shape(key)) != 1 or not _rms_normalized(data[0], src):
+        return None
+    return key, data[0]
+
+
+def _through_casts(node: Any, src: Source) -> Any:
+    while isinstance(node, torch.fx.Node) and (src.op_name(node) or "") in CASTS and node.args:
+        node = node.args[0]
+    return node
+
+
+def _rms_normalized(node: torch.fx.Node, src: Source) -> bool:
+    """``node`` computes ``x * rsqrt(mean(x^2) + eps)`` or ``x / sqrt(mean(x^2) + eps)``, casts aside."""
+    node = _through_casts(node, src)
+    name = src.op_name(node)
+    args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    if name not in ("mul", "div") or len(args) != 2:
+        return False
+    orders = [args, args[::-1]] if name == "mul" else [args]
+    for x, scale in orders:
+        root = _through_casts(scale, src)
+        if src.op_name(root) != ("rsqrt" if name == "mul" else "sqrt") or not root.args:
+            continue
+        mean = _through_casts(root.args[0], src)
+        if src.op_name(mean) == "add":  # + eps
+            mean = next((_through_casts(a, src) for a in mean.args if isinstance(a, torch.fx.Node)), None)
+        if mean is None or src.op_name(mean) != "mean" or not mean.args:
+            continue
+        square = _through_casts(mean.args[0], src)
+        sq_name, sq_args = src.op_name(square), getattr(square, "args", ())
+        squared = len(sq_args) == 2 and (sq_name == "pow" and sq_args[1] == 2 or sq_name == "mul" and sq_args[0] is sq_args[1])
+        if squared and _through_casts(sq_args[0], src) is _through_casts(x, src):
+            return True
+    return False
+
+
 def _expert_axes(shape: tuple[int, ...], out_shape: tuple[int, ...] | None) -> tuple[int | None, int | None]:
     """(out_axis, in_axis) of a stacked experts weight ``(E, A, B)`` in a grouped matmul.
 
@@ -323,8 +386,11 @@ def _add_edge(graph: nx.DiGraph, source: int, target: int, position: int) -> Non
         graph.add_edge(source, target, **{ir.ARG: frozenset({position})})
 
 
-# Ops whose result is a size, not data: an edge through them would say a layer reads another's output.
-SHAPE_OPS = {"size", "dim", "sym_size", "numel", "sym_numel", "sym_stride"}
+# Ops whose result depends only on their input's size (a size, or a new tensor of constants such as
+# the attention mask torchvision's shifted windows build with ``x.new_zeros``): an edge through them
+# would say a layer reads another's output.
+SHAPE_OPS = {"size", "dim", "sym_size", "numel", "sym_numel", "sym_stride",
+             "new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like", "full_like"}
 RESHAPES = {"reshape", "view", "unflatten", "_unsafe_view"}
 SPLITS = {"chunk", "split", "unbind", "split_with_sizes", "tensor_split"}
 

@@ -3,15 +3,22 @@
 Layers defined in ``torch.nn`` (Linear, Conv2d, LayerNorm, ...) stay ``call_module`` leaves; every
 other module is traced through, so a custom norm that calls ``F.layer_norm`` on its own
 parameters shows up as a functional op reading ``get_attr`` tensors. Both become components.
+
+A function kept opaque by ``torch.fx.wrap`` (torchvision's ``shifted_window_attention``) hides what
+it does with the model tensors handed to it, so a trace holding one fails here and torch.export,
+which traces through it, takes the model.
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from wscompile.errors import TraceError
 from wscompile.frontend.builder import MODULE_OPS, Source, build_ir
 
 NAME = "fx"
@@ -28,6 +35,21 @@ def _function_name(node: torch.fx.Node) -> str | None:
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target))
     return None
+
+
+def _refuse_opaque_calls(graph: torch.fx.Graph, state: dict[str, torch.Tensor]) -> None:
+    """Raise TraceError for a call of a Python function outside torch (kept whole by ``torch.fx.wrap``)
+    that reads model tensors: which of them are weights of which projection is hidden inside it."""
+    for node in graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, types.FunctionType):
+            continue
+        if (target.__module__ or "").split(".")[0] == "torch":
+            continue
+        read = [str(a.target) for a in node.all_input_nodes if a.op == "get_attr" and a.target in state]
+        if read:
+            raise TraceError(f"torch.fx keeps {target.__module__}.{target.__name__} opaque, and it reads "
+                             f"{', '.join(read[:3])}")
 
 
 def trace(model: nn.Module, inputs: dict[str, torch.Tensor], module_tree: dict[str, list[str]]):
@@ -48,6 +70,7 @@ def trace(model: nn.Module, inputs: dict[str, torch.Tensor], module_tree: dict[s
 
     state = model.state_dict(keep_vars=True)
     modules = dict(model.named_modules())
+    _refuse_opaque_calls(graph, state)
 
     def tensor_name(node: torch.fx.Node) -> str | None:
         if node.op == "get_attr" and node.target in state:

@@ -48,6 +48,9 @@ class Alignment:
     block_of: dict[int, str] = field(default_factory=dict)  # student component -> its block path
     parts: dict[int, tuple[int, int]] = field(default_factory=dict)
     # ^ student component -> (part, parts): it reads one part of a fused teacher projection
+    assembled: dict[int, list[int]] = field(default_factory=dict)
+    # ^ fused student component -> the teacher component of each of its parts (separate q, k, v
+    #   into a fused qkv); ``pairs`` holds the first
 
 
 def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str | LayerPolicy = "first",
@@ -78,6 +81,7 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str | Layer
     stages: list[StagePair] = []
     block_of: dict[int, str] = {}
     parts: dict[int, tuple[int, int]] = {}
+    assembled: dict[int, list[int]] = {}
     cache: dict[tuple[str, str], dict[int, tuple[int, int | None]]] = {}
     sequence = _align_sequences(t_struct, s_struct, t_elements, s_elements)
     similarities: dict[str, float] = {}
@@ -128,6 +132,9 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str | Layer
                     pairs[n], part = mapping[n]
                     if part is not None:
                         parts[n] = (part, _fused_parts(t_struct, pairs[n]))
+                elif all((n, part) in mapping for part in _part_range(s_struct, n)):
+                    assembled[n] = [mapping[(n, part)][0] for part in _part_range(s_struct, n)]
+                    pairs[n] = assembled[n][0]
                 else:
                     unmatched[n] = f"no structural counterpart in teacher block {t_block}"
             stage_pair.blocks.append(BlockPair(s_block, t_block, len(mapping), len(s_nodes)))
@@ -148,7 +155,7 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str | Layer
             f"(e.g. {example}, a {s_struct.family[first]} layer, has no counterpart); "
             "are they the same family of model (e.g. both vision transformers)?"
         )
-    return Alignment(pairs, unmatched, stages, _head(s_struct), _head(t_struct), block_of, parts)
+    return Alignment(pairs, unmatched, stages, _head(s_struct), _head(t_struct), block_of, parts, assembled)
 
 
 def _local_fit(t_data: dict, s_data: dict) -> float | None:
@@ -251,22 +258,33 @@ def _align_sequences(t_struct: Structure, s_struct: Structure, t_elements: list[
 
 
 def _map_block(t_struct: Structure, s_struct: Structure, t_nodes: list[int], s_nodes: list[int],
-               cache: dict[tuple[str, str], dict[int, tuple[int, int | None]]]) -> dict[int, tuple[int, int | None]]:
-    """Student node -> (teacher node, part of a fused teacher node or None) inside one block pair."""
+               cache: dict[tuple[str, str], dict]) -> dict[int | tuple[int, int], tuple[int, int | None]]:
+    """Student node -> (teacher node, part of a fused teacher node or None) inside one block pair.
+
+    A part of a fused student node matched on its own (a fused student qkv against separate teacher
+    q, k, v) is keyed ``(student node, part)``.
+    """
     key = (t_struct.subtree_hash_of_nodes(t_nodes), s_struct.subtree_hash_of_nodes(s_nodes))
     if key not in cache:
         t_units = [(n, None) for n in t_nodes]
-        positional = _isomorphic_match(t_struct, s_struct, t_units, s_nodes)
+        s_units = [(n, None) for n in s_nodes]
+        positional = _isomorphic_match(t_struct, s_struct, t_units, s_units)
         if positional is None and any(_fused_parts(t_struct, n) > 1 for n in t_nodes):
             # a fused q/k/v teacher against separate q, k, v: try again with its parts as layers
-            t_units = [(n, part) for n in t_nodes for part in _part_range(t_struct, n)]
-            positional = _isomorphic_match(t_struct, s_struct, t_units, s_nodes)
+            split = [(n, part) for n in t_nodes for part in _part_range(t_struct, n)]
+            positional = _isomorphic_match(t_struct, s_struct, split, s_units)
+        if positional is None and any(_fused_parts(s_struct, n) > 1 for n in s_nodes):
+            # separate teacher q, k, v against a fused student qkv: the student's parts as layers
+            split = [(n, part) for n in s_nodes for part in _part_range(s_struct, n)]
+            positional = _isomorphic_match(t_struct, s_struct, t_units, split)
         if positional is None:
             positional = _order_match(t_struct, s_struct, t_nodes, s_nodes)
-            positional = {s: (t, None) for s, t in positional.items()}
+            positional = {(s, None): (t, None) for s, t in positional.items()}
         # cache by position so every block with the same structure reuses the search
-        cache[key] = {s_nodes.index(s): (t_nodes.index(t), part) for s, (t, part) in positional.items()}
-    return {s_nodes[s]: (t_nodes[t], part) for s, (t, part) in cache[key].items()}
+        cache[key] = {(s_nodes.index(s), s_part): (t_nodes.index(t), part)
+                      for (s, s_part), (t, part) in positional.items()}
+    return {(s_nodes[s] if s_part is None else (s_nodes[s], s_part)): (t_nodes[t], part)
+            for (s, s_part), (t, part) in cache[key].items()}
 
 
 def _fused_parts(struct: Structure, node: int) -> int:
@@ -282,11 +300,11 @@ def _part_range(struct: Structure, node: int) -> list[int | None]:
 
 
 def _block_graph(struct: Structure, units: list) -> nx.DiGraph:
-    """Block graph over units: node ids, or (node, part) pairs when fused layers are split."""
+    """Block graph over units: (node, None) for a layer, (node, part) for a part of a split fused layer."""
     sub = nx.DiGraph()
     by_node: dict[int, list] = {}
     for unit in units:
-        node = unit[0] if isinstance(unit, tuple) else unit
+        node = unit[0]
         sub.add_node(unit, family=struct.family[node])
         by_node.setdefault(node, []).append(unit)
     nodes = list(by_node)
@@ -298,17 +316,18 @@ def _block_graph(struct: Structure, units: list) -> nx.DiGraph:
 
 
 def _isomorphic_match(t_struct: Structure, s_struct: Structure, t_units: list[tuple[int, int | None]],
-                      s_nodes: list[int]) -> dict[int, tuple[int, int | None]] | None:
-    if len(t_units) != len(s_nodes):
+                      s_units: list[tuple[int, int | None]]) -> dict[tuple[int, int | None], tuple[int, int | None]] | None:
+    """Student unit -> teacher unit of the isomorphism that best keeps execution order, or None."""
+    if len(t_units) != len(s_units):
         return None
-    t_graph, s_graph = _block_graph(t_struct, t_units), _block_graph(s_struct, s_nodes)
+    t_graph, s_graph = _block_graph(t_struct, t_units), _block_graph(s_struct, s_units)
     matcher = isomorphism.DiGraphMatcher(
         s_graph, t_graph,
         node_match=lambda a, b: a["family"] == b["family"],
         edge_match=lambda a, b: a["arg"] == b["arg"],
     )
     t_pos = {u: i for i, u in enumerate(t_units)}
-    s_pos = {n: i for i, n in enumerate(s_nodes)}
+    s_pos = {u: i for i, u in enumerate(s_units)}
     best, best_cost = None, None
     for mapping in islice(matcher.isomorphisms_iter(), MAX_ISOMORPHISMS):
         cost = sum(abs(s_pos[s] - t_pos[t]) for s, t in mapping.items())

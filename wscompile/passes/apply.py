@@ -41,15 +41,19 @@ def student_tensors(
         if record.rule == RULE_STUDENT_INIT:
             yield record.student, current.detach().clone()
             continue
-        values = teacher.read(record.teacher, teacher_index(record, group_indices))
-        if values.is_floating_point():
-            _check_finite(plan, record.teacher, record.student, values, strict=strict)
+        pieces = record.parts or [record]  # an assembled tensor reads one teacher tensor per part
+        read = [teacher.read(piece.teacher, teacher_index(piece, group_indices)) for piece in pieces]
+        for piece, values in zip(pieces, read, strict=True):
+            if values.is_floating_point():
+                _check_finite(plan, piece.teacher, record.student, values, strict=strict)
         upcoming = following.get(record.student)
         if upcoming is not None:
             # A file source reads the next tensor while this one is converted and written.
-            teacher.prefetch(upcoming.teacher, teacher_index(upcoming, group_indices))
-        values = to_student_layout(values, record).to(dtype=current.dtype)
-        yield record.student, values.contiguous()
+            first = (upcoming.parts or [upcoming])[0]
+            teacher.prefetch(first.teacher, teacher_index(first, group_indices))
+        laid_out = [to_student_layout(values, piece) for piece, values in zip(pieces, read, strict=True)]
+        values = laid_out[0] if len(laid_out) == 1 else torch.cat(laid_out, record.parts_axis)
+        yield record.student, values.to(dtype=current.dtype).contiguous()
 
 
 def _check_finite(plan: SelectionPlan, teacher: str, student: str, values: torch.Tensor, *, strict: bool) -> None:

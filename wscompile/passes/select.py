@@ -161,6 +161,21 @@ def build_plan(
             if is_head and not select_head:
                 record.reason = HEAD_REASON
                 continue
+            if s_node in alignment.assembled:
+                # a fused student projection read from separate teacher ones: one planned part each
+                parts, part_pending, problem, larger_part = _assembled_parts(
+                    alignment.assembled[s_node], teacher_graph, s_node, s_slot, structured_axes)
+                if problem is not None:
+                    record.reason = problem
+                    too_large += [larger_part] if larger_part else []
+                    continue
+                record.parts, record.parts_axis, record.rule = parts, s_slot.out_axis, RULE_SELECT
+                record.teacher, record.teacher_shape = parts[0].teacher, parts[0].teacher_shape
+                pending += part_pending
+                used_teacher.update(part.teacher for part in parts)
+                if rescales(s_data[ir.KIND], s_slot):
+                    rescalable[s_slot.name] = s_slot.in_axis
+                continue
             t_data = teacher_graph.nodes[t_node]
             t_slot = next((t for t in t_data[ir.TENSORS] if t.role == s_slot.role), None)
             if t_slot is None:
@@ -282,13 +297,16 @@ def build_plan(
                                           indices)
             settled = _axis_rule(rule.teacher_size, rule.student_size, rule.blocks, groups[key], method, rule.offset)
             rule.rule, rule.group, rule.step, rule.indices = settled.rule, settled.group, settled.step, settled.indices
-        groups[key].members.append(f"{p.student}:{p.axis}")
+        if f"{p.student}:{p.axis}" not in groups[key].members:  # the parts of an assembled tensor share it
+            groups[key].members.append(f"{p.student}:{p.axis}")
     for record in records.values():
-        if record.axes is not None:
-            record.rule = RULE_COPY if all(a.rule == AXIS_FULL for a in record.axes) else RULE_SELECT
+        for planned in (*record.parts, record):
+            if planned.axes is not None:
+                planned.rule = RULE_COPY if all(a.rule == AXIS_FULL for a in planned.axes) else RULE_SELECT
     if rescale:
         for name, in_axis in rescalable.items():
-            records[name].scale = input_scale(records[name].axes[in_axis])
+            for planned in records[name].parts or [records[name]]:
+                planned.scale = input_scale(planned.axes[in_axis])
 
     deeper = [n for n, r in alignment.unmatched.items() if "has no teacher block" in r]
     problems = []
@@ -318,6 +336,47 @@ def build_plan(
     )
     plan.coverage = coverage(plan)
     return plan
+
+
+def _assembled_parts(t_nodes: list[int], teacher_graph: nx.DiGraph, s_node: int, s_slot: ir.TensorSlot,
+                     structured_axes: set[tuple[int, str]]) -> tuple[list[TensorRecord], list[_Pending], str | None, str | None]:
+    """Plan a fused student tensor (k blocks along its out axis) from k separate teacher layers.
+
+    Part ``i`` is the student's ``i``-th block, read from the same-role tensor of ``t_nodes[i]`` as a
+    whole teacher layer: its out and in axes are the student layer's channel spaces (so every part
+    takes the indices its coupled dimension takes: the fused q/k/v rows follow the attention output
+    projection's input), any other axis is local. Returns (parts, their pending axes, why the tensor
+    keeps its init or None, the too-large entry or None).
+    """
+    k = len(t_nodes)
+    shape = list(s_slot.shape)
+    shape[s_slot.out_axis] //= k
+    part_slot = ir.TensorSlot(s_slot.role, s_slot.name, tuple(shape), s_slot.out_axis, s_slot.in_axis)
+    parts, pending = [], []
+    for t_node in t_nodes:
+        t_data = teacher_graph.nodes[t_node]
+        t_slot = next((t for t in t_data[ir.TENSORS] if t.role == s_slot.role), None)
+        view = None if t_slot is None else layout(t_slot, part_slot)
+        if view is None:
+            return [], [], f"teacher layer {t_data[ir.MODULE]} has no {s_slot.role!r} tensor to read a part from", None
+        reshape, teacher_axes = view
+        axes = []
+        for s_axis, t_axis in enumerate(teacher_axes):
+            s_size, t_size = shape[s_axis], 1 if t_axis is None else t_slot.shape[t_axis]
+            if s_size > t_size:
+                return [], [], (f"a part {shape} is larger than its teacher match {t_slot.name} {list(t_slot.shape)} "
+                                "(--allow-partial)"), f"{s_slot.name!r} part {tuple(shape)} vs teacher {t_slot.name!r} {t_slot.shape}"
+            side = "out" if s_axis == s_slot.out_axis else "in" if s_axis == s_slot.in_axis and s_size > 1 else None
+            if side is None:
+                axes.append(_axis_rule(t_size, s_size, 1, None, AXIS_UNIFORM, 0))
+                continue
+            axes.append(AxisRule(t_size, s_size, AXIS_FULL, None))  # settled with every other pending axis
+            member = Member(t_slot.name, t_axis, t_size, 0, 1, t_size, t_data[ir.MODULE], side)
+            pending.append(_Pending(axes[-1], s_slot.name, s_axis, Space(s_node, side), member,
+                                    (s_node, side) in structured_axes and t_size != s_size))
+        parts.append(TensorRecord(s_slot.name, shape, t_slot.name, list(t_slot.shape), RULE_SELECT,
+                                  axes=axes, reshape=reshape))
+    return parts, pending, None, None
 
 
 def _scorer(method: str, source: TensorSource | None, calibration: Calibrator | None,
@@ -486,6 +545,7 @@ def _unify_ties(records: dict[str, TensorRecord], student_state: dict[str, torch
             record = records[key]
             record.teacher, record.teacher_shape, record.rule = base.teacher, base.teacher_shape, base.rule
             record.axes, record.reshape, record.scale = base.axes, base.reshape, base.scale
+            record.parts, record.parts_axis = base.parts, base.parts_axis
             record.reason = f"tied to {base.student}"
 
 

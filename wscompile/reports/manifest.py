@@ -48,6 +48,8 @@ def _tensor(record: TensorRecord) -> dict[str, Any]:
         "reshape": record.reshape,
         "axes": None if record.axes is None else [_axis(a) for a in record.axes],
         "scale": record.scale,
+        # only an assembled tensor has parts (absent otherwise)
+        **({"parts": [_tensor(p) for p in record.parts], "parts_axis": record.parts_axis} if record.parts else {}),
     }
 
 

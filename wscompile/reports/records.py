@@ -104,7 +104,7 @@ def rule_label(record: TensorRecord) -> str:
     """
     if record.rule != RULE_SELECT:
         return record.rule
-    shrinking = [a for a in record.axes or [] if a.rule != AXIS_FULL]
+    shrinking = [a for planned in record.parts or [record] for a in planned.axes or [] if a.rule != AXIS_FULL]
     if not shrinking:
         return "select full"
     methods = list(dict.fromkeys(a.rule for a in shrinking))
@@ -120,6 +120,8 @@ def _reason(record: TensorRecord) -> str:
         parts.append("head")
     if record.reshape:
         parts.append(f"reshape {record.reshape}")
+    if record.parts:
+        parts.append("parts side by side: " + " + ".join(p.teacher or NONE_CELL for p in record.parts))
     if record.reason:
         parts.append(record.reason)
     return "; ".join(parts)
