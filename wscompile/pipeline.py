@@ -20,7 +20,7 @@ from wscompile.matching import Alignment, align
 from wscompile.matching.layers import parse_layer_policy
 from wscompile.passes.apply import apply_plan
 from wscompile.passes.calibration import MAX_SAMPLES, Calibrator, describe
-from wscompile.passes.select import NEEDS_CALIBRATION, build_plan
+from wscompile.passes.select import SelectionConfig, build_plan
 from wscompile.plan import SelectionPlan
 from wscompile.weights import ModuleSource, TensorSource
 
@@ -66,30 +66,32 @@ def compile(
     """
     source = teacher_source or ModuleSource(teacher)
     policy = parse_layer_policy(layer_policy)
+    config = SelectionConfig(teacher_spec=teacher_spec, student_spec=student_spec, method=method,
+                             layer_policy=policy.text, heads=heads, rescale=rescale, seed=seed,
+                             select_head=select_head, allow_partial=allow_partial)
+    ranks_channels = config.method_spec.needs_calibration
     # 1. frontend: both models into the IR (torch.fx, falling back to torch.export)
     teacher_graph = frontend.trace(teacher, _on_device(teacher_inputs, teacher), label=f"teacher {teacher_spec}")
     student_graph = frontend.trace(student, _on_device(student_inputs, student), label=f"student {student_spec}")
     # 2. calibration: the teacher run on real inputs in bounded batches, observed lazily by hooks (when needed)
     calibrator = None
-    if method in NEEDS_CALIBRATION or policy.needs_calibration:
+    if ranks_channels or policy.needs_calibration:
         if calibration is None:
-            wants = f"--method {method}" if method in NEEDS_CALIBRATION else f"--layers {policy.text}"
+            wants = f"--method {method}" if ranks_channels else f"--layers {policy.text}"
             raise SelectionError(f"{wants} ranks by the teacher's activations on real inputs: pass calibration "
                                  "inputs (--calib FILE_OR_DIR, or calibration= in Python)")
         batch = _on_device(calibration, teacher)
         given = _batch(batch)
         label = calibration_label or describe(min(given, MAX_SAMPLES), given, "samples", "the calibration inputs")
-        calibrator = Calibrator(teacher, teacher_graph, batch, channels=method in NEEDS_CALIBRATION, description=label)
+        calibrator = Calibrator(teacher, teacher_graph, batch, channels=ranks_channels, description=label)
     # 3. matching: stages and blocks (layer selection by the policy), then components inside blocks
     alignment = align(teacher_graph, student_graph, layer_policy=policy,
                       block_similarity=calibrator.block_similarity if calibrator else None)
     # 4. selection: per coupled dimension, the teacher indices each student tensor keeps
     student_state = student.state_dict()
     teacher_keys = {key: (source.shape(key), source.dtype(key)) for key in source.keys()}
-    plan = build_plan(alignment, teacher_graph, student_graph, student_state, teacher_keys,
-                      teacher_spec=teacher_spec, student_spec=student_spec, method=method,
-                      select_head=select_head, allow_partial=allow_partial, teacher_source=source,
-                      calibration=calibrator, heads=heads, rescale=rescale, seed=seed, layer_policy=policy.text)
+    plan = build_plan(alignment, teacher_graph, student_graph, student_state, teacher_keys, config,
+                      teacher_source=source, calibration=calibrator)
     # 5. write: read exactly the planned teacher elements into the student's state_dict
     state = apply_plan(plan, source, student_state) if write else None
     return Compiled(plan, state, teacher_graph, student_graph, alignment)
