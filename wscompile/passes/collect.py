@@ -5,7 +5,8 @@ running_mean) and axes by the view between the two layouts (``layout.py``). Each
 then one of:
 
 - local (a conv kernel, a vocabulary or position table): settled here, by the uniform or prefix
-  rule or by resampling a position grid, whatever the method;
+  rule, or resampled when it is a position table on a patch grid (``position_grid.py``), whatever
+  the method;
 - grouped (it indexes a component's output or input channels): a ``Pending`` axis, whose teacher
   tensor axis is a ``Member`` of its coupled dimension; its indices are chosen later (``choose.py``)
   and written into its rule last (``settle.py``).
@@ -26,8 +27,8 @@ from wscompile.matching.align import Alignment
 from wscompile.matching.coupling import Space
 from wscompile.passes.choice import Member
 from wscompile.passes.interpolate import RULE as INTERPOLATE
-from wscompile.passes.interpolate import resamplable
 from wscompile.passes.layout import axis_rule, layout
+from wscompile.passes.position_grid import position_grids
 from wscompile.passes.rescale import rescales
 from wscompile.plan import AXIS_FULL, AXIS_UNIFORM, RULE_STUDENT_INIT, AxisRule, TensorRecord
 
@@ -68,6 +69,7 @@ def collect(alignment: Alignment, teacher_graph: nx.DiGraph, student_graph: nx.D
             structured_axes: set[tuple[int, str]]) -> Collected:
     """Pair tensors by role and axes by layout; ``structured_axes`` are read by head (``heads.py``)."""
     found = Collected({}, [])
+    grids = position_grids(alignment, teacher_graph, student_graph)
     for s_node in sorted(student_graph.nodes):
         s_data = student_graph.nodes[s_node]
         t_node = alignment.pairs.get(s_node)
@@ -95,7 +97,7 @@ def collect(alignment: Alignment, teacher_graph: nx.DiGraph, student_graph: nx.D
                 record.reason = f"teacher layout {list(t_slot.shape)} cannot be read as {list(s_slot.shape)}"
                 continue
             axes = _tensor_axes(s_node, s_data, s_slot, t_data, t_slot, view[1], alignment.parts.get(s_node, (0, 1)),
-                                structured_axes, found.pending)
+                                structured_axes, s_node in grids, found.pending)
             if axes is None:
                 found.too_large.append(f"{s_slot.name!r} {tuple(s_slot.shape)} vs teacher {t_slot.name!r} "
                                        f"{tuple(t_slot.shape)}")
@@ -111,7 +113,7 @@ def collect(alignment: Alignment, teacher_graph: nx.DiGraph, student_graph: nx.D
 
 def _tensor_axes(s_node: int, s_data: dict, s_slot: ir.TensorSlot, t_data: dict, t_slot: ir.TensorSlot,
                  teacher_axes: list[int | None], fused_part: tuple[int, int], structured_axes: set[tuple[int, str]],
-                 pending: list[Pending]) -> list[AxisRule] | None:
+                 position_grid: bool, pending: list[Pending]) -> list[AxisRule] | None:
     """One rule per student axis (grouped ones appended to ``pending``), or None when an axis is
     larger than the teacher's.
 
@@ -131,8 +133,8 @@ def _tensor_axes(s_node: int, s_data: dict, s_slot: ir.TensorSlot, t_data: dict,
             offset = part * t_size
             fused_in_teacher = 1
         kind = s_data[ir.KIND]
-        if kind == ir.KIND_PARAM and len(s_slot.shape) == 3 and s_axis == 1 and resamplable(t_size, s_size):
-            axes.append(AxisRule(t_size, s_size, INTERPOLATE, None))  # a position grid
+        if position_grid and s_axis == 1:
+            axes.append(AxisRule(t_size, s_size, INTERPOLATE, None))  # the tokens of a patch grid
             continue
         if s_size > t_size:
             return None
