@@ -41,7 +41,7 @@ from wscompile.passes.settle import (
     note_dtypes,
     settle_groups,
     unify_ties,
-    untraced_sources,
+    untraced_pairs,
     unused_teacher,
 )
 from wscompile.plan import SelectionPlan
@@ -106,7 +106,9 @@ def build_plan(
     records, groups = settle_groups(collected, chosen, dimensions.spaces, dimensions.linked, method=config.method,
                                     heads_rule=rule_name(config.method, config.heads), rescale=config.rescale)
     check_sizes(alignment, collected.too_large, allow_partial=config.allow_partial)
-    add_untraced(records, student_state, untraced_sources(alignment, teacher_graph, student_graph), teacher_keys)
+    untraced = untraced_pairs(alignment, teacher_graph, student_graph, [k for k in student_state if k not in records],
+                              teacher_keys)
+    add_untraced(records, student_state, untraced, teacher_keys)
     unify_ties(records, student_state)
     note_dtypes(records, student_state, teacher_keys)
     tensors = [records[k] for k in student_state if k in records]

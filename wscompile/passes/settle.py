@@ -93,36 +93,52 @@ def check_sizes(alignment: Alignment, too_large: list[str], *, allow_partial: bo
         raise SelectionError("; ".join(problems) + "; pass --allow-partial to keep the student's init for them")
 
 
-def untraced_sources(alignment: Alignment, teacher_graph: nx.DiGraph, student_graph: nx.DiGraph) -> dict[str, str]:
-    """Student module path -> matched teacher module path, for tensors no traced op reads.
+def untraced_pairs(alignment: Alignment, teacher_graph: nx.DiGraph, student_graph: nx.DiGraph,
+                   student_keys: list[str], teacher_keys: TeacherKeys) -> dict[str, str]:
+    """Student tensor -> teacher tensor, for tensors no traced op reads, paired by structure.
 
     A BatchNorm's ``num_batches_tracked`` only changes in training mode, so an eval-mode trace never
-    reads it; it still belongs to the module whose other tensors were matched.
+    reads it; it still belongs to the module whose other tensors were matched. The ``k``-th untraced
+    tensor of a student module (in state_dict order, its registration order) pairs with the ``k``-th
+    untraced tensor of the teacher module its components matched; names are not compared.
     """
-    modules = {}
+    modules: dict[str, str] = {}
     for s_node, t_node in alignment.pairs.items():
         modules.setdefault(student_graph.nodes[s_node][ir.MODULE], teacher_graph.nodes[t_node][ir.MODULE])
-    return modules
+    traced = ir.tensor_names(teacher_graph)
+    teacher_untraced: dict[str, list[str]] = {}
+    for key in teacher_keys:
+        if key not in traced:
+            teacher_untraced.setdefault(key.rpartition(".")[0], []).append(key)
+    student_untraced: dict[str, list[str]] = {}
+    for key in student_keys:
+        student_untraced.setdefault(key.rpartition(".")[0], []).append(key)
+    pairs = {}
+    for module, keys in student_untraced.items():
+        if module in modules:
+            pairs.update(zip(keys, teacher_untraced.get(modules[module], []), strict=False))
+    return pairs
 
 
 def add_untraced(records: dict[str, TensorRecord], student_state: dict[str, torch.Tensor],
-                 module_pairs: dict[str, str], teacher_keys: TeacherKeys) -> None:
-    """Student tensors no traced op reads: a tensor of a matched module takes the same-role
-    tensor of its teacher module when shapes agree; the rest keep init (tied aliases are settled
-    afterwards by ``unify_ties``)."""
+                 pairs: dict[str, str], teacher_keys: TeacherKeys) -> None:
+    """Student tensors no traced op reads: copied from their structural pair (``untraced_pairs``)
+    when shapes agree; the rest keep init, recorded as untraced (tied aliases are settled afterwards
+    by ``unify_ties``)."""
     for key, tensor in student_state.items():
         if key in records:
             continue
-        module, _, local = key.rpartition(".")
-        teacher_module = module_pairs.get(module)
-        teacher_key = None if teacher_module is None else f"{teacher_module}.{local}".lstrip(".")
-        if teacher_key in teacher_keys and teacher_keys[teacher_key][0] == tuple(tensor.shape):
+        teacher_key = pairs.get(key)
+        if teacher_key is not None and teacher_keys[teacher_key][0] == tuple(tensor.shape):
             full = [AxisRule(d, d, AXIS_FULL, None) for d in tensor.shape]
             records[key] = TensorRecord(key, list(tensor.shape), teacher_key, list(tensor.shape), RULE_COPY,
-                                        module, full, reason="buffer of a matched layer, not read in eval mode")
-        else:
-            records[key] = TensorRecord(key, list(tensor.shape), None, None, RULE_STUDENT_INIT,
-                                        reason="not read by any traced operation")
+                                        key.rpartition(".")[0], full,
+                                        reason="buffer of a matched layer, not read in eval mode")
+            continue
+        # NOTE: a structural pair of another shape (an untraced mask token of the teacher's width) gets the
+        # same reason as no pair: the manifest says the tensor is untraced, whatever its teacher has
+        records[key] = TensorRecord(key, list(tensor.shape), None, None, RULE_STUDENT_INIT,
+                                    reason="not read by any traced operation")
 
 
 def unify_ties(records: dict[str, TensorRecord], student_state: dict[str, torch.Tensor]) -> None:
