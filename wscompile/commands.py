@@ -220,7 +220,8 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
         teacher.module, student.module, teacher_inputs=teacher.inputs, student_inputs=student.inputs,
         teacher_source=teacher.source, teacher_spec=options.teacher, student_spec=options.student,
         select_head=options.select_head, allow_partial=options.allow_partial, write=not options.out,
-        outputs=init_outputs(options, student), teacher_origin=teacher_origin(teacher), log=log, warn=_warn,
+        outputs=init_outputs(options, student), teacher_origin=teacher_origin(teacher),
+        min_matched_share=pipeline.MIN_MATCHED_SHARE, log=log, warn=_warn,
         **selection_options(options, teacher),
     )
     return compiled.plan

@@ -31,8 +31,8 @@ from wscompile.writer import WriteConfig, Written, write_student
 Inputs = dict[str, torch.Tensor]
 Log = Callable[[str], None]
 
-# Least share of the student's elements outside the head that must come from the teacher (see
-# check_coverage); below it the pair is refused unless allow_partial.
+# Least share of the student's elements outside the head that `wscompile init` requires from the
+# teacher (see check_coverage); below it the pair is refused unless --allow-partial.
 MIN_MATCHED_SHARE = 0.5
 
 
@@ -116,6 +116,7 @@ def compile(
     write: bool = True,
     outputs: Outputs | None = None,
     teacher_origin: TeacherOrigin | None = None,
+    min_matched_share: float = 0.0,
     log: Log | None = None,
     warn: Log | None = None,
 ) -> Compiled:
@@ -125,7 +126,9 @@ def compile(
     method and the importance layer policy; the teacher then runs once on it, so it must hold its
     weights (not the meta device). ``calibration_label`` says what the inputs are, for the plan.
     ``outputs`` says what to write; ``log`` hears the summary and every path written, ``warn``
-    the warnings (NaN/inf teacher values).
+    the warnings (NaN/inf teacher values). A plan less than ``min_matched_share`` of whose student
+    (outside the head) comes from the teacher is refused unless ``allow_partial`` (``wscompile init``
+    asks for ``MIN_MATCHED_SHARE``; Python callers get any partial plan by default).
     """
     source = teacher_source or ModuleSource(teacher)
     policy = parse_layer_policy(layer_policy)
@@ -147,7 +150,7 @@ def compile(
     plan = build_plan(alignment, traced.teacher, traced.student, student_state, teacher_keys, config,
                       teacher_source=source, calibration=calibrator)
     record_origin(plan, teacher_origin)
-    check_coverage(plan, alignment, traced.student, allow_partial=allow_partial)
+    check_coverage(plan, alignment, traced.student, min_share=min_matched_share, allow_partial=allow_partial)
     # 5. write: exactly the planned teacher elements, streamed to the output or into a state_dict
     state = apply_plan(plan, source, student_state) if write else None
     written = write_student(outputs.weights, plan, source, student) if outputs.weights else None
@@ -214,13 +217,13 @@ def record_origin(plan: SelectionPlan, origin: TeacherOrigin | None) -> None:
         plan.teacher_weights = "built by the factory" if origin.pretrained is None else "none (random init)"
 
 
-def check_coverage(plan: SelectionPlan, alignment: Alignment, student_graph: nx.DiGraph, *,
+def check_coverage(plan: SelectionPlan, alignment: Alignment, student_graph: nx.DiGraph, *, min_share: float,
                    allow_partial: bool) -> None:
     """Refuse a student too little of which has a teacher counterpart.
 
-    Less than ``MIN_MATCHED_SHARE`` of its elements outside the head come from the teacher (a
-    ResNet's stem and one stage paired with a BERT): refused unless ``allow_partial``, which keeps
-    such partial maps for the user who wants them. (Nothing matched at all is refused by ``align``.)
+    Less than ``min_share`` of its elements outside the head come from the teacher (a ResNet's
+    stem and one stage paired with a BERT): refused unless ``allow_partial``, which keeps such
+    partial maps for the user who wants them. (Nothing matched at all is refused by ``align``.)
 
     Raises:
         MatchError: naming what matched best.
@@ -228,13 +231,13 @@ def check_coverage(plan: SelectionPlan, alignment: Alignment, student_graph: nx.
     if not any(n not in alignment.head for n in student_graph.nodes):
         return
     share = plan.coverage.fraction_no_head if plan.coverage else 1.0
-    if share >= MIN_MATCHED_SHARE or allow_partial:
+    if share >= min_share or allow_partial:
         return
     matched = [s for s in plan.stages if s.teacher]
     best = f"; best matched: student {matched[0].student} <- teacher {matched[0].teacher}" if matched else ""
     raise MatchError(
         f"only {share:.1%} of the student outside the head has a teacher counterpart (under "
-        f"{MIN_MATCHED_SHARE:.0%}){best}; are they the same family of model? pass --allow-partial to write it anyway"
+        f"{min_share:.0%}){best}; are they the same family of model? pass --allow-partial to write it anyway"
     )
 
 
