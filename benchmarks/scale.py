@@ -195,7 +195,7 @@ def worker(path: str, teacher_dir: Path, size: str, out: Path, manifest: Path) -
             return loaded["pair"]
 
         commands.load_pair = capture
-        watch.wrap(commands, "_write_student", "write_seconds")
+        watch.wrap(pipeline, "write_student", "write_seconds")
         commands.run_init(options, log=lambda line: None)
         row["wscompile_read_gb"] = loaded["pair"][0].source.bytes_read / 1e9
     elif path == "naive":

@@ -2,7 +2,7 @@
 
 The CLI parses and checks its arguments before importing torch or building a model (an argument
 error takes milliseconds, not the seconds torch's import takes), so the choices it validates live
-here; the registries they name (``passes.select.METHODS``, ``matching.layers.POLICIES``,
+here; the registries they name (``passes.methods.METHODS``, ``matching.layers.POLICIES``,
 ``passes.heads.HEAD_MODES``) are tested to agree with them.
 """
 

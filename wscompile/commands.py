@@ -1,4 +1,4 @@
-"""What each CLI subcommand does: load specs, run the pipeline, write outputs.
+"""What each CLI subcommand does: check the outputs, load the specs, hand ``pipeline.compile`` a config, print.
 
 Every output path is checked before any model is built, so bad paths fail in milliseconds and
 nothing is half-written; every file is written atomically (``outputs.py``). Before a model is
@@ -9,46 +9,31 @@ instead of being killed by the kernel.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import TypeVar
 
 import torch
 
 from wscompile import pipeline, reports
-from wscompile.checkpoints import hf_checkpoint_source
-from wscompile.errors import InputsError, MatchError, ResourceError, SelectionError, SpecError
-from wscompile.folders import DTYPES, FolderPlan, check_teacher_files, plan_folder
-from wscompile.outputs import (
-    check_not_inputs,
-    check_output_dir,
-    check_outputs,
-    is_directory_output,
-    stream_safetensors,
-    stream_safetensors_dir,
-)
-from wscompile.passes.apply import student_layout, student_tensors
-from wscompile.plan import RULE_STUDENT_INIT, ExportSummary, SelectionPlan
+from wscompile.errors import InputsError, ResourceError, SpecError
+from wscompile.folders import DTYPES, check_teacher_files
+from wscompile.outputs import check_not_inputs, check_output_dir, check_outputs, is_directory_output
+from wscompile.passes.methods import method_spec
+from wscompile.plan import RULE_STUDENT_INIT, SelectionPlan
 from wscompile.specs import LoadedModel, build_on_meta, load_model, parse_spec, resolve_hub, spec_files
-from wscompile.weights import ModuleSource, TensorSource, hf_weights_path, open_weights
+from wscompile.weights import ModuleSource, hf_weights_path, open_weights
+from wscompile.writer import MAX_SHARD_SIZE, WriteConfig, metadata, size_text, write_student
 
 Log = Callable[[str], None]
 CALIB_BATCH = 8  # calibration inputs per onnxruntime calibration batch
-T = TypeVar("T")
 
 # Environment variable: bytes of memory a run may use, replacing the detected available memory.
 MEMORY_LIMIT_ENV = "WSCOMPILE_MEMORY_LIMIT"
 # Copies of the student's tensors alive at once during `init`: the built module (the selected
-# tensors are streamed to --out one at a time, see `_write_student`).
+# tensors are streamed to --out one at a time, see `writer.write_student`).
 STUDENT_COPIES_INIT = 1
-# Least share of the student's elements outside the head that must come from the teacher (see
-# check_something_matched); below it the pair is refused unless --allow-partial.
-MIN_MATCHED_SHARE = 0.5
-# Default largest shard of a directory --out (bytes), as transformers' save_pretrained.
-MAX_SHARD_SIZE = 5 * 10**9
 
 
 @dataclass
@@ -146,7 +131,7 @@ def check_memory(options: InitOptions, *, teacher_in_memory: bool, student_copie
         ResourceError: the estimate exceeds ``available_memory()``; the message gives the sizes.
     """
     available, origin = available_memory()
-    where = f"{_size(available)} is available ({origin})"
+    where = f"{size_text(available)} is available ({origin})"
     student, student_inputs, student_peak = _measure(options.student, "student", options, available, where)
     teacher, teacher_inputs, teacher_peak = 0, student_inputs, None
     if teacher_in_memory:
@@ -157,20 +142,20 @@ def check_memory(options: InitOptions, *, teacher_in_memory: bool, student_copie
     needed = student_copies * student + teacher + inputs + activations
     if needed <= available:
         return
-    parts = [f"{student_copies} x {_size(student)} for student {options.student}"]
+    parts = [f"{student_copies} x {size_text(student)} for student {options.student}"]
     advice = "use a smaller student or a machine with more memory"
     if teacher:
-        parts.append(f"{_size(teacher)} for teacher {options.teacher} built in memory")
+        parts.append(f"{size_text(teacher)} for teacher {options.teacher} built in memory")
         if student_copies * student + inputs + activations <= available:
             advice = "pass --teacher-weights so the teacher is read from disk instead of built in memory"
     if inputs + activations >= available / 100:
         shape = ",".join(map(str, options.input_shape)) if options.input_shape else "the default shape"
-        parts.append(f"{_size(inputs + activations)} for the example inputs ({shape}) and the activations of a "
+        parts.append(f"{size_text(inputs + activations)} for the example inputs ({shape}) and the activations of a "
                      "forward on them")
         if student_copies * student + teacher <= available:
             advice = "pass a smaller --input-shape"
     raise ResourceError(
-        f"not enough memory: this run needs about {_size(needed)} ({' + '.join(parts)}) but {where}; {advice}, "
+        f"not enough memory: this run needs about {size_text(needed)} ({' + '.join(parts)}) but {where}; {advice}, "
         f"or set {MEMORY_LIMIT_ENV}=BYTES if the estimate is wrong"
     )
 
@@ -224,60 +209,60 @@ def _measure(spec: str, role: str, options: InitOptions, available: int, where: 
     return tensors, nbytes(inputs), peak_activation_bytes(module, inputs)
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
 def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
+    """``wscompile init``: check the outputs, load the pair, and compile it into the files asked for."""
     check_init_outputs(options)
     check_selection(options)
     teacher, student = load_pair(options, need_values=True)
     warn_random_teacher(options, teacher)
-    # With --out the student's tensors go straight to the file (below), never all in memory.
+    # With --out the student's tensors go straight to the file, never all in memory.
     compiled = pipeline.compile(
         teacher.module, student.module, teacher_inputs=teacher.inputs, student_inputs=student.inputs,
         teacher_source=teacher.source, teacher_spec=options.teacher, student_spec=options.student,
         select_head=options.select_head, allow_partial=options.allow_partial, write=not options.out,
+        outputs=init_outputs(options, student), teacher_origin=teacher_origin(teacher),
+        min_matched_share=pipeline.MIN_MATCHED_SHARE, log=log, warn=_warn,
         **selection_options(options, teacher),
     )
-    plan = compiled.plan
-    record_teacher_weights(plan, teacher)
-    check_something_matched(compiled, allow_partial=options.allow_partial)
-    folder = write_outputs(replace(options, manifest=None, report=None), plan, teacher.source, student.module)
-    warn_nonfinite(plan)
-    log(summary(plan))
+    return compiled.plan
+
+
+def init_outputs(options: InitOptions, student: LoadedModel) -> pipeline.Outputs:
+    """What ``options`` asks ``init`` to write."""
+    weights = None
     if options.out:
-        log(f"wrote {options.out}")
-    try:
-        if options.onnx:
-            if options.out:
-                written = open_weights(options.out)
-                state = {key: written.read(saved) for key, saved in folder.saved_as.items()}
-                if folder.converted:  # read back as from_pretrained reads the folder
-                    fused = hf_checkpoint_source(student.module, written)
-                    state |= {key: fused.read(key) for key in folder.converted}
-            else:
-                state = compiled.state_dict
-            student.module.load_state_dict(state)
-            plan.export = export_summary(_export(student, options.onnx, options, log))
-    finally:
-        # Manifest and report last, so they say what the export wrote (or, if it failed, that nothing was).
-        write_outputs(replace(options, out=None), plan, teacher.source, student.module)
-        for path in (options.manifest, options.report):
-            if path:
-                log(f"wrote {path}")
-    return plan
+        weights = WriteConfig(options.out, options.teacher, options.student, options.method,
+                              hub_weights=options.teacher_weights is None, dtype=options.dtype, force=options.force,
+                              progress=options.progress, max_shard_size=options.max_shard_size, strict=options.strict)
+    export = export_config(options.onnx, options, student) if options.onnx else None
+    return pipeline.Outputs(weights, options.manifest, options.report, export, force=options.force)
 
 
-def export_summary(result) -> ExportSummary:
-    """The manifest's record of a verified ``backend.ExportResult``."""
-    dynamic = {name: list(axes.values()) for name, axes in result.dynamic_axes.items() if axes}
-    written = [result.onnx_path, *(v.path for v in result.variants), *(f.path for f in result.ort_files)]
-    return ExportSummary(
-        onnx=os.path.basename(result.onnx_path), exporter=result.exporter, dynamic_axes=dynamic,
-        static_shapes={name: list(shape) for name, shape in result.export_shapes.items() if name not in dynamic},
-        max_abs_diff=max((c.max_abs for c in result.checks), default=0.0), fallback_reason=result.fallback_reason,
-        files=[os.path.basename(path) for path in written])
+def export_config(onnx_path: str, options: InitOptions, student: LoadedModel) -> pipeline.ExportConfig:
+    """The ONNX options of ``init --onnx`` and ``export``; --int8 with --calib calibrates on those inputs."""
+    calibration = None
+    if options.int8 and options.calib:
+        def calibration() -> list[dict[str, torch.Tensor]]:
+            # static int8: onnxruntime calibrates activation ranges on these inputs, a few batches at a time
+            from wscompile.calib import load_calibration
+
+            inputs, _ = load_calibration(options.calib, student)
+            count = len(next(iter(inputs.values())))
+            return [{k: v[i:i + CALIB_BATCH] for k, v in inputs.items()} for i in range(0, count, CALIB_BATCH)]
+    settings = options.export
+    return pipeline.ExportConfig(
+        onnx_path, student.kind, student.make_inputs, opset=options.opset, fp16=options.fp16, int8=options.int8,
+        calibration=calibration, ort=settings.ort, optimize=settings.optimize, device=settings.device,
+        atol=settings.atol, batch_size=settings.batch_size, force=options.force)
+
+
+def teacher_origin(teacher: LoadedModel) -> pipeline.TeacherOrigin:
+    """Where the loaded teacher's values came from."""
+    return pipeline.TeacherOrigin(teacher.pretrained, teacher.weights_origin)
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def check_init_outputs(options: InitOptions) -> None:
@@ -317,21 +302,6 @@ def onnx_outputs(onnx_path: str | None, options: InitOptions) -> list[tuple[str,
     return [("--onnx", onnx_path), *(("--onnx", variant_path(onnx_path, name)) for name in copies)]
 
 
-def write_outputs(options: InitOptions, plan: SelectionPlan, teacher: TensorSource,
-                  student: torch.nn.Module) -> FolderPlan | None:
-    """Write what ``options`` asks for: the student's weights (``out``), the manifest and the report.
-
-    Returns:
-        Where the student's tensors went (``_write_student``), or None without ``out``.
-    """
-    folder = _write_student(options, plan, teacher, student) if options.out else None
-    if options.manifest:
-        reports.write_report(plan, options.manifest, fmt="json", force=options.force)
-    if options.report:
-        reports.write_report(plan, options.report, force=options.force)
-    return folder
-
-
 def save(plan: SelectionPlan, student: torch.nn.Module, out: str | None = None, *, manifest: str | None = None,
          report: str | None = None, force: bool = False, max_shard_size: int = MAX_SHARD_SIZE) -> None:
     """Write a student initialized in Python, as ``wscompile init`` writes it.
@@ -362,84 +332,19 @@ def save(plan: SelectionPlan, student: torch.nn.Module, out: str | None = None, 
     if missing:
         raise SpecError(f"the student has no {missing[0]!r} ({len(missing)} of the plan's tensors missing); "
                         "pass the student module the plan was made for")
-    source = ModuleSource(student)
-    # The student already holds the selected values, so the weights writer is given a plan that keeps
-    # every tensor as it is; the manifest and report describe the real plan.
-    as_is = replace(plan, tensors=[replace(r, rule=RULE_STUDENT_INIT) for r in plan.tensors])
-    write_outputs(replace(options, manifest=None, report=None), as_is, source, student)
-    write_outputs(replace(options, out=None), plan, source, student)
-
-
-def _write_student(options: InitOptions, plan: SelectionPlan, teacher: TensorSource,
-                   student: torch.nn.Module) -> FolderPlan:
-    """Stream the student's tensors to ``options.out``: read, select, write and drop one at a time.
-
-    A directory ``--out`` is a folder the student's library loads (``folders.plan_folder``): its
-    configs and the teacher's tokenizer files next to the weights, saved under the names and with
-    the tied copies its ``from_pretrained`` expects.
-
-    Returns:
-        Where each student tensor went: the name it was written under (a tied copy: its twin's), or
-        into a converted group (``FolderPlan.converted``).
-    """
-    student_state = student.state_dict()
-    dtype = DTYPES[options.dtype] if options.dtype else None
-    metadata = student_metadata(options)
-    layout = {key: (shape, _written_dtype(stored, dtype)) for key, (shape, stored) in
-              student_layout(plan, student_state).items()}
-    if is_directory_output(options.out):
-        # a hub teacher's tokenizer files are in its snapshot (already fetched: hub.py remembers it)
-        teacher_spec = resolve_hub(parse_spec(options.teacher), role="teacher", weights=options.teacher_weights is None)
-        folder = plan_folder(student, parse_spec(options.student), teacher_spec, dtype)
-    else:
-        folder = FolderPlan({key: key for key in layout}, set(layout))
-    layout = {folder.saved_as[key]: value for key, value in layout.items() if key in folder.written}
-    layout |= {key: (shape, _written_dtype(stored, dtype)) for key, (shape, stored) in folder.converted_layout.items()}
-    show = sys.stderr.isatty() if options.progress is None else options.progress
-
-    def saved_tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        held: dict[str, torch.Tensor] = {}  # tensors saved converted wait for every part of their group
-        for key, tensor in student_tensors(plan, teacher, student_state, strict=options.strict):
-            if key in folder.converted:
-                held[key] = tensor
-            elif key in folder.written:
-                yield folder.saved_as[key], tensor.to(_written_dtype(tensor.dtype, dtype))
-        if held:
-            for saved, tensor in folder.convert(held).items():
-                yield saved, tensor.to(_written_dtype(tensor.dtype, dtype))
-
-    tensors = _with_progress(saved_tensors(), len(layout), teacher, show=show)
-    if is_directory_output(options.out):
-        stream_safetensors_dir(options.out, layout, tensors, metadata, force=options.force,
-                               max_shard_size=options.max_shard_size, files=folder.files)
-    else:
-        stream_safetensors(options.out, layout, tensors, metadata, force=options.force)
-    return folder
-
-
-def _written_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype a tensor stored as ``stored`` is written in: ``dtype`` for floating tensors."""
-    return dtype if dtype is not None and stored.is_floating_point else stored
+    if out:
+        # The student already holds the selected values, so the weights writer is given a plan that keeps
+        # every tensor as it is; the manifest and report describe the real plan.
+        as_is = replace(plan, tensors=[replace(r, rule=RULE_STUDENT_INIT) for r in plan.tensors])
+        config = WriteConfig(out, plan.teacher_spec, plan.student_spec, plan.method, force=force, progress=False,
+                             max_shard_size=max_shard_size)
+        write_student(config, as_is, ModuleSource(student), student)
+    pipeline.write_records(plan, pipeline.Outputs(manifest=manifest, report=report, force=force))
 
 
 def student_metadata(options: InitOptions) -> dict[str, str]:
     """The ``__metadata__`` of the student's safetensors file: where its weights came from."""
-    return {"format": "pt", "wscompile.teacher": options.teacher, "wscompile.student": options.student,
-            "wscompile.method": options.method}
-
-
-def _with_progress(items: Iterator[T], total: int, teacher: TensorSource, *, show: bool) -> Iterator[T]:
-    """``items``, with a progress bar on stderr counting them and the teacher bytes read so far."""
-    from tqdm import tqdm
-
-    teacher_bytes = sum(math.prod(teacher.shape(key)) * teacher.dtype(key).itemsize
-                        for key in teacher.keys())  # noqa: SIM118 - a source, not a dict
-    with tqdm(total=total, unit="tensor", desc="writing student", file=sys.stderr, disable=not show) as bar:
-        for item in items:
-            yield item
-            bar.set_postfix_str(f"teacher read {_size(getattr(teacher, 'bytes_read', 0))} of {_size(teacher_bytes)}",
-                                refresh=False)
-            bar.update()
+    return metadata(options.teacher, options.student, options.method)
 
 
 def warn_random_teacher(options: InitOptions, teacher: LoadedModel) -> None:
@@ -456,73 +361,20 @@ def warn_random_teacher(options: InitOptions, teacher: LoadedModel) -> None:
           file=sys.stderr)
 
 
-def warn_nonfinite(plan: SelectionPlan) -> None:
-    """Say on stderr, in one line, which teacher tensors gave the student NaN or inf values."""
-    found = plan.nonfinite_teacher or []
-    if not found:
-        return
-    names = ", ".join(f"{n.teacher} ({n.count})" for n in found[:5]) + (", ..." if len(found) > 5 else "")
-    print(f"warning: {len(found)} teacher tensor(s) hold NaN or inf among the values the student took: {names}; "
-          "the student inherits them (listed in the manifest's nonfinite_teacher). Pass --strict to make this an "
-          "error.", file=sys.stderr)
-
-
-def record_teacher_weights(plan: SelectionPlan, teacher: LoadedModel) -> None:
-    """Write where the teacher's values came from into the plan (manifest ``teacher_weights``)."""
-    plan.teacher_pretrained = teacher.pretrained
-    if teacher.weights_origin is not None:
-        plan.teacher_weights = teacher.weights_origin
-    else:
-        plan.teacher_weights = "built by the factory" if teacher.pretrained is None else "none (random init)"
-
-
-def check_something_matched(compiled: pipeline.Compiled, *, allow_partial: bool = False) -> None:
-    """Refuse to write a student too little of which has a teacher counterpart.
-
-    None of its layers outside the head matched (a CNN and a text transformer): always refused. Less
-    than ``MIN_MATCHED_SHARE`` of its elements outside the head come from the teacher (a ResNet's stem
-    and one stage paired with a BERT): refused unless ``allow_partial``, which keeps such partial maps
-    for the user who wants them. Layers matched but kept for being larger (--allow-partial) count.
-
-    Raises:
-        MatchError: naming what matched best and, for nothing matched, one unmatched tensor and why.
-    """
-    alignment = compiled.alignment
-    body = [n for n in compiled.student_graph.nodes if n not in alignment.head]
-    if not body:
-        return
-    if not any(n in alignment.pairs for n in body):
-        kept = next((r for r in compiled.plan.tensors if not r.is_head), None)
-        example = f" (e.g. {kept.student}: {kept.reason})" if kept else ""
-        raise MatchError(
-            f"nothing in the student matched the teacher: no student layer outside the head has a teacher "
-            f"counterpart{example}; are they the same family of model (e.g. both vision transformers)?"
-        )
-    share = compiled.plan.coverage.fraction_no_head if compiled.plan.coverage else 1.0
-    if share >= MIN_MATCHED_SHARE or allow_partial:
-        return
-    matched = [s for s in compiled.plan.stages if s.teacher]
-    best = f"; best matched: student {matched[0].student} <- teacher {matched[0].teacher}" if matched else ""
-    raise MatchError(
-        f"only {share:.1%} of the student outside the head has a teacher counterpart (under "
-        f"{MIN_MATCHED_SHARE:.0%}){best}; are they the same family of model? pass --allow-partial to write it anyway"
-    )
-
-
 def needs_calibration(options: InitOptions) -> bool:
     """Whether the teacher runs on calibration inputs (activation method, importance layer policy)."""
-    return options.method == "activation" or options.layers.strip() == "importance"
+    from wscompile.matching.layers import parse_layer_policy
+
+    return pipeline.calibration_wanted(options.method, parse_layer_policy(options.layers)) is not None
 
 
 def check_selection(options: InitOptions) -> None:
     """Fail on a bad --layers or a missing --calib before any model is built."""
     from wscompile.matching.layers import parse_layer_policy
 
-    parse_layer_policy(options.layers)
-    if needs_calibration(options) and not options.calib:
-        wants = "--method activation" if options.method == "activation" else "--layers importance"
-        raise SelectionError(f"{wants} ranks by the teacher's activations on real inputs: pass --calib with a "
-                             ".pt/.safetensors file of input tensors, a folder of images or a text file")
+    pipeline.require_calibration(options.method, parse_layer_policy(options.layers), bool(options.calib),
+                                 "pass --calib with a .pt/.safetensors file of input tensors, a folder of images "
+                                 "or a text file")
 
 
 def selection_options(options: InitOptions, teacher: LoadedModel) -> dict:
@@ -543,16 +395,17 @@ def run_diff(options: InitOptions, fmt: str | None, output: str | None, log: Log
         fmt = fmt or reports.format_from_path(output)
     check_selection(options)
     # magnitude reads teacher weights: from the file if there is one, else from the built teacher
-    teacher, student = load_pair(options, need_values=options.method == "magnitude")
-    if options.method == "magnitude" or needs_calibration(options):
+    needs_weights = method_spec(options.method).needs_weights
+    teacher, student = load_pair(options, need_values=needs_weights)
+    if needs_weights or needs_calibration(options):
         # Only these selections read the teacher's values; the structure is the same for any values.
         warn_random_teacher(options, teacher)
     compiled = pipeline.compile(
         teacher.module, student.module, teacher_inputs=teacher.inputs, student_inputs=student.inputs,
         teacher_source=teacher.source, teacher_spec=options.teacher, student_spec=options.student,
-        select_head=options.select_head, allow_partial=True, write=False, **selection_options(options, teacher),
+        select_head=options.select_head, allow_partial=True, write=False, teacher_origin=teacher_origin(teacher),
+        **selection_options(options, teacher),
     )
-    record_teacher_weights(compiled.plan, teacher)
     if output:
         reports.write_report(compiled.plan, output, fmt=fmt, force=options.force)
         log(f"wrote {output}")
@@ -586,44 +439,9 @@ def run_export(student_spec: str, weights: str, onnx_path: str, options: InitOpt
         with torch.no_grad():
             return verify_onnx(onnx_path, student.module, student.make_inputs, kind=student.kind, log=log,
                                atol=options.export.atol, device=options.export.device)
-    return _export(student, onnx_path, options, log)
-
-
-def _export(student: LoadedModel, onnx_path: str, options: InitOptions, log: Log):
-    from wscompile.backend.export import export_student
-
-    calib = None
-    if options.int8 and options.calib:
-        # static int8: onnxruntime calibrates activation ranges on these inputs, a few batches at a time
-        from wscompile.calib import load_calibration
-
-        inputs, _ = load_calibration(options.calib, student)
-        count = len(next(iter(inputs.values())))
-        calib = [{k: v[i:i + CALIB_BATCH] for k, v in inputs.items()} for i in range(0, count, CALIB_BATCH)]
-    with torch.no_grad():
-        return export_student(
-            student.module, student.inputs, student.make_inputs, onnx_path, kind=student.kind,
-            opset=options.opset, fp16=options.fp16, int8=options.int8, calib=calib, force=options.force, log=log,
-            ort=options.export.ort, optimize=options.export.optimize, device=options.export.device,
-            atol=options.export.atol, batch_size=options.export.batch_size,
-        )
+    return pipeline.export_onnx(student.module, student.inputs, export_config(onnx_path, options, student), log)
 
 
 def summary(plan: SelectionPlan) -> str:
-    """A few lines for the terminal: coverage and layers kept per stage."""
-    c = plan.coverage
-    assert c is not None
-    lines = [
-        f"student {plan.student_spec}: {c.selected_params:,} of {c.total_params:,} elements from the teacher "
-        f"({c.fraction:.1%}; {c.fraction_no_head:.1%} without the head), method {plan.method}",
-    ]
-    for stage in plan.stages:
-        teacher = stage.teacher or "no teacher stage"
-        taken = [stage.teacher_blocks.index(b.teacher) for b in stage.blocks if b.teacher is not None]
-        which = (f"first {len(taken)} of {stage.teacher_depth} blocks" if stage.policy == "first"
-                 else f"{stage.policy}: blocks {', '.join(map(str, taken))} of {stage.teacher_depth}")
-        lines.append(f"  {stage.student} <- {teacher}: {which}")
-    kept = [r for r in plan.tensors if r.teacher is None]
-    if kept:
-        lines.append(f"  {len(kept)} tensor(s) kept at the student's init, e.g. {kept[0].student}: {kept[0].reason}")
-    return "\n".join(lines)
+    """The lines ``init`` prints (``reports.render_summary``)."""
+    return reports.render_summary(plan)

@@ -1,41 +1,98 @@
-"""The compiler, top to bottom: trace, calibrate (when a method needs it), align, plan, write.
+"""The compiler, top to bottom: trace, calibrate, align, plan, write, export, record.
 
 ``compile`` is the whole program; each line is one stage, and each stage's result is data the
-next one reads. ``initialize`` is the same on in-memory modules, for use from Python.
+next one reads. ``wscompile init`` and the Python API run the same stages: the CLI maps its
+options to ``Outputs`` and prints, ``initialize`` runs it on in-memory modules.
 """
 
 from __future__ import annotations
 
 import inspect
 import itertools
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import networkx as nx
 import torch
 from torch import nn
 
-from wscompile import frontend, specs
-from wscompile.errors import InputsError, SelectionError
+from wscompile import frontend, reports, specs
+from wscompile.errors import InputsError, MatchError, SelectionError
 from wscompile.matching import Alignment, align
-from wscompile.matching.layers import parse_layer_policy
+from wscompile.matching.layers import LayerPolicy, parse_layer_policy
 from wscompile.passes.apply import apply_plan
 from wscompile.passes.calibration import MAX_SAMPLES, Calibrator, describe
-from wscompile.passes.select import NEEDS_CALIBRATION, build_plan
+from wscompile.passes.methods import method_spec
+from wscompile.passes.select import SelectionConfig, build_plan
 from wscompile.plan import SelectionPlan
-from wscompile.weights import ModuleSource, TensorSource
+from wscompile.weights import ModuleSource, TensorSource, open_weights
+from wscompile.writer import WriteConfig, Written, write_student
 
 Inputs = dict[str, torch.Tensor]
+Log = Callable[[str], None]
+
+# Least share of the student's elements outside the head that `wscompile init` requires from the
+# teacher (see check_coverage); below it the pair is refused unless --allow-partial.
+MIN_MATCHED_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The ONNX export of the initialized student, verified with onnxruntime (``backend.export_student``)."""
+
+    path: str  # the .onnx file
+    kind: str  # the student's input kind (specs.KIND_IMAGE, KIND_TEXT, ...): which axes may vary
+    make_inputs: Callable[[int, int | None], Inputs]  # (batch, seq_len) -> inputs, for the parity checks
+    opset: int | None = None
+    fp16: bool = False  # also an fp16 copy
+    int8: bool = False  # also an int8 copy
+    calibration: Callable[[], list[Inputs]] | None = None  # static int8: onnxruntime calibration batches
+    ort: bool = False  # also .ort copies
+    optimize: str | None = None  # onnxruntime graph optimizations before saving
+    device: str | None = None  # onnxruntime device
+    atol: float = 1e-4  # absolute tolerance of the fp32 parity checks
+    batch_size: int | None = None  # batch of a static-shape export
+    force: bool = False  # replace existing files
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What ``compile`` writes after planning; by default nothing (the student's state_dict stays in memory)."""
+
+    weights: WriteConfig | None = None  # the student's tensors, streamed to a file or folder
+    manifest: str | None = None  # the JSON manifest
+    report: str | None = None  # a report, its format from the extension
+    export: ExportConfig | None = None  # the ONNX export
+    force: bool = False  # replace an existing manifest or report
+
+
+@dataclass(frozen=True)
+class TeacherOrigin:
+    """Where the teacher's values came from, for the manifest's ``teacher_weights``."""
+
+    pretrained: bool | None  # values loaded; None: unknown (a py: factory may load them)
+    weights: str | None  # a path, a hub id, "timm pretrained"; None: its own init
+
+
+@dataclass
+class Traced:
+    """Both models in the IR."""
+
+    teacher: nx.DiGraph  # IR of the teacher
+    student: nx.DiGraph  # IR of the student
 
 
 @dataclass
 class Compiled:
     """Everything one compilation produced."""
 
-    plan: SelectionPlan  # what was selected from where; feeds manifest and reports
-    state_dict: dict[str, torch.Tensor] | None  # the student's full state_dict (None for a dry run)
+    plan: SelectionPlan  # what was selected from where; feeds the writer, manifest and reports
+    state_dict: dict[str, torch.Tensor] | None  # the student's full state_dict (None: streamed or dry run)
     teacher_graph: nx.DiGraph  # IR of the teacher
     student_graph: nx.DiGraph  # IR of the student
     alignment: Alignment  # component and layer correspondence
+    written: Written | None = None  # the student's weights file or folder, when Outputs.weights
+    recorded: list[str] = field(default_factory=list)  # manifest and report paths written
 
 
 def compile(
@@ -57,42 +114,195 @@ def compile(
     select_head: bool = False,
     allow_partial: bool = False,
     write: bool = True,
+    outputs: Outputs | None = None,
+    teacher_origin: TeacherOrigin | None = None,
+    min_matched_share: float = 0.0,
+    log: Log | None = None,
+    warn: Log | None = None,
 ) -> Compiled:
-    """Run every stage; ``write=False`` stops after planning (``wscompile diff``).
+    """Run every stage; ``write=False`` keeps the state_dict out of memory (a dry run, or ``outputs.weights``).
 
     ``calibration`` (forward keyword arguments, a batch of real inputs) is needed by the activation
     method and the importance layer policy; the teacher then runs once on it, so it must hold its
     weights (not the meta device). ``calibration_label`` says what the inputs are, for the plan.
+    ``outputs`` says what to write; ``log`` hears the summary and every path written, ``warn``
+    the warnings (NaN/inf teacher values). A plan less than ``min_matched_share`` of whose student
+    (outside the head) comes from the teacher is refused unless ``allow_partial`` (``wscompile init``
+    asks for ``MIN_MATCHED_SHARE``; Python callers get any partial plan by default).
     """
     source = teacher_source or ModuleSource(teacher)
     policy = parse_layer_policy(layer_policy)
-    # 1. frontend: both models into the IR (torch.fx, falling back to torch.export)
-    teacher_graph = frontend.trace(teacher, _on_device(teacher_inputs, teacher), label=f"teacher {teacher_spec}")
-    student_graph = frontend.trace(student, _on_device(student_inputs, student), label=f"student {student_spec}")
-    # 2. calibration: the teacher run on real inputs in bounded batches, observed lazily by hooks (when needed)
-    calibrator = None
-    if method in NEEDS_CALIBRATION or policy.needs_calibration:
-        if calibration is None:
-            wants = f"--method {method}" if method in NEEDS_CALIBRATION else f"--layers {policy.text}"
-            raise SelectionError(f"{wants} ranks by the teacher's activations on real inputs: pass calibration "
-                                 "inputs (--calib FILE_OR_DIR, or calibration= in Python)")
-        batch = _on_device(calibration, teacher)
-        given = _batch(batch)
-        label = calibration_label or describe(min(given, MAX_SAMPLES), given, "samples", "the calibration inputs")
-        calibrator = Calibrator(teacher, teacher_graph, batch, channels=method in NEEDS_CALIBRATION, description=label)
-    # 3. matching: stages and blocks (layer selection by the policy), then components inside blocks
-    alignment = align(teacher_graph, student_graph, layer_policy=policy,
+    config = SelectionConfig(teacher_spec=teacher_spec, student_spec=student_spec, method=method,
+                             layer_policy=policy.text, heads=heads, rescale=rescale, seed=seed,
+                             select_head=select_head, allow_partial=allow_partial)
+    outputs = outputs or Outputs()
+    log = log or _quiet
+    # 1. trace: both models into the IR (torch.fx, falling back to torch.export)
+    traced = trace(teacher, student, teacher_inputs, student_inputs, teacher_spec, student_spec)
+    # 2. calibrate: the teacher run on real inputs in bounded batches, observed lazily by hooks (when needed)
+    calibrator = calibrate(teacher, traced.teacher, config, policy, calibration, calibration_label)
+    # 3. align: stages and blocks (layer selection by the policy), then components inside blocks
+    alignment = align(traced.teacher, traced.student, layer_policy=policy,
                       block_similarity=calibrator.block_similarity if calibrator else None)
-    # 4. selection: per coupled dimension, the teacher indices each student tensor keeps
+    # 4. plan: per coupled dimension, the teacher indices each student tensor keeps; enough must match
     student_state = student.state_dict()
     teacher_keys = {key: (source.shape(key), source.dtype(key)) for key in source.keys()}
-    plan = build_plan(alignment, teacher_graph, student_graph, student_state, teacher_keys,
-                      teacher_spec=teacher_spec, student_spec=student_spec, method=method,
-                      select_head=select_head, allow_partial=allow_partial, teacher_source=source,
-                      calibration=calibrator, heads=heads, rescale=rescale, seed=seed, layer_policy=policy.text)
-    # 5. write: read exactly the planned teacher elements into the student's state_dict
+    plan = build_plan(alignment, traced.teacher, traced.student, student_state, teacher_keys, config,
+                      teacher_source=source, calibration=calibrator)
+    record_origin(plan, teacher_origin)
+    check_coverage(plan, alignment, traced.student, min_share=min_matched_share, allow_partial=allow_partial)
+    # 5. write: exactly the planned teacher elements, streamed to the output or into a state_dict
     state = apply_plan(plan, source, student_state) if write else None
-    return Compiled(plan, state, teacher_graph, student_graph, alignment)
+    written = write_student(outputs.weights, plan, source, student) if outputs.weights else None
+    _warn_nonfinite(plan, warn)
+    log(reports.render_summary(plan))
+    if written:
+        log(f"wrote {written.path}")
+    compiled = Compiled(plan, state, traced.teacher, traced.student, alignment, written)
+    try:
+        # 6. export: the initialized student to ONNX, checked against PyTorch with onnxruntime
+        if outputs.export:
+            plan.export = export(student, student_inputs, outputs.export, _written_state(compiled, student), log)
+    finally:
+        # 7. record: manifest and report last, so they say what the export wrote (or that nothing was)
+        compiled.recorded = write_records(plan, outputs)
+        for path in compiled.recorded:
+            log(f"wrote {path}")
+    return compiled
+
+
+def trace(teacher: nn.Module, student: nn.Module, teacher_inputs: Inputs, student_inputs: Inputs,
+          teacher_spec: str = "<module>", student_spec: str = "<module>") -> Traced:
+    """Stage 1: both models traced into the IR on their example inputs."""
+    return Traced(frontend.trace(teacher, _on_device(teacher_inputs, teacher), label=f"teacher {teacher_spec}"),
+                  frontend.trace(student, _on_device(student_inputs, student), label=f"student {student_spec}"))
+
+
+def calibration_wanted(method: str, policy: LayerPolicy) -> str | None:
+    """The option that ranks by the teacher's activations on real inputs ("--method activation",
+    "--layers importance"), or None when the run needs no calibration inputs."""
+    if method_spec(method).needs_calibration:
+        return f"--method {method}"
+    return f"--layers {policy.text}" if policy.needs_calibration else None
+
+
+def require_calibration(method: str, policy: LayerPolicy, given: bool, remedy: str) -> None:
+    """Raise SelectionError when calibration inputs are needed but not ``given``; ``remedy`` says how to pass them."""
+    wants = calibration_wanted(method, policy)
+    if wants is not None and not given:
+        raise SelectionError(f"{wants} ranks by the teacher's activations on real inputs: {remedy}")
+
+
+def calibrate(teacher: nn.Module, teacher_graph: nx.DiGraph, config: SelectionConfig, policy: LayerPolicy,
+              calibration: Inputs | None, label: str | None) -> Calibrator | None:
+    """Stage 2: the teacher observed on calibration inputs, when the method or layer policy ranks by them."""
+    require_calibration(config.method, policy, calibration is not None,
+                        "pass calibration inputs (--calib FILE_OR_DIR, or calibration= in Python)")
+    if calibration_wanted(config.method, policy) is None:
+        return None
+    batch = _on_device(calibration, teacher)
+    given = _batch(batch)
+    label = label or describe(min(given, MAX_SAMPLES), given, "samples", "the calibration inputs")
+    return Calibrator(teacher, teacher_graph, batch, channels=config.method_spec.needs_calibration, description=label)
+
+
+def record_origin(plan: SelectionPlan, origin: TeacherOrigin | None) -> None:
+    """Write where the teacher's values came from into the plan (manifest ``teacher_weights``)."""
+    if origin is None:
+        return
+    plan.teacher_pretrained = origin.pretrained
+    if origin.weights is not None:
+        plan.teacher_weights = origin.weights
+    else:
+        plan.teacher_weights = "built by the factory" if origin.pretrained is None else "none (random init)"
+
+
+def check_coverage(plan: SelectionPlan, alignment: Alignment, student_graph: nx.DiGraph, *, min_share: float,
+                   allow_partial: bool) -> None:
+    """Refuse a student too little of which has a teacher counterpart.
+
+    Less than ``min_share`` of its elements outside the head come from the teacher (a ResNet's
+    stem and one stage paired with a BERT): refused unless ``allow_partial``, which keeps such
+    partial maps for the user who wants them. (Nothing matched at all is refused by ``align``.)
+
+    Raises:
+        MatchError: naming what matched best.
+    """
+    if not any(n not in alignment.head for n in student_graph.nodes):
+        return
+    share = plan.coverage.fraction_no_head if plan.coverage else 1.0
+    if share >= min_share or allow_partial:
+        return
+    matched = [s for s in plan.stages if s.teacher]
+    best = f"; best matched: student {matched[0].student} <- teacher {matched[0].teacher}" if matched else ""
+    raise MatchError(
+        f"only {share:.1%} of the student outside the head has a teacher counterpart (under "
+        f"{min_share:.0%}){best}; are they the same family of model? pass --allow-partial to write it anyway"
+    )
+
+
+def export(student: nn.Module, student_inputs: Inputs, config: ExportConfig, state: dict[str, torch.Tensor],
+           log: Log):
+    """Stage 6: ``student`` holding ``state`` exported to ONNX and verified; returns the manifest's ExportSummary."""
+    from wscompile.backend.results import export_summary
+
+    student.load_state_dict(state)
+    return export_summary(export_onnx(student, student_inputs, config, log))
+
+
+def export_onnx(student: nn.Module, student_inputs: Inputs, config: ExportConfig, log: Log):
+    """``backend.export_student`` with ``config``; returns its ExportResult."""
+    from wscompile.backend.export import export_student
+
+    with torch.no_grad():
+        return export_student(
+            student, student_inputs, config.make_inputs, config.path, kind=config.kind, opset=config.opset,
+            fp16=config.fp16, int8=config.int8, calib=config.calibration() if config.calibration else None,
+            force=config.force, log=log, ort=config.ort, optimize=config.optimize, device=config.device,
+            atol=config.atol, batch_size=config.batch_size,
+        )
+
+
+def write_records(plan: SelectionPlan, outputs: Outputs) -> list[str]:
+    """Stage 7: the manifest and the report, rendered from the plan; returns the paths written."""
+    written = []
+    if outputs.manifest:
+        reports.write_report(plan, outputs.manifest, fmt="json", force=outputs.force)
+        written.append(outputs.manifest)
+    if outputs.report:
+        reports.write_report(plan, outputs.report, force=outputs.force)
+        written.append(outputs.report)
+    return written
+
+
+def _written_state(compiled: Compiled, student: nn.Module) -> dict[str, torch.Tensor]:
+    """The student's state_dict as written: read back from the output, as ``from_pretrained`` reads a folder."""
+    if compiled.written is None:
+        assert compiled.state_dict is not None, "export needs the state_dict in memory or written"
+        return compiled.state_dict
+    from wscompile.checkpoints import hf_checkpoint_source
+
+    folder, saved = compiled.written.folder, open_weights(compiled.written.path)
+    state = {key: saved.read(name) for key, name in folder.saved_as.items()}
+    if folder.converted:
+        fused = hf_checkpoint_source(student, saved)
+        state |= {key: fused.read(key) for key in folder.converted}
+    return state
+
+
+def _warn_nonfinite(plan: SelectionPlan, warn: Log | None) -> None:
+    """One line naming the teacher tensors that gave the student NaN or inf values."""
+    found = plan.nonfinite_teacher or []
+    if not found or warn is None:
+        return
+    names = ", ".join(f"{n.teacher} ({n.count})" for n in found[:5]) + (", ..." if len(found) > 5 else "")
+    warn(f"warning: {len(found)} teacher tensor(s) hold NaN or inf among the values the student took: {names}; "
+         "the student inherits them (listed in the manifest's nonfinite_teacher). Pass --strict to make this an "
+         "error.")
+
+
+def _quiet(line: str) -> None:
+    """A log that says nothing (the Python API)."""
 
 
 def initialize(

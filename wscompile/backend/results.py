@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
+
+from wscompile.plan import ExportSummary
 
 # Values of ExportResult.exporter.
 EXPORTER_DYNAMO = "dynamo"  # torch.onnx.export(dynamo=True): torch.export graph, translated by onnxscript
@@ -81,3 +84,14 @@ class ExportResult:
     def to_dict(self) -> dict[str, object]:
         """Return the result as JSON-ready nested dicts and lists."""
         return asdict(self)
+
+
+def export_summary(result: ExportResult) -> ExportSummary:
+    """The manifest's record of a verified export."""
+    dynamic = {name: list(axes.values()) for name, axes in result.dynamic_axes.items() if axes}
+    written = [result.onnx_path, *(v.path for v in result.variants), *(f.path for f in result.ort_files)]
+    return ExportSummary(
+        onnx=os.path.basename(result.onnx_path), exporter=result.exporter, dynamic_axes=dynamic,
+        static_shapes={name: list(shape) for name, shape in result.export_shapes.items() if name not in dynamic},
+        max_abs_diff=max((c.max_abs for c in result.checks), default=0.0), fallback_reason=result.fallback_reason,
+        files=[os.path.basename(path) for path in written])

@@ -64,6 +64,10 @@ class TensorSlot:
     in_axis: int | None  # axis indexing the component's input channels, None if none
     blocks: tuple[tuple[int, int], ...] = ()  # (axis, k): the axis stacks k logical blocks (fused q/k/v)
 
+    def blocks_on(self, axis: int) -> int:
+        """How many logical blocks ``axis`` stacks (1 unless fused)."""
+        return dict(self.blocks).get(axis, 1)
+
 
 def components(graph: nx.DiGraph) -> list[int]:
     """Component node ids in execution order."""

@@ -8,6 +8,10 @@ depthwise convolution passes its channels through. Channel spaces are merged wit
 the student graph; an edge couples only when the two sizes agree (a fused q/k/v output does not
 couple with the attention output projection's input).
 
+A fused projection's blocks are then linked with the layer reading one block's width (a fused
+q/k/v output with the attention output projection's input): different channel spaces, but the
+same heads, so a selection method chooses them together (``CoupledDimensions.linked``).
+
 A selection method then picks one index set per group; uniform selection gets the same indices
 anyway (they depend only on the sizes), importance-based methods rely on the groups.
 """
@@ -81,3 +85,28 @@ def coupled_spaces(graph: nx.DiGraph) -> UnionFind:
         if out_size is not None and out_size == in_size:
             uf.union(Space(a, "out"), Space(b, "in"))
     return uf
+
+
+def link_fused_parts(spaces: UnionFind, graph: nx.DiGraph) -> UnionFind:
+    """Couple each block of a fused projection's output with the layer reading the blocks' width
+    (a fused q/k/v output with the attention output projection's input)."""
+    for a, b in graph.edges:
+        weight = next((s for s in graph.nodes[a][ir.TENSORS] if s.role == "weight"), None)
+        k = weight.blocks_on(weight.out_axis) if weight is not None and weight.out_axis is not None else 1
+        out_size, in_size = space_size(graph, a, "out"), space_size(graph, b, "in")
+        if k > 1 and out_size is not None and out_size == k * (in_size or 0):
+            spaces.union(Space(a, "out"), Space(b, "in"))
+    return spaces
+
+
+@dataclass
+class CoupledDimensions:
+    """The coupled channel spaces of one graph, the only analysis of them selection reads."""
+
+    spaces: UnionFind  # coupled by data flow: each root is one group of the plan
+    linked: UnionFind  # ``spaces`` plus fused blocks linked with their reader: each root is one choice
+
+
+def coupled_dimensions(graph: nx.DiGraph) -> CoupledDimensions:
+    """Group and choice union-finds over ``graph``'s channel spaces."""
+    return CoupledDimensions(coupled_spaces(graph), link_fused_parts(coupled_spaces(graph), graph))

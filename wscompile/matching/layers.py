@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from wscompile.errors import MatchError
-from wscompile.passes.uniform import uniform_indices
+from wscompile.indices import uniform_indices
 
 FIRST, UNIFORM, LAST, DROP_MIDDLE, IMPORTANCE, EXPLICIT = "first", "uniform", "last", "drop-middle", "importance", "explicit"
 POLICIES = (FIRST, UNIFORM, LAST, DROP_MIDDLE, IMPORTANCE)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from wscompile.passes.choice import Choice, Member, Scorer, fold, keep_top
+from wscompile.passes import magnitude
+from wscompile.passes.choice import Choice, Evidence, Member, MethodSpec, Scorer, fold, keep_top
 
 NAME = "activation"
 
@@ -47,3 +48,23 @@ def scorer(channel_means: ChannelMeans) -> Scorer:
         return sum(found) if found else None
 
     return scores
+
+
+def _from_evidence(evidence: Evidence) -> Scorer:
+    """Activation importance, falling back to magnitude for a dimension without observed layers
+    (its first member is appended to ``evidence.unobserved``)."""
+    assert evidence.weights is not None and evidence.channel_means is not None, "activation reads both"
+    by_weight = magnitude.scorer(evidence.weights)
+    by_activation = scorer(evidence.channel_means())
+
+    def scores(members: list[Member]) -> torch.Tensor | None:
+        found = by_activation(members)
+        if found is None:
+            evidence.unobserved.append(f"{members[0].teacher}:{members[0].axis}")
+            found = by_weight(members)
+        return found
+
+    return scores
+
+
+SPEC = MethodSpec(NAME, choose, _from_evidence, needs_calibration=True, needs_weights=True)

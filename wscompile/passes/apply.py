@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from wscompile.errors import SelectionError
-from wscompile.passes.select import teacher_index, to_student_layout
+from wscompile.passes.layout import teacher_index, to_student_layout
 from wscompile.plan import RULE_STUDENT_INIT, NonFinite, SelectionPlan
 from wscompile.weights import TensorSource
 

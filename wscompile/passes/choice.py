@@ -12,14 +12,20 @@ on (a fused q/k/v output is 3 blocks; a separate k projection reading a fused te
 offset ``size``). ``fold`` sums a per-index vector along such an axis into one score per unit::
 
     score(c) = sum_b  v[offset + b * size + c]        for c < size
+
+A method is registered as a ``MethodSpec`` (``passes/methods.py``): its choice function, the
+scorer it ranks with (built from the ``Evidence`` a run has), and what that evidence must hold, so
+the pipeline knows before planning whether to read calibration inputs or teacher weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from wscompile.weights import TensorSource
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,27 @@ class Choice:
 
 # A method: the kept teacher indices, ascending, ``student_size`` of them.
 Method = Callable[[Choice], list[int]]
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What importance scorers may read about the teacher, each part present only when the run has it."""
+
+    weights: TensorSource | None  # the teacher's tensors, read on demand
+    # per-layer channel means of the teacher on calibration inputs ((module, side) -> a(c)), when calibrated
+    channel_means: Callable[[], dict[tuple[str, str], torch.Tensor]] | None
+    unobserved: list[str] = field(default_factory=list)  # "teacher:axis" of dimensions a scorer fell back on
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered element-selection method."""
+
+    name: str  # the --method value
+    choose: Method  # keeps s of t units of one coupled dimension
+    scorer: Callable[[Evidence], Scorer] | None = None  # importance per unit, for methods that rank
+    needs_calibration: bool = False  # the teacher runs on calibration inputs (its activations rank units)
+    needs_weights: bool = False  # the teacher's tensor values are read (not only its shapes)
 
 
 def keep_top(scores: torch.Tensor, count: int) -> list[int]:

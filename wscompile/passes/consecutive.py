@@ -9,7 +9,7 @@ whenever ``s`` is a multiple of the head size.
 
 from __future__ import annotations
 
-from wscompile.passes.choice import Choice
+from wscompile.passes.choice import Choice, MethodSpec
 
 NAME = "consecutive"
 
@@ -17,3 +17,6 @@ NAME = "consecutive"
 def choose(choice: Choice) -> list[int]:
     """The first ``student_size`` teacher indices."""
     return list(range(choice.student_size))
+
+
+SPEC = MethodSpec(NAME, choose)

@@ -4,7 +4,8 @@ A ViT position table ``(1, p + g*g, D)`` holds ``p`` prefix tokens (class, disti
 ``g x g`` grid. A student with another grid (another image or patch size) takes the teacher's
 prefix rows as they are and the grid resized to ``g_s x g_s`` by bicubic interpolation with
 antialiasing, as timm's ``resample_abs_pos_embed`` does; channels are selected as usual before
-resizing. Picking every k-th token instead would tear rows of the grid apart.
+resizing. Picking every k-th token instead would tear rows of the grid apart. Which tables are
+such grids is decided from the graph (``position_grid.py``), not from their length.
 """
 
 from __future__ import annotations
@@ -26,11 +27,6 @@ def grid_split(tokens: int) -> tuple[int, int] | None:
         if g > 1 and 0 <= prefix <= MAX_PREFIX_TOKENS:
             return prefix, g
     return None
-
-
-def resamplable(teacher_tokens: int, student_tokens: int) -> bool:
-    t, s = grid_split(teacher_tokens), grid_split(student_tokens)
-    return t is not None and s is not None and t[0] == s[0] and t[1] != s[1]
 
 
 def resample(table: torch.Tensor, student_tokens: int, axis: int = 1) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from wscompile.passes.choice import Choice, Member, Scorer, fold, keep_top
+from wscompile.passes.choice import Choice, Evidence, Member, MethodSpec, Scorer, fold, keep_top
 from wscompile.weights import TensorSource
 
 NAME = "magnitude"
@@ -46,3 +46,11 @@ def scorer(source: TensorSource) -> Scorer:
         return sum(fold(axis_norms(m.teacher, m.axis), m) for m in unique.values())
 
     return scores
+
+
+def _from_evidence(evidence: Evidence) -> Scorer:
+    assert evidence.weights is not None, "magnitude reads the teacher's weights"
+    return scorer(evidence.weights)
+
+
+SPEC = MethodSpec(NAME, choose, _from_evidence, needs_weights=True)

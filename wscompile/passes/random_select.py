@@ -13,7 +13,7 @@ import zlib
 
 import torch
 
-from wscompile.passes.choice import Choice
+from wscompile.passes.choice import Choice, MethodSpec
 
 NAME = "random"
 
@@ -22,3 +22,6 @@ def choose(choice: Choice) -> list[int]:
     """``student_size`` distinct teacher indices drawn at random, ascending."""
     generator = torch.Generator().manual_seed(zlib.crc32(f"{choice.seed}:{choice.key}".encode()))
     return sorted(torch.randperm(choice.teacher_size, generator=generator)[: choice.student_size].tolist())
+
+
+SPEC = MethodSpec(NAME, choose)

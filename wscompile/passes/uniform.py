@@ -9,32 +9,23 @@ The indices depend only on ``(t, s)``, so every tensor sharing a dimension gets 
 coupled dimensions stay consistent without any bookkeeping. wscompile applies the rule per
 *logical* dimension: a fused q/k/v projection of width ``3*t`` is three blocks of ``t``, each
 selected with the same indices, so student heads are never assembled from misaligned q and k
-slices. When sizes divide this equals the paper's rule on the fused width.
+slices. When sizes divide this equals the paper's rule on the fused width. The rule itself is in
+``wscompile/indices.py``, shared with the "uniform" layer policy.
 """
 
 from __future__ import annotations
 
-import torch
-
-from wscompile.passes.choice import Choice
+from wscompile.indices import uniform_indices, uniform_step
+from wscompile.passes.choice import Choice, MethodSpec
 
 NAME = "uniform"
 
-
-def uniform_indices(teacher_size: int, student_size: int) -> list[int]:
-    """Teacher indices kept for a dimension shrinking from ``teacher_size`` to ``student_size``."""
-    if not 0 < student_size <= teacher_size:
-        raise ValueError(f"cannot select {student_size} of {teacher_size} elements")
-    if teacher_size % student_size == 0:
-        return list(range(0, teacher_size, teacher_size // student_size))
-    return torch.linspace(0, teacher_size - 1, student_size).round().long().tolist()
-
-
-def uniform_step(teacher_size: int, student_size: int) -> int | None:
-    """The stride when the rule is a plain step, else None."""
-    return teacher_size // student_size if teacher_size % student_size == 0 else None
+__all__ = ["NAME", "SPEC", "choose", "uniform_indices", "uniform_step"]
 
 
 def choose(choice: Choice) -> list[int]:
     """The uniform method: evenly spaced indices, whatever the teacher's values."""
     return uniform_indices(choice.teacher_size, choice.student_size)
+
+
+SPEC = MethodSpec(NAME, choose)

@@ -8,6 +8,8 @@ Every report reads one ``SelectionPlan`` and computes nothing of its own beyond 
 - ``md``: the same content as GitHub markdown, for pull requests and notebooks.
 - ``html``: one offline file with the teacher and student block graphs side by side (inline SVG)
   and a filterable tensor table.
+
+``render_summary`` is the few lines ``wscompile init`` prints.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from wscompile.reports.manifest import (
 )
 from wscompile.reports.markdown import render_markdown
 from wscompile.reports.records import build_report
-from wscompile.reports.text import render_text
+from wscompile.reports.text import render_summary, render_text
 
 __all__ = [
     "FORMATS",
@@ -35,6 +37,7 @@ __all__ = [
     "load_schema",
     "plan_to_dict",
     "render",
+    "render_summary",
     "validate_manifest",
     "write_report",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import textwrap
 
+from wscompile.plan import SelectionPlan
 from wscompile.reports.records import (
     NAME,
     NOTE,
@@ -130,3 +131,23 @@ def render_text(report: Report, *, color: bool = False) -> str:
         for note in report.notes:
             lines += textwrap.wrap(note, WIDTH, initial_indent=INDENT + "- ", subsequent_indent=INDENT + "  ")
     return "\n".join(lines) + "\n"
+
+
+def render_summary(plan: SelectionPlan) -> str:
+    """A few lines for the terminal: coverage and layers kept per stage."""
+    c = plan.coverage
+    assert c is not None
+    lines = [
+        f"student {plan.student_spec}: {c.selected_params:,} of {c.total_params:,} elements from the teacher "
+        f"({c.fraction:.1%}; {c.fraction_no_head:.1%} without the head), method {plan.method}",
+    ]
+    for stage in plan.stages:
+        teacher = stage.teacher or "no teacher stage"
+        taken = [stage.teacher_blocks.index(b.teacher) for b in stage.blocks if b.teacher is not None]
+        which = (f"first {len(taken)} of {stage.teacher_depth} blocks" if stage.policy == "first"
+                 else f"{stage.policy}: blocks {', '.join(map(str, taken))} of {stage.teacher_depth}")
+        lines.append(f"  {stage.student} <- {teacher}: {which}")
+    kept = [r for r in plan.tensors if r.teacher is None]
+    if kept:
+        lines.append(f"  {len(kept)} tensor(s) kept at the student's init, e.g. {kept[0].student}: {kept[0].reason}")
+    return "\n".join(lines)
