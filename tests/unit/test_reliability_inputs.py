@@ -189,6 +189,8 @@ def test_strict_makes_nonfinite_teacher_values_an_error(tmp_path, models, nan_te
     (torch.tensor([1.0, float("inf"), -float("inf"), 2.0]), 2),  # inf - inf: a NaN sum
     (torch.tensor([float("nan")] * 3 + [0.0], dtype=torch.bfloat16), 3),
     (torch.empty(0), 0),
+    (torch.tensor([[-float("inf"), 1.0], [2.0, float("inf")]], dtype=torch.bfloat16).t(), 2),  # a strided view
+    (torch.tensor([[1.0, float("nan")], [-float("inf"), 3.0]], dtype=torch.float16).flip(1).t()[:, 1:], 1),
 ])
 def test_the_finite_check_counts_exactly_the_nonfinite_values(values, count):
     from wscompile.passes.apply import _check_finite
