@@ -32,7 +32,15 @@ from wscompile.outputs import (
 )
 from wscompile.passes.apply import student_layout, student_tensors
 from wscompile.plan import RULE_STUDENT_INIT, ExportSummary, SelectionPlan
-from wscompile.specs import LoadedModel, build_on_meta, load_model, parse_spec, resolve_hub, spec_files
+from wscompile.specs import (
+    LoadedModel,
+    build_on_meta,
+    has_tied_tensors,
+    load_model,
+    parse_spec,
+    resolve_hub,
+    spec_files,
+)
 from wscompile.weights import ModuleSource, TensorSource, hf_weights_path, open_weights
 
 Log = Callable[[str], None]
@@ -121,8 +129,13 @@ def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, 
                           allow_outside_paths=options.allow_outside_paths, inputs_from=inputs_from)
 
     def load_student(inputs_from: LoadedModel | None = None) -> LoadedModel:
-        return load_model(options.student, role="student", seed=options.seed, input_shape=options.input_shape,
-                          trust_remote_code=options.trust_remote_code, inputs_from=inputs_from)
+        # Shapes are all the plan needs of the student (its values: student_with_values, after planning)
+        student = load_model(options.student, role="student", seed=options.seed, input_shape=options.input_shape,
+                             trust_remote_code=options.trust_remote_code, inputs_from=inputs_from,
+                             device="cpu" if options.onnx else "meta")
+        if student.on_meta and has_tied_tensors(student.module):  # ties are told apart by their storage
+            return reload_student(options, student)
+        return student
 
     # A model whose inputs cannot be told (a py: factory without example_inputs) takes the other's;
     # when neither can be told, the student's InputsError says what to pass.
@@ -132,6 +145,24 @@ def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, 
         student = load_student()
         return load_teacher(inputs_from=student), student
     return teacher, load_student(inputs_from=teacher)
+
+
+def reload_student(options: InitOptions, student: LoadedModel) -> LoadedModel:
+    """``student`` built again on the CPU with its library's init under ``options.seed``."""
+    return load_model(options.student, role="student", seed=options.seed, input_shape=options.input_shape,
+                      trust_remote_code=options.trust_remote_code, inputs_from=student)
+
+
+def student_with_values(options: InitOptions, plan: SelectionPlan, student: LoadedModel) -> LoadedModel:
+    """The student whose values are written where the plan keeps the student's own init.
+
+    The student is planned on the meta device; only when the plan keeps some of its tensors at init
+    is it built on the CPU, with its library's seeded init as always, for those values (a student
+    whose every tensor comes from the teacher never computes its random init).
+    """
+    if not student.on_meta or all(record.rule != RULE_STUDENT_INIT for record in plan.tensors):
+        return student
+    return reload_student(options, student)
 
 
 def check_memory(options: InitOptions, *, teacher_in_memory: bool, student_copies: int) -> None:
@@ -243,6 +274,7 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
     plan = compiled.plan
     record_teacher_weights(plan, teacher)
     check_something_matched(compiled, allow_partial=options.allow_partial)
+    student = student_with_values(options, plan, student)
     folder = write_outputs(replace(options, manifest=None, report=None), plan, teacher.source, student.module)
     warn_nonfinite(plan)
     log(summary(plan))

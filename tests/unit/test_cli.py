@@ -77,6 +77,30 @@ def test_module_entry_point(tmp_path):
     assert result.returncode == 0 and result.stdout.startswith("wscompile ")
 
 
+@pytest.mark.parametrize(("extra", "reloads"), [([], 1), (["--select-head"], 0)], ids=["head-kept", "all-selected"])
+def test_the_student_is_planned_on_meta_and_built_only_for_the_values_it_keeps(tmp_path, monkeypatch, extra, reloads):
+    from wscompile import commands, pipeline
+    from wscompile.specs import load_model
+
+    built = []
+    reload_student = commands.reload_student
+    monkeypatch.setattr(commands, "reload_student", lambda *a: built.append(1) or reload_student(*a))
+    out = tmp_path / "s.safetensors"
+    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(out), *extra]) == 0
+    assert len(built) == reloads  # the student's own init is computed only when the plan keeps some of it
+
+    # The in-memory path with the student built on the CPU, as before: the same tensors, byte for byte.
+    teacher = load_model(TEACHER, role="teacher", seed=0)
+    student = load_model(STUDENT, role="student", seed=0)
+    assert not student.on_meta
+    compiled = pipeline.compile(teacher.module, student.module, teacher_inputs=teacher.inputs,
+                                student_inputs=student.inputs, select_head=bool(extra))
+    saved = load_file(out)
+    assert saved.keys() == compiled.state_dict.keys()
+    for key, value in compiled.state_dict.items():
+        assert torch.equal(saved[key], value), key
+
+
 # Runs the CLI as `python -m wscompile` does, then lists the heavy libraries the run imported.
 _IMPORTED_AFTER_CLI = """
 import runpy, sys
