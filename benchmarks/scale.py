@@ -374,7 +374,7 @@ def write_results(rows: list[dict[str, object]], args: argparse.Namespace, sizes
         f"{streamed['peak_rss_gb']:.2f} GB, **{'met' if streamed['peak_rss_gb'] < rss_target else 'not met'}**"
         + (f" (naive: {naive['peak_rss_gb']:.2f} GB)" if naive.get("peak_rss_gb") else "") + ".",
         f"- read+select+write within 2x of reading the selected bytes once ({limit_seconds:.1f} s): "
-        f"{streamed['write_seconds']:.1f} s = {write_ratio:.2f}x, **{'met' if write_ratio <= 2 else 'not met'}**. "
+        f"{streamed['write_seconds']:.1f} s = {write_ratio:.2f}x, **{'met' if write_ratio <= 2 else 'not met'}**.",
         f"- the whole run within 2x of the same limit: {streamed['seconds']:.1f} s = "
         f"{streamed['seconds'] / limit_seconds:.2f}x, **{'met' if streamed['seconds'] <= 2 * limit_seconds else 'not met'}**."
         " It adds building the models (teacher and student on meta for planning, then the student on the CPU "
