@@ -330,7 +330,8 @@ def write_results(rows: list[dict[str, object]], args: argparse.Namespace, sizes
         "",
         f"`python benchmarks/scale.py --size {args.size}`: torch {torch.__version__}, transformers "
         f"{transformers.__version__}, safetensors {safetensors.__version__}, {platform.machine()}, "
-        f"{os.cpu_count()} CPU cores shared with other jobs, {_memory_gb():.0f} GB RAM, no swap, a virtual disk.",
+        f"{os.cpu_count()} CPU cores shared with other jobs (1-minute load average {os.getloadavg()[0]:.1f} when "
+        f"written), {_memory_gb():.0f} GB RAM, no swap, a virtual disk.",
         "",
         f"- teacher: Llama-shaped, {_kv(SIZES[args.size]['teacher'])}; {sizes['teacher_params'] / 1e9:.2f} B "
         f"parameters, {sizes['teacher_gb']:.2f} GB bf16 in {sizes['shards']} shards, random values.",
