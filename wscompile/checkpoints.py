@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -234,11 +235,10 @@ class ConvertedSource:
 
 
 def is_transformers_model(module: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return False
-    return isinstance(module, PreTrainedModel)
+    # NOTE: an instance of a transformers class means transformers is imported already; importing it
+    # here just to say "no" would cost a timm or torchvision run seconds.
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(module, transformers.PreTrainedModel)
 
 
 def hf_checkpoint_source(module: nn.Module, source: TensorSource) -> ConvertedSource:

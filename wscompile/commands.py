@@ -22,7 +22,15 @@ from wscompile.folders import DTYPES, check_teacher_files
 from wscompile.outputs import check_not_inputs, check_output_dir, check_outputs, is_directory_output
 from wscompile.passes.methods import method_spec
 from wscompile.plan import RULE_STUDENT_INIT, SelectionPlan
-from wscompile.specs import LoadedModel, build_on_meta, load_model, parse_spec, resolve_hub, spec_files
+from wscompile.specs import (
+    LoadedModel,
+    build_on_meta,
+    has_tied_tensors,
+    load_model,
+    parse_spec,
+    resolve_hub,
+    spec_files,
+)
 from wscompile.weights import ModuleSource, hf_weights_path, open_weights
 from wscompile.writer import MAX_SHARD_SIZE, WriteConfig, metadata, size_text, write_student
 
@@ -106,8 +114,13 @@ def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, 
                           allow_outside_paths=options.allow_outside_paths, inputs_from=inputs_from)
 
     def load_student(inputs_from: LoadedModel | None = None) -> LoadedModel:
-        return load_model(options.student, role="student", seed=options.seed, input_shape=options.input_shape,
-                          trust_remote_code=options.trust_remote_code, inputs_from=inputs_from)
+        # Shapes are all the plan needs of the student (its values: student_with_values, after planning)
+        student = load_model(options.student, role="student", seed=options.seed, input_shape=options.input_shape,
+                             trust_remote_code=options.trust_remote_code, inputs_from=inputs_from,
+                             device="cpu" if options.onnx else "meta")
+        if student.on_meta and has_tied_tensors(student.module):  # ties are told apart by their storage
+            return reload_student(options, student)
+        return student
 
     # A model whose inputs cannot be told (a py: factory without example_inputs) takes the other's;
     # when neither can be told, the student's InputsError says what to pass.
@@ -117,6 +130,24 @@ def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, 
         student = load_student()
         return load_teacher(inputs_from=student), student
     return teacher, load_student(inputs_from=teacher)
+
+
+def reload_student(options: InitOptions, student: LoadedModel) -> LoadedModel:
+    """``student`` built again on the CPU with its library's init under ``options.seed``."""
+    return load_model(options.student, role="student", seed=options.seed, input_shape=options.input_shape,
+                      trust_remote_code=options.trust_remote_code, inputs_from=student)
+
+
+def student_with_values(options: InitOptions, plan: SelectionPlan, student: LoadedModel) -> LoadedModel:
+    """The student whose values are written where the plan keeps the student's own init.
+
+    The student is planned on the meta device; only when the plan keeps some of its tensors at init
+    is it built on the CPU, with its library's seeded init as always, for those values (a student
+    whose every tensor comes from the teacher never computes its random init).
+    """
+    if not student.on_meta or all(record.rule != RULE_STUDENT_INIT for record in plan.tensors):
+        return student
+    return reload_student(options, student)
 
 
 def check_memory(options: InitOptions, *, teacher_in_memory: bool, student_copies: int) -> None:
@@ -222,6 +253,7 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
         select_head=options.select_head, allow_partial=options.allow_partial, write=not options.out,
         outputs=init_outputs(options, student), teacher_origin=teacher_origin(teacher),
         min_matched_share=pipeline.MIN_MATCHED_SHARE, log=log, warn=_warn,
+        student_values=lambda plan: student_with_values(options, plan, student).module,
         **selection_options(options, teacher),
     )
     return compiled.plan

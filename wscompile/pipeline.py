@@ -119,6 +119,7 @@ def compile(
     min_matched_share: float = 0.0,
     log: Log | None = None,
     warn: Log | None = None,
+    student_values: Callable[[SelectionPlan], nn.Module] | None = None,
 ) -> Compiled:
     """Run every stage; ``write=False`` keeps the state_dict out of memory (a dry run, or ``outputs.weights``).
 
@@ -129,6 +130,8 @@ def compile(
     the warnings (NaN/inf teacher values). A plan less than ``min_matched_share`` of whose student
     (outside the head) comes from the teacher is refused unless ``allow_partial`` (``wscompile init``
     asks for ``MIN_MATCHED_SHARE``; Python callers get any partial plan by default).
+    ``student_values`` gives the student with values for a student planned on the meta device (the CLI
+    builds it on the CPU, with its library's seeded init, only when the plan keeps some of that init).
     """
     source = teacher_source or ModuleSource(teacher)
     policy = parse_layer_policy(layer_policy)
@@ -152,6 +155,9 @@ def compile(
     record_origin(plan, teacher_origin)
     check_coverage(plan, alignment, traced.student, min_share=min_matched_share, allow_partial=allow_partial)
     # 5. write: exactly the planned teacher elements, streamed to the output or into a state_dict
+    if student_values is not None:
+        student = student_values(plan)
+        student_state = student.state_dict()
     state = apply_plan(plan, source, student_state) if write else None
     written = write_student(outputs.weights, plan, source, student) if outputs.weights else None
     _warn_nonfinite(plan, warn)

@@ -973,6 +973,13 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+def has_tied_tensors(module: nn.Module) -> bool:
+    """Whether two state_dict keys of ``module`` name one parameter or buffer (tied embeddings, say)."""
+    named = itertools.chain(module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False))
+    tensors = [id(tensor) for _, tensor in named]
+    return len(tensors) != len(set(tensors))
+
+
 def _tied_names(state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
     """Each state_dict key -> every key naming the same tensor (tied weights)."""
     groups: dict[int, list[str]] = {}

@@ -77,6 +77,75 @@ def test_module_entry_point(tmp_path):
     assert result.returncode == 0 and result.stdout.startswith("wscompile ")
 
 
+@pytest.mark.parametrize(("extra", "reloads"), [([], 1), (["--select-head"], 0)], ids=["head-kept", "all-selected"])
+def test_the_student_is_planned_on_meta_and_built_only_for_the_values_it_keeps(tmp_path, monkeypatch, extra, reloads):
+    from wscompile import commands, pipeline
+    from wscompile.specs import load_model
+
+    built = []
+    reload_student = commands.reload_student
+    monkeypatch.setattr(commands, "reload_student", lambda *a: built.append(1) or reload_student(*a))
+    out = tmp_path / "s.safetensors"
+    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(out), *extra]) == 0
+    assert len(built) == reloads  # the student's own init is computed only when the plan keeps some of it
+
+    # The in-memory path with the student built on the CPU, as before: the same tensors, byte for byte.
+    teacher = load_model(TEACHER, role="teacher", seed=0)
+    student = load_model(STUDENT, role="student", seed=0)
+    assert not student.on_meta
+    compiled = pipeline.compile(teacher.module, student.module, teacher_inputs=teacher.inputs,
+                                student_inputs=student.inputs, select_head=bool(extra))
+    saved = load_file(out)
+    assert saved.keys() == compiled.state_dict.keys()
+    for key, value in compiled.state_dict.items():
+        assert torch.equal(saved[key], value), key
+
+
+# Runs the CLI as `python -m wscompile` does, then lists the heavy libraries the run imported.
+_IMPORTED_AFTER_CLI = """
+import runpy, sys
+sys.argv = ["wscompile", *sys.argv[1:]]
+try:
+    runpy.run_module("wscompile", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+print(code, sorted(name for name in ("torch", "networkx", "timm", "transformers") if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "status"),
+    [
+        (["--help"], 0),
+        (["init", "--help"], 0),
+        (["--version"], 0),
+        (["init", "--teacher", "timm:a", "--student", "timm:b"], 2),  # --out missing
+        (["init", "--techer", "timm:a", "--student", "timm:b", "--out", "s.safetensors"], 2),  # misspelt flag
+        (["init", "--teacher", "timm:a", "--student", "timm:b", "--out", "s"], 2),  # --out without extension
+        (["ini"], 2),  # unknown subcommand
+    ],
+    ids=["help", "init-help", "version", "missing-flag", "misspelt-flag", "ambiguous-out", "unknown-command"],
+)
+def test_help_and_argument_errors_import_no_torch(argv, status, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _IMPORTED_AFTER_CLI, *argv], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.stdout.splitlines()[-1] == f"{status} []", result.stderr
+
+
+def test_the_import_probe_sees_torch_when_a_command_runs(tmp_path):
+    import subprocess
+    import sys
+
+    # the same probe, on a command that does build models: it must report torch (the probe can fail)
+    argv = ["diff", "--teacher", TEACHER, "--student", STUDENT]
+    result = subprocess.run([sys.executable, "-c", _IMPORTED_AFTER_CLI, *argv], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.stdout.splitlines()[-1].startswith("0 [") and "'torch'" in result.stdout.splitlines()[-1]
+
+
 def test_export_verifies_and_a_corrupted_onnx_fails_with_per_output_differences(tmp_path, capsys):
     import numpy as np
     import onnx

@@ -181,6 +181,27 @@ def test_strict_makes_nonfinite_teacher_values_an_error(tmp_path, models, nan_te
     assert written(tmp_path) == []
 
 
+@pytest.mark.parametrize(("values", "count"), [
+    (torch.full((1000,), torch.finfo(torch.float32).max), 0),  # its float32 sum would overflow: still finite
+    (torch.full((1000,), torch.finfo(torch.float16).max, dtype=torch.float16), 0),
+    (torch.full((1000,), torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16), 0),
+    (torch.full((4,), torch.finfo(torch.float64).max, dtype=torch.float64), 0),  # float64 sum overflows
+    (torch.tensor([1.0, float("inf"), -float("inf"), 2.0]), 2),  # inf - inf: a NaN sum
+    (torch.tensor([float("nan")] * 3 + [0.0], dtype=torch.bfloat16), 3),
+    (torch.empty(0), 0),
+    (torch.tensor([[-float("inf"), 1.0], [2.0, float("inf")]], dtype=torch.bfloat16).t(), 2),  # a strided view
+    (torch.tensor([[1.0, float("nan")], [-float("inf"), 3.0]], dtype=torch.float16).flip(1).t()[:, 1:], 1),
+])
+def test_the_finite_check_counts_exactly_the_nonfinite_values(values, count):
+    from wscompile.passes.apply import _check_finite
+    from wscompile.plan import SelectionPlan
+
+    plan = SelectionPlan("t", "s", "uniform", "first", {}, [], [], [], [], 0, 0, nonfinite_teacher=[])
+    _check_finite(plan, "t", "s", values, strict=False)
+    assert [record.count for record in plan.nonfinite_teacher] == ([count] if count else [])
+    assert count == values.numel() - int(torch.isfinite(values).sum())  # the definition, counted directly
+
+
 # ---- 8. argument hygiene -------------------------------------------------------------------------
 
 

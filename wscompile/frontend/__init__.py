@@ -1,8 +1,17 @@
-"""Frontends: trace a model into the IR, trying torch.fx first and torch.export second."""
+"""Frontends: trace a model into the IR, trying torch.fx first and torch.export second.
+
+Tracing reads shapes, never values, so a model holding data is traced as its meta twin
+(``meta_twin``: the same modules, its parameters and buffers without storage); the forward that
+propagates shapes then computes nothing. A frontend that fails on the twin (a forward that reads a
+value, say) is retried on the model itself before the next frontend is tried, so the frontend
+chosen, and the IR, are those the model itself gives.
+"""
 
 from __future__ import annotations
 
+import copy
 import io
+import itertools
 from contextlib import redirect_stderr, redirect_stdout
 
 import networkx as nx
@@ -44,11 +53,10 @@ def trace(model: nn.Module, inputs: dict[str, torch.Tensor], *, frontends: list[
     if cached:
         config.use_cache = False
     try:
+        twin = meta_twin(model)  # after use_cache is off: the twin copies the config
         for name in frontends or list(FRONTENDS):
             try:
-                # tracers print partial graphs and tracebacks of their own; the error says enough
-                with torch.no_grad(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-                    graph = FRONTENDS[name](model, inputs, tree)
+                graph = _trace_twin_first(FRONTENDS[name], model, twin, inputs, tree)
             except Exception as e:  # noqa: BLE001 - each tracer fails in its own way; we report all
                 failures.append(f"{name}: {_first_line(e)}")
                 continue
@@ -69,6 +77,41 @@ def trace(model: nn.Module, inputs: dict[str, torch.Tensor], *, frontends: list[
         f"cannot trace {label}: " + "; ".join(failures)
         + "; check the example inputs (--input-shape) or make the failing module traceable"
     )
+
+
+def meta_twin(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` whose parameters and buffers are on the meta device (no data copied), in eval mode.
+
+    Tied tensors stay tied. None when the model is on meta already or cannot be copied (a module
+    holding an object ``copy.deepcopy`` refuses); it is then traced as it is.
+    """
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    if not tensors or all(t.is_meta for t in tensors):
+        return None
+    # deepcopy's memo maps each tensor to its meta stand-in, so no storage is ever copied
+    memo: dict[int, object] = {}
+    for tensor in tensors:
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    try:
+        twin = copy.deepcopy(model, memo)
+    except Exception:  # noqa: BLE001 - whatever refuses to be copied, the model itself is traced
+        return None
+    return twin.eval()
+
+
+def _trace_twin_first(frontend, model: nn.Module, twin: nn.Module | None, inputs: dict[str, torch.Tensor],
+                      tree: dict[str, list[str]]) -> nx.DiGraph:
+    """``frontend`` on the meta twin; on the model itself when there is no twin or the twin fails."""
+    # tracers print partial graphs and tracebacks of their own; the error says enough
+    with torch.no_grad(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        if twin is not None:
+            meta_inputs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            try:
+                return frontend(twin, meta_inputs, tree)
+            except Exception:  # noqa: BLE001, S110 - the model itself says why, below
+                pass
+        return frontend(model, inputs, tree)
 
 
 def _first_line(error: BaseException) -> str:
