@@ -82,7 +82,7 @@ def compile(
         calibrator = Calibrator(teacher, teacher_graph, batch, channels=method in NEEDS_CALIBRATION, description=label)
     # 3. matching: stages and blocks (layer selection by the policy), then components inside blocks
     alignment = align(teacher_graph, student_graph, layer_policy=policy,
-                      block_similarity=calibrator.block_similarity if calibrator else None)
+                      block_similarity=calibrator.block_similarity if calibrator else None, allow_partial=allow_partial)
     # 4. selection: per coupled dimension, the teacher indices each student tensor keeps
     student_state = student.state_dict()
     teacher_keys = {key: (source.shape(key), source.dtype(key)) for key in source.keys()}

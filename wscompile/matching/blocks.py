@@ -1,7 +1,8 @@
 """Layer structure: cut a model into loose components and stages of repeated blocks.
 
-A *block* is a module that is repeated: consecutive sibling modules with equal exact subtree
-hashes (same components, same shapes, same wiring), each reading the previous one's output, and
+A *block* is a module that is repeated: consecutive sibling modules with equal width-free subtree
+hashes (same components and wiring; widths and kernel sizes may change along a stage), each
+reading the previous one's output, and
 either three or more of them or two of at least three components (two conv + norm pairs in a row
 are just nesting). A run of such siblings is a *stage*; it may open with an *entry block*
 of the same structure plus a few layers (a ResNet block with its downsample shortcut). A module that only occurs once in a model still counts as a block
@@ -31,7 +32,7 @@ class Stage:
 
     blocks: list[str]  # module paths of the blocks
     first_node: int  # execution order of the stage's first component
-    family_hash: str  # width-free hash of the first block
+    family_hash: str  # width-free hash of the repeated block (the entry block's may differ)
     parent: str  # module path holding the blocks
     index: int = 0  # position among the model's stages
     label: str = field(default="")
@@ -77,10 +78,9 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
     items.sort(key=lambda item: item[0])
 
     def run_end(start: int) -> int:
-        first = structure.subtree_hash(items[start][2])
+        first = _run_key(structure, items[start][2])
         end = start
-        while (end + 1 < len(items) and items[end + 1][1] == "module"
-               and structure.subtree_hash(items[end + 1][2]) == first):
+        while end + 1 < len(items) and items[end + 1][1] == "module" and _run_key(structure, items[end + 1][2]) == first:
             end += 1
         return end
 
@@ -103,7 +103,6 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
             run = [value] + [items[k][2] for k in range(j + 1, end + 1)]
             j = end
         i = j + 1
-        repeated = run[1] if len(run) > 1 and structure.subtree_hash(run[0]) != structure.subtree_hash(run[1]) else run[0]
         hashes = tuple(dict.fromkeys(structure.subtree_hash(b, "family") for b in run))
         big_enough = all(len(comps[b]) >= 2 for b in run)
         # two repeats of a two-layer unit (conv + norm) is how people nest layers, not evidence of a stage
@@ -115,13 +114,26 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
             # own layers held in one child (``self.layers = ModuleList([...])``)
             if not any(isinstance(e, Stage) and (len(e.blocks) > 1 or set(comps[e.blocks[0]]) != whole)
                        for e in inner):
-                out.append(Stage(blocks=run, first_node=order, family_hash=structure.subtree_hash(repeated, "family"),
+                out.append(Stage(blocks=run, first_node=order, family_hash=hashes[-1],
                                  parent=path, block_hashes=hashes))
                 continue
         for member in run:
             out.extend(e for e in _segment(structure, member, others) if not (isinstance(e, Component) and e.node in seen))
             seen.update(e.node for e in out if isinstance(e, Component))
     return out
+
+
+def _run_key(structure: Structure, path: str) -> str:
+    """What siblings of one run share: their width-free structure, so a stage whose blocks widen
+    (expansions of 240, then 200, 184, 184) or change kernel size is one run.
+
+    A module that only wraps one child (a RegNet stage of a single block) compares exactly: wrappers
+    of different widths are consecutive stages, not blocks of one.
+    """
+    children = [c for c in structure.tree.get(path, []) if structure.components_in.get(c)]
+    if len(children) == 1 and len(structure.components_in[children[0]]) == len(structure.components_in[path]):
+        return structure.subtree_hash(path)
+    return structure.subtree_hash(path, "family")
 
 
 def _chained(structure: Structure, run: list[str]) -> bool:
