@@ -1,12 +1,18 @@
 """Align a student graph with its teacher: layer selection, then component mapping.
 
 1. Both models are cut into loose components and stages of repeated blocks (``blocks.py``).
-2. The two element sequences are aligned in execution order (a longest-common-subsequence
-   dynamic program): a component pairs with a component of the same family, a stage with a stage
-   whose blocks have the same width-free structure (or, failing that, share most components).
-3. Layer selection: student block ``i`` of a stage takes teacher block ``L[i]`` of the stage it
-   aligns with, ``L`` given by the layer policy (``layers.py``; default "first": ``L[i] = i``,
-   first-N per stage, the paper's best policy).
+2. The two element sequences are aligned in execution order (a dynamic program maximizing the
+   summed score): a component pairs with a component of the same family (score 1, +0.25 when its
+   non-channel axes are equal), a stage with a stage by the best order-preserving map of their
+   blocks (``BlockScores``: 1 per structurally matched component, +0.25 where the teacher's is at
+   least as large on every axis), so a student stage finds the teacher stage of its structure
+   wherever it is, not the one at its position.
+3. Layer selection: the layer policy (``layers.py``; default "first": ``L[i] = i``, first-N per
+   stage, the paper's best policy) proposes teacher block ``L[i]`` for student block ``i``; the
+   order-preserving block map of highest score keeps as many of those as it can
+   (``choose_blocks``), so the policy decides among equally good blocks and a teacher block that
+   fits better (right structure, at least as large) replaces one that does not. Each block pair
+   records its cost (1 - score / best score) and whether the policy or the structure chose it.
 4. Component mapping inside a block pair: VF2 subgraph isomorphism (networkx) on the two blocks'
    component graphs, nodes compared by family, edges by argument position. Among isomorphisms
    the one that best keeps execution order wins. Blocks with different structure (a ResNet
