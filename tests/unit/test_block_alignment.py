@@ -162,3 +162,19 @@ def test_poor_alignment_is_refused_with_the_best_matched_blocks():
     plan = _init(teacher, Mixed(), allow_partial=True)
     assert _pairs(plan)[0] == ["stages.0.0"] and plan.stages[0].cost == 0.0
     assert {r.rule for r in plan.tensors if r.student.startswith("mlp.")} == {"student-init"}
+
+
+def test_mobilenetv3_large_to_small_pairs_stages_by_structure():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    teacher = timm.create_model("mobilenetv3_large_100", pretrained=False).eval()
+    student = timm.create_model("mobilenetv3_small_100", pretrained=False).eval()
+    plan = wscompile.initialize(teacher, student, torch.randn(1, 3, 64, 64), allow_partial=True)
+    # the small model's squeeze-excite stages (blocks.3, blocks.4) take the large one's (blocks.4, blocks.5),
+    # skipping its plain blocks.3; by position they took blocks.3 and lost a third of the student
+    by_stage = {s.blocks[0].student.rsplit(".", 1)[0]: {b.teacher.rsplit(".", 1)[0] for b in s.blocks if b.teacher}
+                for s in plan.stages}
+    assert by_stage == {"blocks.1": {"blocks.1"}, "blocks.2": {"blocks.2"}, "blocks.3": {"blocks.4"},
+                        "blocks.4": {"blocks.5"}}
+    assert all(b.components_matched == b.components_total for s in plan.stages for b in s.blocks)
+    assert plan.coverage.fraction_no_head >= 0.90
