@@ -111,8 +111,11 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
             inner = _segment(structure, run[0], others)
             whole = set(comps[run[0]])
             # a stage inside the block is a deeper level of repetition, unless it is the block's
-            # own layers held in one child (``self.layers = ModuleList([...])``)
-            if not any(isinstance(e, Stage) and (len(e.blocks) > 1 or set(comps[e.blocks[0]]) != whole)
+            # own layers held in one child (``self.layers = ModuleList([...])``) or, in an entry
+            # block, its body beside a shortcut (torchvision RegNet's ``f`` next to ``proj``; a
+            # list holding one block, HF Swin's ``blocks`` beside ``downsample``, is a stage)
+            if not any(isinstance(e, Stage) and (len(e.blocks) > 1 or (
+                    set(comps[e.blocks[0]]) != whole and (e.parent != run[0] or _wraps_one(structure, e.blocks[0]))))
                        for e in inner):
                 out.append(Stage(blocks=run, first_node=order, family_hash=hashes[-1],
                                  parent=path, block_hashes=hashes))
@@ -130,10 +133,13 @@ def _run_key(structure: Structure, path: str) -> str:
     A module that only wraps one child (a RegNet stage of a single block) compares exactly: wrappers
     of different widths are consecutive stages, not blocks of one.
     """
+    return structure.subtree_hash(path) if _wraps_one(structure, path) else structure.subtree_hash(path, "family")
+
+
+def _wraps_one(structure: Structure, path: str) -> bool:
+    """Whether every component of ``path`` lies in one child module (a wrapper, a list of one)."""
     children = [c for c in structure.tree.get(path, []) if structure.components_in.get(c)]
-    if len(children) == 1 and len(structure.components_in[children[0]]) == len(structure.components_in[path]):
-        return structure.subtree_hash(path)
-    return structure.subtree_hash(path, "family")
+    return len(children) == 1 and len(structure.components_in[children[0]]) == len(structure.components_in[path])
 
 
 def _chained(structure: Structure, run: list[str]) -> bool:
