@@ -16,6 +16,12 @@ Student block ``i`` of a stage takes teacher block ``L[i]``, with ``L`` ascendin
     "0:0,2,4;1:0,1"  an explicit map: student stage index -> teacher block indices (stages left
                  out take first-N)
 
+The policy proposes; ``choose_blocks`` decides. Among the order-preserving maps of student blocks to
+teacher blocks with the highest structural score (``align.BlockScores``), the one keeping most of
+the policy's picks wins, so the policy chooses among equally good blocks and its pick stands
+whenever the structures are equal (the paper's pairs), while a teacher block of another structure,
+or one narrower or with a smaller kernel than a later one, gives way.
+
 A stage that opens with an entry block (a downsampling block whose structure differs from the
 rest, ``Stage.block_hashes`` has two entries in either model) pins ``L[0] = 0`` under every policy
 but first (which does so anyway), and the policy chooses ``n_s - 1`` of the other ``n_t - 1``
