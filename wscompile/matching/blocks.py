@@ -77,10 +77,15 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
         items.append((n, "component", n))
     items.sort(key=lambda item: item[0])
 
+    # siblings of stage containers (RegNet's s1 of one block beside s3 of several) are stages, not
+    # blocks: they compare exactly, so two one-block stages of different widths stay apart
+    label = "exact" if any(_holds_stage(structure, child) for child in structure.tree.get(path, [])) else "family"
+
     def run_end(start: int) -> int:
-        first = _run_key(structure, items[start][2])
+        first = structure.subtree_hash(items[start][2], label)
         end = start
-        while end + 1 < len(items) and items[end + 1][1] == "module" and _run_key(structure, items[end + 1][2]) == first:
+        while (end + 1 < len(items) and items[end + 1][1] == "module"
+               and structure.subtree_hash(items[end + 1][2], label) == first):
             end += 1
         return end
 
@@ -126,14 +131,12 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
     return out
 
 
-def _run_key(structure: Structure, path: str) -> str:
-    """What siblings of one run share: their width-free structure, so a stage whose blocks widen
-    (expansions of 240, then 200, 184, 184) or change kernel size is one run.
-
-    A module that only wraps one child (a RegNet stage of a single block) compares exactly: wrappers
-    of different widths are consecutive stages, not blocks of one.
-    """
-    return structure.subtree_hash(path) if _wraps_one(structure, path) else structure.subtree_hash(path, "family")
+def _holds_stage(structure: Structure, path: str) -> bool:
+    """Whether ``path`` directly holds a run: two consecutive children of equal width-free structure,
+    or an entry block and the block it opens."""
+    children = [c for c in structure.tree.get(path, []) if len(structure.components_in.get(c, [])) >= 2]
+    return any(structure.subtree_hash(a, "family") == structure.subtree_hash(b, "family") or _is_entry(structure, a, b)
+               for a, b in zip(children, children[1:], strict=False))
 
 
 def _wraps_one(structure: Structure, path: str) -> bool:
