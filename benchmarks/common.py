@@ -109,7 +109,9 @@ def init_options(init: str) -> dict[str, object]:
         elif key == "layers" and value:
             kwargs["layer_policy"] = value
         else:
-            raise ValueError(f"init {init!r}: unknown option {option!r}; use heads=whole|split, layers=<policy> or rescale")
+            raise ValueError(
+                f"init {init!r}: unknown option {option!r}; use heads=whole|split, layers=<policy> or rescale"
+            )
     return kwargs
 
 
@@ -357,7 +359,11 @@ def write_results(
         lines += [f"## Final scores (step {last_step}) vs {name}, paired by seed", ""]
         lines += [line for metric in metrics for line in compare_to(points, metric, baseline)]
         lines += [""]
-    lines += [*epilogue, f"Learning curves: `{stem}.png` (mean ± std over seeds); every evaluation: `{stem}_curves.csv`.", ""]
+    lines += [
+        *epilogue,
+        f"Learning curves: `{stem}.png` (mean ± std over seeds); every evaluation: `{stem}_curves.csv`.",
+        "",
+    ]
     (out / f"{stem}.md").write_text("\n".join(lines), encoding="utf-8")
     write_summary_csv(summaries, metrics, out / f"{stem}.csv")
     write_curves_csv(points, metrics, out / f"{stem}_curves.csv")
