@@ -23,7 +23,7 @@ Reported per size: held-out accuracy at equal steps (and training accuracy, whic
 run memorized its labels), the first evaluated step at which each arm's seed-mean reaches random
 init's final accuracy, paired-by-seed differences, and whether WS+KD > KD > WS > random holds.
 
-    python benchmarks/distill_text.py [--config "3L-192 both"] [--sizes 8,64] [--steps 150]
+    python benchmarks/distill_text.py [--config "3L-192 both"] [--sizes 8,64] [--steps 120]
 
 Writes ``benchmarks/results/distill_text{.md,.csv,_curves.csv,.png}``.
 """
@@ -288,15 +288,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", default="8,64", help="labelled sentences per class, comma list")
     parser.add_argument("--classes", type=int, default=16, help="modules to tell apart")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--warmup", type=int, default=15, help="linear warmup steps, then cosine decay")
+    parser.add_argument("--warmup", type=int, default=12, help="linear warmup steps, then cosine decay")
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--temperature", type=float, default=2.0, help="of the logit distillation")
     parser.add_argument("--kd-weight", type=float, default=1.0, help="weight of the distillation terms")
     parser.add_argument("--probe-weight-decay", type=float, default=1e-3, help="L2 of the teacher's probe")
-    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--eval-every", type=int, default=30)
     parser.add_argument("--eval-per-class", type=int, default=60, help="held-out sentences per class")
     parser.add_argument("--eval-train", type=int, default=256, help="labelled sentences scored for train accuracy")
     parser.add_argument("--pool-per-class", type=int, default=200, help="training pool the labels are drawn from")

