@@ -153,6 +153,11 @@ def provenance() -> str:
     return f"wscompile {wscompile.__version__} at commit {commit}" + (" with uncommitted changes" if dirty else "")
 
 
+def partial(done: int, total: int) -> str:
+    """A note for a report header written before every run finished ("" once all have)."""
+    return "" if done >= total else f"; partial: {done} of {total} runs done"
+
+
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to the base lr over ``warmup`` steps, then cosine decay to 0 at ``total``."""
 

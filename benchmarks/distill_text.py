@@ -23,7 +23,7 @@ Reported per size: held-out accuracy at equal steps (and training accuracy, whic
 run memorized its labels), the first evaluated step at which each arm's seed-mean reaches random
 init's final accuracy, paired-by-seed differences, and whether WS+KD > KD > WS > random holds.
 
-    python benchmarks/distill_text.py [--config "3L-192 both"] [--sizes 8,64] [--steps 120]
+    python benchmarks/distill_text.py [--config "3L-192 both"] [--sizes 8,64] [--steps 100]
 
 Writes ``benchmarks/results/distill_text{.md,.csv,_curves.csv,.png}``.
 """
@@ -55,6 +55,7 @@ from common import (  # noqa: E402
     Point,
     apply_init,
     eval_steps,
+    partial,
     provenance,
     set_threads,
     summarize,
@@ -257,6 +258,8 @@ def ordering(points: list[Point], size: int) -> list[str]:
     """Per size: the arms ranked by final seed-mean accuracy, the regime, and WS+KD > KD > WS > random."""
     config = f"{size} per class"
     summaries = {s.init: s for s in summarize([p for p in points if p.config == config], METRICS)}
+    if set(summaries) != set(ARMS):
+        return [f"- **{config}**: not every arm has run yet."]
     final = {arm: summaries[arm].final["accuracy"] for arm in ARMS}
     train = {arm: summaries[arm].final["train_accuracy"][0] for arm in ARMS}
     ranked = sorted(ARMS, key=lambda arm: -final[arm][0])
@@ -288,18 +291,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", default="8,64", help="labelled sentences per class, comma list")
     parser.add_argument("--classes", type=int, default=16, help="modules to tell apart")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--warmup", type=int, default=12, help="linear warmup steps, then cosine decay")
+    parser.add_argument("--warmup", type=int, default=10, help="linear warmup steps, then cosine decay")
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--temperature", type=float, default=2.0, help="of the logit distillation")
     parser.add_argument("--kd-weight", type=float, default=1.0, help="weight of the distillation terms")
     parser.add_argument("--probe-weight-decay", type=float, default=1e-3, help="L2 of the teacher's probe")
-    parser.add_argument("--eval-every", type=int, default=30)
-    parser.add_argument("--eval-per-class", type=int, default=60, help="held-out sentences per class")
-    parser.add_argument("--eval-train", type=int, default=256, help="labelled sentences scored for train accuracy")
-    parser.add_argument("--pool-per-class", type=int, default=200, help="training pool the labels are drawn from")
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--eval-per-class", type=int, default=40, help="held-out sentences per class")
+    parser.add_argument("--eval-train", type=int, default=128, help="labelled sentences scored for train accuracy")
+    parser.add_argument("--pool-per-class", type=int, default=100, help="training pool the labels are drawn from")
     parser.add_argument("--calibration-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--heldout-every", type=int, default=4, help="evaluate on docstrings with crc32 %% N == 0")
@@ -332,6 +335,46 @@ def main() -> None:
     print(task.notes[0], flush=True)
     points: list[Point] = []
     probes: dict[str, list[float]] = {}
+    total = len(args.sizes) * len(ARMS) * len(args.seeds.split(","))
+
+    def report(done: int) -> None:
+        """Write the results of the runs so far (after every run: a stopped benchmark keeps them)."""
+        command = shlex.join(["python", "benchmarks/distill_text.py", *sys.argv[1:]])
+        preamble = [
+            f"`{command}` ({(time.perf_counter() - started) / 60:.0f} min in total{partial(done, total)}, machine shared with other jobs): "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, Python {sys.version.split()[0]} (its "
+            f"stdlib is the corpus), {args.threads} thread(s) on {os.cpu_count()} shared CPU cores; {source}.",
+            "",
+            f"- task: {task.notes[0]}",
+            f"- student `{args.config}` with a linear classifier on its mean-pooled embedding; `random-init` is "
+            "transformers' own init, `ws-uniform` is `wscompile.initialize(teacher, student)` (classifier at the "
+            "student's init in every arm).",
+            f"- `+KD`: loss = cross-entropy + {args.kd_weight} × (T² KL(teacher ‖ student) at T = {args.temperature} + "
+            "1 - cos(projection(student embedding), teacher embedding)), on the same labelled sentences (no extra "
+            "data). Teacher logits: all-MiniLM-L6-v2 embeddings (normalized) through a logistic-regression probe "
+            f"fitted on the seed's labelled sentences (L-BFGS, L2 {args.probe_weight_decay}); projection hidden -> 384 "
+            "least-squares fitted at step 0, then trained.",
+            "- teacher probe held-out accuracy (mean over seeds; the KD target's own score): "
+            + ", ".join(f"{config}: {statistics.fmean(v):.3f}" for config, v in probes.items()),
+            f"- training: {args.steps} steps of batch {args.batch} for every arm and size, AdamW lr {args.lr} (weight "
+            f"decay {args.weight_decay}), {args.warmup} warmup steps then cosine to 0, dropout 0.1; seeds {args.seeds} "
+            "(same labelled sentences, batches and classifier init for every arm of a seed).",
+            f"- metrics: held-out accuracy (chance {1 / len(task.classes):.3f}); train accuracy on up to "
+            f"{args.eval_train} of the labelled sentences; `steps to random's final` = first evaluated step (every "
+            f"{args.eval_every}) at which the arm's seed-mean reaches random init's final seed-mean.",
+        ]
+        epilogue = ["## Does WS+KD > KD > WS > random hold?", "", *(ordering(points, size) for size in args.sizes), ""]
+        write_results(
+            args.name,
+            args.out,
+            points,
+            METRICS,
+            title=f"Weight selection and distillation on a labelled task: which stdlib module ({args.config})",
+            preamble=preamble,
+            baselines=[RANDOM_INIT, RANDOM_INIT + KD],
+            epilogue=[line for block in epilogue for line in ([block] if isinstance(block, str) else block)],
+        )
+
     for size in args.sizes:
         for arm in ARMS:
             for seed in (int(s) for s in args.seeds.split(",")):
@@ -339,41 +382,7 @@ def main() -> None:
                 points += curve
                 for config, value in probe.items():
                     probes.setdefault(config, []).append(value)
-    command = shlex.join(["python", "benchmarks/distill_text.py", *sys.argv[1:]])
-    preamble = [
-        f"`{command}` ({(time.perf_counter() - started) / 60:.0f} min in total, machine shared with other jobs): "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, Python {sys.version.split()[0]} (its "
-        f"stdlib is the corpus), {args.threads} thread(s) on {os.cpu_count()} shared CPU cores; {source}.",
-        "",
-        f"- task: {task.notes[0]}",
-        f"- student `{args.config}` with a linear classifier on its mean-pooled embedding; `random-init` is "
-        "transformers' own init, `ws-uniform` is `wscompile.initialize(teacher, student)` (classifier at the "
-        "student's init in every arm).",
-        f"- `+KD`: loss = cross-entropy + {args.kd_weight} × (T² KL(teacher ‖ student) at T = {args.temperature} + "
-        "1 - cos(projection(student embedding), teacher embedding)), on the same labelled sentences (no extra "
-        "data). Teacher logits: all-MiniLM-L6-v2 embeddings (normalized) through a logistic-regression probe "
-        f"fitted on the seed's labelled sentences (L-BFGS, L2 {args.probe_weight_decay}); projection hidden -> 384 "
-        "least-squares fitted at step 0, then trained.",
-        "- teacher probe held-out accuracy (mean over seeds; the KD target's own score): "
-        + ", ".join(f"{config}: {statistics.fmean(v):.3f}" for config, v in probes.items()),
-        f"- training: {args.steps} steps of batch {args.batch} for every arm and size, AdamW lr {args.lr} (weight "
-        f"decay {args.weight_decay}), {args.warmup} warmup steps then cosine to 0, dropout 0.1; seeds {args.seeds} "
-        "(same labelled sentences, batches and classifier init for every arm of a seed).",
-        f"- metrics: held-out accuracy (chance {1 / len(task.classes):.3f}); train accuracy on up to "
-        f"{args.eval_train} of the labelled sentences; `steps to random's final` = first evaluated step (every "
-        f"{args.eval_every}) at which the arm's seed-mean reaches random init's final seed-mean.",
-    ]
-    epilogue = ["## Does WS+KD > KD > WS > random hold?", "", *(ordering(points, size) for size in args.sizes), ""]
-    write_results(
-        args.name,
-        args.out,
-        points,
-        METRICS,
-        title=f"Weight selection and distillation on a labelled task: which stdlib module ({args.config})",
-        preamble=preamble,
-        baselines=[RANDOM_INIT, RANDOM_INIT + KD],
-        epilogue=[line for block in epilogue for line in ([block] if isinstance(block, str) else block)],
-    )
+                report(len({(p.config, p.init, p.seed) for p in points}))
     print(f"wrote {args.out}/{args.name}.*")
 
 

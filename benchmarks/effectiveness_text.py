@@ -58,6 +58,7 @@ from common import (  # noqa: E402
     eval_steps,
     init_names,
     parse_methods,
+    partial,
     provenance,
     set_threads,
     warmup_cosine,
@@ -368,6 +369,48 @@ def main(
     print(data.notes[0], flush=True)
     points: list[Point] = []
     coverage: dict[str, str] = {}
+    total = len(args.configs.split(",")) * len(inits) * len(args.seeds.split(","))
+
+    def report(done: int) -> None:
+        """Write the results of the runs so far (after every run: a stopped benchmark keeps them)."""
+        command = shlex.join(["python", script, *sys.argv[1:]])
+        preamble = [
+            f"`{command}` ({(time.perf_counter() - started) / 60:.0f} min in total{partial(done, total)}, machine shared with other jobs): torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"Python {sys.version.split()[0]} (its stdlib is the corpus), {args.threads} thread(s) on "
+            f"{os.cpu_count()} shared CPU cores; {source}.",
+            "",
+            "- teacher: all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads), embeddings mean-pooled over the mask.",
+            "- students: `NL-H` = N layers, hidden H, H/32 heads, intermediate 4H, vocabulary and positions as the "
+            "teacher's; `random-init` is transformers' own init, `ws-<method>` is `wscompile.initialize(teacher, "
+            "student, method=<method>)`, `+heads=whole` / `+layers=<policy>` / `+rescale` add `heads='whole'` / "
+            f"`layer_policy=<policy>` / `rescale=True` (calibration: {args.calibration_size} train sentences, for data-dependent "
+            "methods; seed: the run's seed, for the random method).",
+            f"- data: {data.notes[0]}",
+            f"- training: {args.steps} steps of batch {args.batch}, AdamW lr {args.lr} (weight decay "
+            f"{args.weight_decay}), {args.warmup} warmup steps then cosine to 0, dropout as configured (0.1); "
+            f"loss 1 - cos(projection(student), teacher); same seeds ({args.seeds}), batches and projection "
+            "procedure for every init.",
+            f"- projection hidden -> 384 (every student): least-squares fit on {args.fit_size} train sentences at "
+            f"step 0 (ridge {args.ridge} × mean feature energy), then trained jointly. Step-0 scores are that "
+            "linear readout of the untrained student.",
+            f"- metrics on the {len(data.heldout.ids)} held-out sentences: mean cosine to the teacher embedding; "
+            f"top-1 retrieval among all {len(data.heldout.ids)} held-out teacher embeddings "
+            f"(chance {1 / len(data.heldout.ids):.4f}). `steps to random's final` = first evaluated step (every "
+            f"{args.eval_every}) at which the seed-mean reaches random init's final seed-mean.",
+            *(f"- {note}" for note in notes),
+            *(f"- coverage, {key}: {value}" for key, value in coverage.items() if "random-init" not in key),
+        ]
+
+        write_results(
+            args.name,
+            args.out,
+            points,
+            METRICS,
+            title=title,
+            preamble=preamble,
+            baselines=args.baselines.split(","),
+        )
+
     for config in args.configs.split(","):
         for init in inits:
             for seed in (int(s) for s in args.seeds.split(",")):
@@ -376,43 +419,7 @@ def main(
                     config, init, seed, teacher, data, tokenizer.pad_token_id, args
                 )
                 points += curve
-    command = shlex.join(["python", script, *sys.argv[1:]])
-    preamble = [
-        f"`{command}` ({(time.perf_counter() - started) / 60:.0f} min in total): torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"Python {sys.version.split()[0]} (its stdlib is the corpus), {args.threads} thread(s) on "
-        f"{os.cpu_count()} shared CPU cores; {source}.",
-        "",
-        "- teacher: all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads), embeddings mean-pooled over the mask.",
-        "- students: `NL-H` = N layers, hidden H, H/32 heads, intermediate 4H, vocabulary and positions as the "
-        "teacher's; `random-init` is transformers' own init, `ws-<method>` is `wscompile.initialize(teacher, "
-        "student, method=<method>)`, `+heads=whole` / `+layers=<policy>` / `+rescale` add `heads='whole'` / "
-        f"`layer_policy=<policy>` / `rescale=True` (calibration: {args.calibration_size} train sentences, for data-dependent "
-        "methods; seed: the run's seed, for the random method).",
-        f"- data: {data.notes[0]}",
-        f"- training: {args.steps} steps of batch {args.batch}, AdamW lr {args.lr} (weight decay "
-        f"{args.weight_decay}), {args.warmup} warmup steps then cosine to 0, dropout as configured (0.1); "
-        f"loss 1 - cos(projection(student), teacher); same seeds ({args.seeds}), batches and projection "
-        "procedure for every init.",
-        f"- projection hidden -> 384 (every student): least-squares fit on {args.fit_size} train sentences at "
-        f"step 0 (ridge {args.ridge} × mean feature energy), then trained jointly. Step-0 scores are that "
-        "linear readout of the untrained student.",
-        f"- metrics on the {len(data.heldout.ids)} held-out sentences: mean cosine to the teacher embedding; "
-        f"top-1 retrieval among all {len(data.heldout.ids)} held-out teacher embeddings "
-        f"(chance {1 / len(data.heldout.ids):.4f}). `steps to random's final` = first evaluated step (every "
-        f"{args.eval_every}) at which the seed-mean reaches random init's final seed-mean.",
-        *(f"- {note}" for note in notes),
-        *(f"- coverage, {key}: {value}" for key, value in coverage.items() if "random-init" not in key),
-    ]
-
-    write_results(
-        args.name,
-        args.out,
-        points,
-        METRICS,
-        title=title,
-        preamble=preamble,
-        baselines=args.baselines.split(","),
-    )
+                report(len({(p.config, p.init, p.seed) for p in points}))
     print(f"wrote {args.out}/{args.name}.*")
 
 

@@ -14,7 +14,7 @@ Each option is changed alone, from ``ws-uniform`` (method uniform, layers first,
 rescale: the library's defaults). Every init of a seed trains on the same batches; the report pairs
 each init by seed against random init and against ``ws-uniform``.
 
-    python benchmarks/methods_text.py [--steps 120] [--train-size 3840] [--seeds 0,1,2] [--inits ...]
+    python benchmarks/methods_text.py [--steps 80] [--train-size 2560] [--seeds 0,1,2] [--inits ...]
 
 Writes ``benchmarks/results/methods_text{.md,.csv,_curves.csv,.png}``.
 """
@@ -49,10 +49,12 @@ if __name__ == "__main__":
             "configs": "3L-192 both",
             "inits": ",".join(INITS),
             "baselines": "random-init,ws-uniform",
-            "steps": 120,
-            "warmup": 12,
-            "eval_every": 40,
-            "train_size": 3840,  # one pass of 120 steps of batch 32; fewer teacher embeddings to compute
+            "steps": 80,
+            "warmup": 8,
+            "eval_every": 20,
+            "fit_size": 1024,
+            "eval_size": 500,
+            "train_size": 2560,  # one pass of 80 steps of batch 32; fewer teacher embeddings to compute
             "name": "methods_text",
         },
     )
