@@ -105,3 +105,18 @@ def test_vision_smoke_with_noise_and_config_filter(tmp_path, monkeypatch):
     )
     assert {row["config"] for row in rows} == {"ConvNeXt both"}
     assert "Gaussian noise of std 0.5" in report
+
+
+def test_shapes_smoke_trains_both_families_on_generated_pairs(tmp_path, monkeypatch):
+    sys.path.insert(0, str(BENCHMARKS))
+    from shapes_vision import PRETRAIN_PAIRS, TARGET_PAIRS
+
+    # every shape and every texture occurs among both the teachers' and the students' pairs
+    for index in (0, 1):
+        assert {p[index] for p in PRETRAIN_PAIRS} == {p[index] for p in TARGET_PAIRS}
+    assert not set(PRETRAIN_PAIRS) & set(TARGET_PAIRS)
+    rows, report = _run_smoke("shapes_vision.py", tmp_path, monkeypatch)
+    assert {(row["config"], row["init"]) for row in rows} == {
+        (config, init) for config in ("ViT 3x64 both", "ConvNeXt both") for init in ("random-init", "ws-uniform")
+    }
+    assert report.count(" teacher (") == 2
