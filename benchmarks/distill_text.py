@@ -23,7 +23,7 @@ Reported per size: held-out accuracy at equal steps (and training accuracy, whic
 run memorized its labels), the first evaluated step at which each arm's seed-mean reaches random
 init's final accuracy, paired-by-seed differences, and whether WS+KD > KD > WS > random holds.
 
-    python benchmarks/distill_text.py [--config "3L-192 both"] [--sizes 8,64] [--steps 100]
+    python benchmarks/distill_text.py [--config "3L-192 both"] [--sizes 8,64] [--steps 60]
 
 Writes ``benchmarks/results/distill_text{.md,.csv,_curves.csv,.png}``.
 """
@@ -291,16 +291,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", default="8,64", help="labelled sentences per class, comma list")
     parser.add_argument("--classes", type=int, default=16, help="modules to tell apart")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--warmup", type=int, default=10, help="linear warmup steps, then cosine decay")
+    parser.add_argument("--warmup", type=int, default=6, help="linear warmup steps, then cosine decay")
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--temperature", type=float, default=2.0, help="of the logit distillation")
     parser.add_argument("--kd-weight", type=float, default=1.0, help="weight of the distillation terms")
     parser.add_argument("--probe-weight-decay", type=float, default=1e-3, help="L2 of the teacher's probe")
-    parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--eval-per-class", type=int, default=40, help="held-out sentences per class")
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--eval-per-class", type=int, default=30, help="held-out sentences per class")
     parser.add_argument("--eval-train", type=int, default=128, help="labelled sentences scored for train accuracy")
     parser.add_argument("--pool-per-class", type=int, default=100, help="training pool the labels are drawn from")
     parser.add_argument("--calibration-size", type=int, default=64)
