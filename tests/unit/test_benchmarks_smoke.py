@@ -63,6 +63,23 @@ def test_methods_smoke_pairs_every_option_against_uniform(tmp_path, monkeypatch)
     assert f"3L-192 both, {combined}: cosine to teacher" in report
     assert "3L-192 both, random-init: cosine to teacher" in report  # random init paired against uniform too
 
+    # a run split per seed merges into one report: the same run again as "seed 1"
+    with (tmp_path / "methods_text_curves.csv").open() as f:
+        curves = list(csv.DictReader(f))
+    with (tmp_path / "again_curves.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(curves[0]))
+        writer.writeheader()
+        writer.writerows({**row, "seed": "1"} for row in curves)
+    (tmp_path / "again.md").write_text(report.replace("--smoke", "--smoke --seeds 1"))
+    merge = ["merge_results.py", "--parts", "methods_text,again", "--name", "merged", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*merge, "--metrics-from", "effectiveness_text", "--baselines", "ws-uniform"])
+    runpy.run_path(str(BENCHMARKS / "merge_results.py"), run_name="__main__")
+    with (tmp_path / "merged.csv").open() as f:
+        assert {(row["init"], row["seeds"]) for row in csv.DictReader(f)} == {(r["init"], "2") for r in rows}
+    merged = (tmp_path / "merged.md").read_text()
+    assert "--smoke --seeds 1" in merged and f"{combined}: cosine to teacher " in merged
+    assert "(same seed, 2 seeds)" in merged
+
 
 def test_init_options_parse_and_reject_unknown_options():
     sys.path.insert(0, str(BENCHMARKS))
@@ -119,4 +136,4 @@ def test_shapes_smoke_trains_both_families_on_generated_pairs(tmp_path, monkeypa
     assert {(row["config"], row["init"]) for row in rows} == {
         (config, init) for config in ("ViT 3x64 both", "ConvNeXt both") for init in ("random-init", "ws-uniform")
     }
-    assert report.count(" teacher (") == 2
+    assert "- ViT teacher (" in report and "- ConvNeXt teacher (" in report
