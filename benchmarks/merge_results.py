@@ -66,8 +66,10 @@ def main() -> None:
         commands.append(f"- part `{part}`: {command}")
         bullets += [b for b in part_bullets if index == 0 or (b.startswith("- coverage") and b not in bullets)]
     # a run found in two parts (deterministic, so identical) counts once
-    seen: set[tuple[str, str, int, int]] = set()
-    points = [p for p in points if (key := (p.config, p.init, p.seed, p.step)) not in seen and not seen.add(key)]
+    unique: dict[tuple[str, str, int, int], Point] = {}
+    for point in points:
+        unique.setdefault((point.config, point.init, point.seed, point.step), point)
+    points = list(unique.values())
     preamble = [
         f"Merged from {len(commands)} parts run in parallel (`python benchmarks/merge_results.py "
         f"--parts {args.parts} --name {args.name} --metrics-from {args.metrics_from} --baselines {args.baselines}`); "
