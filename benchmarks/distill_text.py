@@ -254,9 +254,14 @@ def run(
     return curve, {config: probe_accuracy}
 
 
-def ordering(points: list[Point], size: int) -> list[str]:
-    """Per size: the arms ranked by final seed-mean accuracy, the regime, and WS+KD > KD > WS > random."""
-    config = f"{size} per class"
+def epilogue(points: list[Point]) -> list[str]:
+    """The report's last section: per training-set size, the ranking of the arms and the regime."""
+    sizes = dict.fromkeys(p.config for p in points)
+    return ["## Does WS+KD > KD > WS > random hold?", "", *(line for c in sizes for line in ordering(points, c)), ""]
+
+
+def ordering(points: list[Point], config: str) -> list[str]:
+    """For one size: the arms ranked by final seed-mean accuracy, the regime, and WS+KD > KD > WS > random."""
     summaries = {s.init: s for s in summarize([p for p in points if p.config == config], METRICS)}
     if set(summaries) != set(ARMS):
         return [f"- **{config}**: not every arm has run yet."]
@@ -289,6 +294,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="3L-192 both", choices=list(STUDENTS), help="student")
     parser.add_argument("--sizes", default="8,64", help="labelled sentences per class, comma list")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma list of arms to run (parts merge later)")
     parser.add_argument("--classes", type=int, default=16, help="modules to tell apart")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=60)
@@ -335,7 +341,8 @@ def main() -> None:
     print(task.notes[0], flush=True)
     points: list[Point] = []
     probes: dict[str, list[float]] = {}
-    total = len(args.sizes) * len(ARMS) * len(args.seeds.split(","))
+    arms = args.arms.split(",")
+    total = len(args.sizes) * len(arms) * len(args.seeds.split(","))
 
     def report(done: int) -> None:
         """Write the results of the runs so far (after every run: a stopped benchmark keeps them)."""
@@ -363,7 +370,6 @@ def main() -> None:
             f"{args.eval_train} of the labelled sentences; `steps to random's final` = first evaluated step (every "
             f"{args.eval_every}) at which the arm's seed-mean reaches random init's final seed-mean.",
         ]
-        epilogue = ["## Does WS+KD > KD > WS > random hold?", "", *(ordering(points, size) for size in args.sizes), ""]
         write_results(
             args.name,
             args.out,
@@ -372,11 +378,11 @@ def main() -> None:
             title=f"Weight selection and distillation on a labelled task: which stdlib module ({args.config})",
             preamble=preamble,
             baselines=[RANDOM_INIT, RANDOM_INIT + KD],
-            epilogue=[line for block in epilogue for line in ([block] if isinstance(block, str) else block)],
+            epilogue=epilogue(points),
         )
 
     for size in args.sizes:
-        for arm in ARMS:
+        for arm in arms:
             for seed in (int(s) for s in args.seeds.split(",")):
                 curve, probe = run(size, arm, seed, teacher, task, tokenizer.pad_token_id, args)
                 points += curve

@@ -50,11 +50,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", required=True, help="comma list of the parts' result stems")
     parser.add_argument("--name", required=True, help="file name stem of the merged results")
-    parser.add_argument("--metrics-from", required=True, help="benchmark module whose METRICS the parts used")
+    parser.add_argument(
+        "--metrics-from", required=True, help="benchmark module whose METRICS (and epilogue(), if any) the parts used"
+    )
     parser.add_argument("--baselines", default=RANDOM_INIT, help="comma list of inits to pair against")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the parts and the merged results")
     args = parser.parse_args()
-    metrics = importlib.import_module(args.metrics_from).METRICS
+    module = importlib.import_module(args.metrics_from)
+    metrics = module.METRICS
     points: list[Point] = []
     commands, bullets, title = [], [], ""
     for index, part in enumerate(args.parts.split(",")):
@@ -82,7 +85,14 @@ def main() -> None:
         *bullets,
     ]
     write_results(
-        args.name, args.out, points, metrics, title=title, preamble=preamble, baselines=args.baselines.split(",")
+        args.name,
+        args.out,
+        points,
+        metrics,
+        title=title,
+        preamble=preamble,
+        baselines=args.baselines.split(","),
+        epilogue=module.epilogue(points) if hasattr(module, "epilogue") else (),  # e.g. distill_text's ranking
     )
     print(f"wrote {args.out}/{args.name}.*")
 
