@@ -92,6 +92,29 @@ def init_names(methods: list[str]) -> list[str]:
     return [RANDOM_INIT] + [f"ws-{method}" for method in methods]
 
 
+def init_options(init: str) -> dict[str, object]:
+    """``wscompile.initialize`` keyword options of a ``ws-<method>[+option...]`` init name.
+
+    Options: ``heads=whole|split``, ``layers=<policy>`` (``layer_policy``), ``rescale``; e.g.
+    ``ws-uniform+heads=whole`` or ``ws-magnitude+layers=importance+rescale``.
+    """
+    method, *options = init.removeprefix("ws-").split("+")
+    kwargs: dict[str, object] = {"method": method}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key == "rescale" and not value:
+            kwargs["rescale"] = True
+        elif key == "heads" and value:
+            kwargs["heads"] = value
+        elif key == "layers" and value:
+            kwargs["layer_policy"] = value
+        else:
+            raise ValueError(
+                f"init {init!r}: unknown option {option!r}; use heads=whole|split, layers=<policy> or rescale"
+            )
+    return kwargs
+
+
 def apply_init(
     init: str,
     teacher: torch.nn.Module,
@@ -103,13 +126,15 @@ def apply_init(
 ) -> str:
     """Initialize ``student`` in place for ``init``; returns a one-line coverage note.
 
-    ``calibration`` (real task inputs) feeds data-dependent methods ("activation"); ``seed`` the
-    "random" method.
+    ``init`` is RANDOM_INIT or ``ws-<method>[+option...]`` (see ``init_options``). ``calibration``
+    (real task inputs) feeds data-dependent methods ("activation", layer policy "importance");
+    ``seed`` the "random" method.
     """
     if init == RANDOM_INIT:
         return "student's own init"
-    method = init.removeprefix("ws-")
-    plan = wscompile.initialize(teacher, student, example_inputs, method=method, calibration=calibration, seed=seed)
+    plan = wscompile.initialize(
+        teacher, student, example_inputs, calibration=calibration, seed=seed, **init_options(init)
+    )
     return f"{plan.coverage.fraction_no_head:.1%} of non-head elements from the teacher ({plan.frontend['student']})"
 
 
@@ -126,6 +151,11 @@ def provenance() -> str:
     except (OSError, subprocess.CalledProcessError):
         return f"wscompile {wscompile.__version__}"
     return f"wscompile {wscompile.__version__} at commit {commit}" + (" with uncommitted changes" if dirty else "")
+
+
+def partial(done: int, total: int) -> str:
+    """A note for a report header written before every run finished ("" once all have)."""
+    return "" if done >= total else f"; partial: {done} of {total} runs done"
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -281,43 +311,64 @@ def plot_curves(points: list[Point], metrics: list[Metric], title: str, path: Pa
     plt.close(fig)
 
 
-def compare_to_random(points: list[Point], metric: Metric) -> list[str]:
-    """Per (config, ws-init): final score minus random init's final score, paired by seed."""
+def compare_to(points: list[Point], metric: Metric, baseline: str = RANDOM_INIT) -> list[str]:
+    """Per (config, other init): final score minus ``baseline``'s final score, paired by seed."""
     lines = []
     last = max(p.step for p in points)
     final = {(p.config, p.init, p.seed): p.metrics[metric.key] for p in points if p.step == last}
-    for config, init in dict.fromkeys((c, i) for c, i, _ in final if i != RANDOM_INIT):
-        seeds = [s for c, i, s in final if (c, i) == (config, init) and (config, RANDOM_INIT, s) in final]
+    name = "random init" if baseline == RANDOM_INIT else baseline
+    for config, init in dict.fromkeys((c, i) for c, i, _ in final if i != baseline):
+        seeds = [s for c, i, s in final if (c, i) == (config, init) and (config, baseline, s) in final]
         if not seeds:
             continue
-        differences = [final[config, init, s] - final[config, RANDOM_INIT, s] for s in seeds]
-        wins = sum(d > 0 for d in differences)
+        differences = [final[config, init, s] - final[config, baseline, s] for s in seeds]
+        wins, losses = sum(d > 0 for d in differences), sum(d < 0 for d in differences)
         verdict = (
-            "beats random init on every seed"
+            f"beats {name} on every seed"
             if wins == len(seeds)
-            else "loses to random init on every seed"
-            if wins == 0
+            else f"loses to {name} on every seed"
+            if losses == len(seeds)
+            else f"identical to {name} on every seed"
+            if wins == losses == 0
             else f"mixed: better on {wins} of {len(seeds)} seeds"
         )
         mean, std = _mean_std(differences)
         lines.append(
-            f"- {config}, {init}: {metric.label} {mean:+.{metric.digits}f} ± {std:.{metric.digits}f} vs random init "
+            f"- {config}, {init}: {metric.label} {mean:+.{metric.digits}f} ± {std:.{metric.digits}f} vs {name} "
             f"(same seed, {len(seeds)} seeds): {verdict}."
         )
     return lines
 
 
 def write_results(
-    stem: str, out: Path, points: list[Point], metrics: list[Metric], *, title: str, preamble: Iterable[str]
+    stem: str,
+    out: Path,
+    points: list[Point],
+    metrics: list[Metric],
+    *,
+    title: str,
+    preamble: Iterable[str],
+    baselines: Iterable[str] = (RANDOM_INIT,),
+    epilogue: Iterable[str] = (),
 ) -> list[Summary]:
-    """Write ``<stem>.md``, ``<stem>.csv`` (summary), ``<stem>_curves.csv`` and ``<stem>.png``."""
+    """Write ``<stem>.md``, ``<stem>.csv`` (summary), ``<stem>_curves.csv`` and ``<stem>.png``.
+
+    The markdown pairs every init by seed against each of ``baselines``; ``epilogue`` lines follow.
+    """
     out.mkdir(parents=True, exist_ok=True)
     summaries = summarize(points, metrics)
     last_step = max(p.step for p in points)
     lines = [f"# {title}", "", *preamble, "", *summary_table(summaries, metrics, last_step), ""]
-    lines += [f"## Final scores (step {last_step}) vs random init, paired by seed", ""]
-    lines += [line for metric in metrics for line in compare_to_random(points, metric)]
-    lines += ["", f"Learning curves: `{stem}.png` (mean ± std over seeds); every evaluation: `{stem}_curves.csv`.", ""]
+    for baseline in baselines:
+        name = "random init" if baseline == RANDOM_INIT else f"`{baseline}`"
+        lines += [f"## Final scores (step {last_step}) vs {name}, paired by seed", ""]
+        lines += [line for metric in metrics for line in compare_to(points, metric, baseline)]
+        lines += [""]
+    lines += [
+        *epilogue,
+        f"Learning curves: `{stem}.png` (mean ± std over seeds); every evaluation: `{stem}_curves.csv`.",
+        "",
+    ]
     (out / f"{stem}.md").write_text("\n".join(lines), encoding="utf-8")
     write_summary_csv(summaries, metrics, out / f"{stem}.csv")
     write_curves_csv(points, metrics, out / f"{stem}_curves.csv")

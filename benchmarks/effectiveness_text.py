@@ -50,6 +50,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     PAPER_METHODS,
+    RANDOM_INIT,
     RESULTS,
     Metric,
     Point,
@@ -57,6 +58,7 @@ from common import (  # noqa: E402
     eval_steps,
     init_names,
     parse_methods,
+    partial,
     provenance,
     set_threads,
     warmup_cosine,
@@ -184,7 +186,8 @@ def load_data(teacher: BertModel, tokenizer, args: argparse.Namespace) -> Data:
     train, heldout, train_modules, heldout_modules = split_by_module(docs, args.heldout_every)
     generator = torch.Generator().manual_seed(1234)  # the held-out sample is the same for every run
     heldout = [heldout[i] for i in sorted(torch.randperm(len(heldout), generator=generator)[: args.eval_size].tolist())]
-    train = train[: args.train_size] if args.train_size else train
+    if args.train_size and args.train_size < len(train):  # a sample of every train module, in corpus order
+        train = [train[i] for i in sorted(torch.randperm(len(train), generator=generator)[: args.train_size].tolist())]
 
     def corpus(texts: list[str]) -> Corpus:
         ids = tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]
@@ -196,7 +199,7 @@ def load_data(teacher: BertModel, tokenizer, args: argparse.Namespace) -> Data:
     data = Data(data_train, corpus(heldout), fit, [])
     tokens = [len(x) for x in data_train.ids]
     data.notes = [
-        f"{len(train)} train sentences from {train_modules} modules, {len(heldout)} held-out sentences "
+        f"{len(train)} train sentences{' (a random sample)' if args.train_size else ''} from {train_modules} modules, {len(heldout)} held-out sentences "
         f"sampled from {heldout_modules} held-out modules (crc32(module) % {args.heldout_every} == 0); "
         f"mean {sum(tokens) / len(tokens):.1f} tokens per train sentence (max_length {args.max_length}); "
         f"teacher embeddings took {time.perf_counter() - start:.0f} s.",
@@ -296,13 +299,22 @@ def run(
     return curve, note
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(description: str, defaults: dict[str, object]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--configs", default=",".join(STUDENTS), help="comma list of student configs")
     parser.add_argument(
         "--methods",
         default=PAPER_METHODS,
         help="comma list of wscompile selection methods; unavailable ones are skipped",
+    )
+    parser.add_argument(
+        "--inits",
+        default=None,
+        help="comma list of init names (random-init, ws-<method>[+heads=whole][+layers=<policy>][+rescale]); "
+        "overrides --methods",
+    )
+    parser.add_argument(
+        "--baselines", default=RANDOM_INIT, help="comma list of inits every other init is paired against, by seed"
     )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=400)
@@ -317,7 +329,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ridge", type=float, default=1e-3, help="ridge of the projection fit, relative")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--heldout-every", type=int, default=8, help="hold out modules with crc32 %% N == 0")
-    parser.add_argument("--train-size", type=int, default=None, help="cap on train sentences")
+    parser.add_argument("--train-size", type=int, default=None, help="train sentences: a random sample of this many")
     parser.add_argument("--max-files", type=int, default=None, help="cap on parsed stdlib files")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help=f"results directory (default {RESULTS})")
@@ -327,71 +339,87 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="seconds-long run of every code path (tiny corpus, 2 steps); writes to a temp dir",
     )
+    parser.set_defaults(**defaults)
     args = parser.parse_args()
     if args.smoke:
         args.configs, args.seeds, args.steps, args.batch, args.warmup = "3L-192 both", "0", 2, 4, 1
         args.eval_every, args.eval_size, args.fit_size, args.train_size, args.max_files = 2, 16, 32, 64, 40
-        args.out = args.out or Path(tempfile.mkdtemp(prefix="effectiveness_text_"))
+        args.out = args.out or Path(tempfile.mkdtemp(prefix=f"{args.name}_"))
     args.out = args.out or RESULTS
     return args
 
 
-def main() -> None:
+def main(
+    script: str = "benchmarks/effectiveness_text.py",
+    description: str = __doc__.splitlines()[0],
+    title: str = "Effectiveness on text: all-MiniLM-L6-v2 -> smaller BERTs (embedding distillation)",
+    defaults: dict[str, object] | None = None,
+) -> None:
+    """Run the benchmark; ``defaults`` override the options' defaults (for scripts built on this one)."""
     started, source = time.perf_counter(), provenance()  # the wscompile these numbers come from
-    args = parse_args()
+    args = parse_args(description, defaults or {})
     set_threads(args.threads)
     methods, notes = parse_methods(args.methods)
     for note in notes:
         print(note)
+    inits = init_names(methods) if args.inits is None else args.inits.split(",")
     teacher = BertModel.from_pretrained(TEACHER_DIR).eval()
     tokenizer = AutoTokenizer.from_pretrained(TEACHER_DIR)
     data = load_data(teacher, tokenizer, args)
     print(data.notes[0], flush=True)
     points: list[Point] = []
     coverage: dict[str, str] = {}
+    total = len(args.configs.split(",")) * len(inits) * len(args.seeds.split(","))
+
+    def report(done: int) -> None:
+        """Write the results of the runs so far (after every run: a stopped benchmark keeps them)."""
+        command = shlex.join(["python", script, *sys.argv[1:]])
+        preamble = [
+            f"`{command}` ({(time.perf_counter() - started) / 60:.0f} min in total{partial(done, total)}, machine shared with other jobs): torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"Python {sys.version.split()[0]} (its stdlib is the corpus), {args.threads} thread(s) on "
+            f"{os.cpu_count()} shared CPU cores; {source}.",
+            "",
+            "- teacher: all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads), embeddings mean-pooled over the mask.",
+            "- students: `NL-H` = N layers, hidden H, H/32 heads, intermediate 4H, vocabulary and positions as the "
+            "teacher's; `random-init` is transformers' own init, `ws-<method>` is `wscompile.initialize(teacher, "
+            "student, method=<method>)`, `+heads=whole` / `+layers=<policy>` / `+rescale` add `heads='whole'` / "
+            f"`layer_policy=<policy>` / `rescale=True` (calibration: {args.calibration_size} train sentences, for data-dependent "
+            "methods; seed: the run's seed, for the random method).",
+            f"- data: {data.notes[0]}",
+            f"- training: {args.steps} steps of batch {args.batch}, AdamW lr {args.lr} (weight decay "
+            f"{args.weight_decay}), {args.warmup} warmup steps then cosine to 0, dropout as configured (0.1); "
+            f"loss 1 - cos(projection(student), teacher); same seeds ({args.seeds}), batches and projection "
+            "procedure for every init.",
+            f"- projection hidden -> 384 (every student): least-squares fit on {args.fit_size} train sentences at "
+            f"step 0 (ridge {args.ridge} × mean feature energy), then trained jointly. Step-0 scores are that "
+            "linear readout of the untrained student.",
+            f"- metrics on the {len(data.heldout.ids)} held-out sentences: mean cosine to the teacher embedding; "
+            f"top-1 retrieval among all {len(data.heldout.ids)} held-out teacher embeddings "
+            f"(chance {1 / len(data.heldout.ids):.4f}). `steps to random's final` = first evaluated step (every "
+            f"{args.eval_every}) at which the seed-mean reaches random init's final seed-mean.",
+            *(f"- {note}" for note in notes),
+            *(f"- coverage, {key}: {value}" for key, value in coverage.items() if "random-init" not in key),
+        ]
+
+        write_results(
+            args.name,
+            args.out,
+            points,
+            METRICS,
+            title=title,
+            preamble=preamble,
+            baselines=args.baselines.split(","),
+        )
+
     for config in args.configs.split(","):
-        for init in init_names(methods):
+        for init in inits:
             for seed in (int(s) for s in args.seeds.split(",")):
                 print(f"{config} / {init} / seed {seed}", flush=True)
                 curve, coverage[f"{config}, {init}"] = run(
                     config, init, seed, teacher, data, tokenizer.pad_token_id, args
                 )
                 points += curve
-    command = shlex.join(["python", "benchmarks/effectiveness_text.py", *sys.argv[1:]])
-    preamble = [
-        f"`{command}` ({(time.perf_counter() - started) / 60:.0f} min in total): torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"Python {sys.version.split()[0]} (its stdlib is the corpus), {args.threads} thread(s) on "
-        f"{os.cpu_count()} shared CPU cores; {source}.",
-        "",
-        "- teacher: all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads), embeddings mean-pooled over the mask.",
-        "- students: `NL-H` = N layers, hidden H, H/32 heads, intermediate 4H, vocabulary and positions as the "
-        "teacher's; `random-init` is transformers' own init, `ws-<method>` is `wscompile.initialize(teacher, "
-        f"student, method=<method>)` (calibration: {args.calibration_size} train sentences, for data-dependent "
-        "methods; seed: the run's seed, for the random method).",
-        f"- data: {data.notes[0]}",
-        f"- training: {args.steps} steps of batch {args.batch}, AdamW lr {args.lr} (weight decay "
-        f"{args.weight_decay}), {args.warmup} warmup steps then cosine to 0, dropout as configured (0.1); "
-        f"loss 1 - cos(projection(student), teacher); same seeds ({args.seeds}), batches and projection "
-        "procedure for every init.",
-        f"- projection hidden -> 384 (every student): least-squares fit on {args.fit_size} train sentences at "
-        f"step 0 (ridge {args.ridge} × mean feature energy), then trained jointly. Step-0 scores are that "
-        "linear readout of the untrained student.",
-        f"- metrics on the {len(data.heldout.ids)} held-out sentences: mean cosine to the teacher embedding; "
-        f"top-1 retrieval among all {len(data.heldout.ids)} held-out teacher embeddings "
-        f"(chance {1 / len(data.heldout.ids):.4f}). `steps to random's final` = first evaluated step (every "
-        f"{args.eval_every}) at which the seed-mean reaches random init's final seed-mean.",
-        *(f"- {note}" for note in notes),
-        *(f"- coverage, {key}: {value}" for key, value in coverage.items() if "random-init" not in key),
-    ]
-
-    write_results(
-        args.name,
-        args.out,
-        points,
-        METRICS,
-        title="Effectiveness on text: all-MiniLM-L6-v2 -> smaller BERTs (embedding distillation)",
-        preamble=preamble,
-    )
+                report(len({(p.config, p.init, p.seed) for p in points}))
     print(f"wrote {args.out}/{args.name}.*")
 
 

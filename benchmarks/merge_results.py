@@ -1,0 +1,101 @@
+"""Merge the results of one benchmark run in parts (e.g. one process per seed) into one report.
+
+A benchmark split over processes (``--seeds 0 --name X_seed0``, ``--seeds 1 --name X_seed1``, ...)
+writes one set of results per part. This reads every part's ``<part>_curves.csv`` (every evaluation
+of every run), keeps each part's command line and the first part's description, and writes the
+same tables, pairings and plot as a single run would have, under ``--name``.
+
+    python benchmarks/merge_results.py --parts methods_text_seed0,methods_text_seed1,methods_text_seed2 \
+        --name methods_text --metrics-from effectiveness_text --baselines random-init,ws-uniform
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RANDOM_INIT, RESULTS, Metric, Point, write_results  # noqa: E402
+
+
+def read_curves(path: Path, metrics: list[Metric]) -> list[Point]:
+    """The points of a ``<stem>_curves.csv`` written by ``common.write_curves_csv``."""
+    with path.open(newline="", encoding="utf-8") as f:
+        return [
+            Point(
+                row["config"],
+                row["init"],
+                int(row["seed"]),
+                int(row["step"]),
+                {m.key: float(row[m.key]) for m in metrics},
+                float(row["seconds"]),
+            )
+            for row in csv.DictReader(f)
+        ]
+
+
+def part_header(path: Path) -> tuple[str, str, list[str]]:
+    """(title, command line, description bullets) of a part's markdown report."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    title = lines[0].removeprefix("# ")
+    table = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    bullets = [line for line in lines[3:table] if line.startswith("- ")]
+    return title, lines[2], bullets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", required=True, help="comma list of the parts' result stems")
+    parser.add_argument("--name", required=True, help="file name stem of the merged results")
+    parser.add_argument(
+        "--metrics-from", required=True, help="benchmark module whose METRICS (and epilogue(), if any) the parts used"
+    )
+    parser.add_argument("--baselines", default=RANDOM_INIT, help="comma list of inits to pair against")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the parts and the merged results")
+    args = parser.parse_args()
+    module = importlib.import_module(args.metrics_from)
+    metrics = module.METRICS
+    points: list[Point] = []
+    commands, bullets, title = [], [], ""
+    for index, part in enumerate(args.parts.split(",")):
+        curves, report = args.out / f"{part}_curves.csv", args.out / f"{part}.md"
+        if not curves.exists():
+            raise SystemExit(f"part {part!r}: {curves} not found; run that part first")
+        points += read_curves(curves, metrics)
+        title, command, part_bullets = part_header(report)
+        commands.append(f"- part `{part}`: {command}")
+        bullets += [b for b in part_bullets if index == 0 or (b.startswith("- coverage") and b not in bullets)]
+    # a run found in two parts (deterministic, so identical) counts once
+    unique: dict[tuple[str, str, int, int], Point] = {}
+    for point in points:
+        unique.setdefault((point.config, point.init, point.seed, point.step), point)
+    points = list(unique.values())
+    preamble = [
+        f"Merged from {len(commands)} parts run in parallel (`python benchmarks/merge_results.py "
+        f"--parts {args.parts} --name {args.name} --metrics-from {args.metrics_from} --baselines {args.baselines}`); "
+        "each part's command and run time:",
+        "",
+        *commands,
+        "",
+        "Setup (the first part's; every part is the same but for its seeds):",
+        "",
+        *bullets,
+    ]
+    write_results(
+        args.name,
+        args.out,
+        points,
+        metrics,
+        title=title,
+        preamble=preamble,
+        baselines=args.baselines.split(","),
+        epilogue=module.epilogue(points) if hasattr(module, "epilogue") else (),  # e.g. distill_text's ranking
+    )
+    print(f"wrote {args.out}/{args.name}.*")
+
+
+if __name__ == "__main__":
+    main()
