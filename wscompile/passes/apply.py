@@ -122,7 +122,8 @@ def check_plan(plan: SelectionPlan, teacher: TensorSource, student_state: dict[s
             problems += _piece_problems(piece, teacher, teacher_keys, group_indices)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise SelectionError(f"the plan does not fit these models ({len(problems)} problem(s)): {shown}")
+        raise SelectionError(f"the plan does not fit these models ({len(problems)} problem(s)): {shown}; pass the "
+                             "teacher weights and student spec the manifest was written for")
 
 
 def _piece_problems(piece: TensorRecord, teacher: TensorSource, teacher_keys: set[str],
