@@ -511,9 +511,11 @@ def run_apply(options: ApplyOptions, log: Log = print) -> SelectionPlan:
     """
     plan = load_manifest(options.manifest)
     student_spec = trusted_spec(options.student, plan.student_spec, "student")
+    # NOTE: finding a py: spec's file imports its package; a manifest's code spec not named is never looked at.
+    teacher_spec = options.teacher or (None if runs_code(plan.teacher_spec) else plan.teacher_spec)
     check_not_inputs([("--out", options.out)], [
         ("--manifest", options.manifest), ("--teacher-weights", options.teacher_weights),
-        *spec_files(student_spec, role="student"), *spec_files(options.teacher or plan.teacher_spec, role="teacher")])
+        *spec_files(student_spec, role="student"), *(spec_files(teacher_spec, role="teacher") if teacher_spec else [])])
     if is_directory_output(options.out):
         check_output_dir(options.out, force=options.force)
     else:
@@ -565,10 +567,15 @@ def trusted_spec(given: str | None, recorded: str, role: str) -> str:
     """
     if given is not None:
         return given
-    if parse_spec(recorded).scheme in ("py", "file"):
+    if runs_code(recorded):
         raise SpecError(f"the manifest's {role} spec {recorded!r} runs code; pass --{role} {recorded!r} "
                         f"if you trust it (a manifest's code specs are never run on its word)")
     return recorded
+
+
+def runs_code(spec: str) -> bool:
+    """Whether building ``spec`` imports and runs code it names (a ``py:`` or file spec)."""
+    return parse_spec(spec).scheme in ("py", "file")
 
 
 def apply_teacher_source(options: ApplyOptions, plan: SelectionPlan) -> TensorSource:

@@ -107,6 +107,23 @@ def test_apply_reproduces_magnitude_and_a_layer_map(tmp_path: Path) -> None:
     torch.testing.assert_close(written[record["student"]], teacher[record["teacher"]][rows][:, cols], rtol=0, atol=0)
 
 
+def test_apply_fits_renamed_teacher_keys_and_writes_a_folder(tmp_path: Path) -> None:
+    # Keys under "module." (a DataParallel save): init fits them to the teacher; apply builds the
+    # teacher on meta and fits them the same way. The folder (config + weights) matches file by file.
+    teacher = load_model(TEACHER, role="teacher", seed=3).module
+    weights = tmp_path / "teacher.safetensors"
+    save_file({f"module.{k}": v.detach().clone() for k, v in teacher.state_dict().items()}, str(weights))
+    common = ["--teacher-weights", str(weights), "--dtype", "fp16"]
+    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, *common, "--out", f"{tmp_path}/a/",
+                 "--manifest", str(tmp_path / "m.json"), "--allow-random-teacher"]) == 0
+    assert main(["apply", "--manifest", str(tmp_path / "m.json"), *common, "--out", f"{tmp_path}/b/"]) == 0
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and "model.safetensors" in names
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert load_file(str(tmp_path / "b" / "model.safetensors"))["cls_token"].dtype == torch.float16
+
+
 def test_plan_round_trips_through_its_manifest(tmp_path: Path) -> None:
     weights = teacher_file(TEACHER, tmp_path / "teacher.safetensors")
     _, _, manifest = init_then_apply(tmp_path, TEACHER, STUDENT, weights, [])
@@ -198,6 +215,29 @@ def test_invalid_manifest_is_one_line_exit_2(name: str, made: tuple[Path, dict],
     manifest.write_text(json.dumps(broken))
     line = run_apply(manifest, weights, tmp_path / "out.safetensors", capsys)
     assert re.search(expected, line), line
+
+
+def test_code_specs_in_a_manifest_are_never_imported(made: tuple[Path, dict], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # A package that leaves a mark when imported, named by the manifest's teacher and student specs.
+    package = tmp_path / "lib" / "marking_pkg"
+    package.mkdir(parents=True)
+    mark = tmp_path / "imported"
+    (package / "__init__.py").write_text(f"open({str(mark)!r}, 'w').close()\n")
+    (package / "models.py").write_text("def factory():\n    raise SystemExit('ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    weights, document = made
+    manifest = tmp_path / "m.json"
+    # The teacher's tensors come from the file, so its (code) spec is never needed: apply writes the student.
+    manifest.write_text(json.dumps(dict(document, teacher=dict(document["teacher"], spec="py:marking_pkg.models:factory"))))
+    out = tmp_path / "out.safetensors"
+    assert main(["apply", "--manifest", str(manifest), "--teacher-weights", str(weights), "--out", str(out)]) == 0
+    assert out.exists() and not mark.exists()
+    # A code student spec is refused before anything is looked up.
+    manifest.write_text(json.dumps(dict(document, student=dict(document["student"], spec="py:marking_pkg.models:factory"))))
+    assert "runs code" in run_apply(manifest, weights, tmp_path / "other.safetensors", capsys)
+    assert not mark.exists()
 
 
 def test_not_json_is_one_line(made: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
