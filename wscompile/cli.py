@@ -1,4 +1,4 @@
-"""Command line: ``wscompile init | diff | export``. Parses arguments; the work is in commands.py."""
+"""Command line: ``wscompile init | diff | export | apply``. Parses arguments; the work is in commands.py."""
 
 from __future__ import annotations
 
@@ -46,6 +46,10 @@ EXAMPLES = {
       --int8 --calib images/
   wscompile export --student timm:vit_tiny_patch16_224 --weights student.safetensors --onnx student.onnx \\
       --verify-only""",
+    "apply": """examples:
+  wscompile apply --manifest student.json --teacher-weights teacher.safetensors --out student.safetensors
+  wscompile apply --manifest student.json --teacher-weights teacher.safetensors --out student.safetensors \\
+      --student py:mymodels:small_net   # a py:/file spec in a manifest runs only when named here""",
 }
 
 
@@ -251,6 +255,26 @@ def build_parser() -> argparse.ArgumentParser:
                              "image folder or a text file, as for init); default: dynamic quantization")
     _onnx_options(export)
     _common(export)
+
+    apply = command("apply", "rebuild the student a manifest records, without tracing either model")
+    apply.add_argument("--manifest", required=True, help="JSON manifest written by `wscompile init --manifest`")
+    apply.add_argument("--teacher-weights",
+                       help="teacher weights: .safetensors, .pt/.pth/.bin, or a Hugging Face directory (needed unless "
+                            "the manifest's teacher spec names pretrained weights)")
+    apply.add_argument("--out", required=True,
+                       help="student weights to write: a .safetensors file, or a directory (ending in /), as for init")
+    apply.add_argument("--student", help="student spec (default: the manifest's; a py: or file spec in the manifest "
+                                         "is run only when given here too)")
+    apply.add_argument("--teacher", help="teacher spec, when the teacher must be built to read its weights (default: "
+                                         "the manifest's; a py: or file spec is run only when given here too)")
+    apply.add_argument("--max-shard-size", type=_bytes, default=5 * 10**9, metavar="SIZE",
+                       help="largest shard of a directory --out (default 5GB)")
+    apply.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="as for init (not in the manifest)")
+    apply.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bar on stderr (default: when stderr is a terminal)")
+    apply.add_argument("--strict", action="store_true", help="NaN or inf among the teacher values read is an error")
+    _common(apply)
+    apply.set_defaults(seed=None)  # the manifest's seed unless given
     return parser
 
 
@@ -333,6 +357,15 @@ def _discard_stdout() -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from wscompile import commands
+
+    if args.command == "apply":
+        commands.run_apply(commands.ApplyOptions(
+            manifest=args.manifest, out=args.out, teacher_weights=args.teacher_weights, student=args.student,
+            teacher=args.teacher, seed=args.seed, force=args.force, input_shape=args.input_shape,
+            trust_remote_code=args.trust_remote_code, unsafe_pickle=args.unsafe_pickle,
+            allow_outside_paths=args.allow_outside_paths, progress=args.progress, max_shard_size=args.max_shard_size,
+            dtype=args.dtype, strict=args.strict))
+        return 0
 
     options = commands.InitOptions(
         teacher=getattr(args, "teacher", ""), student=args.student, out=getattr(args, "out", None),

@@ -20,10 +20,12 @@ from wscompile import pipeline, reports
 from wscompile.errors import InputsError, ResourceError, SpecError
 from wscompile.folders import DTYPES, check_teacher_files
 from wscompile.outputs import check_not_inputs, check_output_dir, check_outputs, is_directory_output
+from wscompile.passes.apply import check_plan
 from wscompile.passes.methods import method_spec
 from wscompile.plan import RULE_STUDENT_INIT, SelectionPlan
 from wscompile.specs import (
     LoadedModel,
+    build_module,
     build_on_meta,
     has_tied_tensors,
     load_model,
@@ -31,7 +33,7 @@ from wscompile.specs import (
     resolve_hub,
     spec_files,
 )
-from wscompile.weights import ModuleSource, hf_weights_path, open_weights
+from wscompile.weights import ModuleSource, TensorSource, hf_weights_path, open_weights
 from wscompile.writer import MAX_SHARD_SIZE, WriteConfig, metadata, size_text, write_student
 
 Log = Callable[[str], None]
@@ -477,3 +479,145 @@ def run_export(student_spec: str, weights: str, onnx_path: str, options: InitOpt
 def summary(plan: SelectionPlan) -> str:
     """The lines ``init`` prints (``reports.render_summary``)."""
     return reports.render_summary(plan)
+
+
+@dataclass
+class ApplyOptions:
+    """Arguments of ``wscompile apply``: a manifest, the teacher's weights, where to write the student."""
+
+    manifest: str  # JSON manifest written by `wscompile init`
+    out: str  # student .safetensors, or a directory (ending in '/' or existing): a model folder
+    teacher_weights: str | None = None  # teacher weights file or HF directory; None: from the teacher spec
+    student: str | None = None  # student spec; None: the manifest's (a py:/file one only when given here)
+    teacher: str | None = None  # teacher spec, to build it when its weights need it; None: the manifest's
+    seed: int | None = None  # the student's own init; None: the manifest's seed
+    force: bool = False
+    input_shape: tuple[int, ...] | None = None
+    trust_remote_code: bool = False
+    unsafe_pickle: bool = False
+    allow_outside_paths: bool = False
+    progress: bool | None = None
+    max_shard_size: int = MAX_SHARD_SIZE
+    dtype: str | None = None
+    strict: bool = False
+
+
+def run_apply(options: ApplyOptions, log: Log = print) -> SelectionPlan:
+    """``wscompile apply``: rebuild the student a manifest records, without tracing either model.
+
+    The plan is read back from the manifest (schema-checked), the student built with its seeded init,
+    the teacher's tensors opened, the plan checked against both, and the student written by the writer
+    ``init`` uses, so the file is byte for byte the one ``init`` wrote.
+    """
+    plan = load_manifest(options.manifest)
+    student_spec = trusted_spec(options.student, plan.student_spec, "student")
+    # NOTE: finding a py: spec's file imports its package; a manifest's code spec not named is never looked at.
+    teacher_spec = options.teacher or (None if runs_code(plan.teacher_spec) else plan.teacher_spec)
+    check_not_inputs([("--out", options.out)], [
+        ("--manifest", options.manifest), ("--teacher-weights", options.teacher_weights),
+        *spec_files(student_spec, role="student"), *(spec_files(teacher_spec, role="teacher") if teacher_spec else [])])
+    if is_directory_output(options.out):
+        check_output_dir(options.out, force=options.force)
+    else:
+        check_outputs([options.out], force=options.force)
+    if options.dtype is not None and options.dtype not in DTYPES:
+        raise SpecError(f"unknown --dtype {options.dtype!r}; use one of {', '.join(DTYPES)}")
+    seed = plan.seed if options.seed is None else options.seed
+    keeps_init = any(record.rule == RULE_STUDENT_INIT for record in plan.tensors)
+
+    def build(device: str) -> torch.nn.Module:
+        return build_module(student_spec, role="student", device=device, seed=seed, input_shape=options.input_shape,
+                            trust_remote_code=options.trust_remote_code)
+
+    # As init: shapes only, unless the plan keeps some of the student's own init (or ties must be told apart).
+    student = build("cpu" if keeps_init else "meta")
+    if not keeps_init and has_tied_tensors(student):
+        student = build("cpu")
+    source = apply_teacher_source(options, plan)
+    check_plan(plan, source, student.state_dict())
+    config = WriteConfig(options.out, plan.teacher_spec, plan.student_spec, plan.method,
+                         hub_weights=options.teacher_weights is None, dtype=options.dtype, force=options.force,
+                         progress=options.progress, max_shard_size=options.max_shard_size, strict=options.strict)
+    written = write_student(config, plan, source, student)
+    pipeline.warn_nonfinite(plan, _warn)
+    log(f"wrote {written.path} ({len(plan.tensors)} tensors, from {options.manifest})")
+    return plan
+
+
+def load_manifest(path: str) -> SelectionPlan:
+    """The plan recorded in the manifest file at ``path`` (``reports.manifest.read_manifest``)."""
+    from wscompile.reports.manifest import read_manifest
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"cannot read --manifest '{path}': {e}") from e
+    return read_manifest(text, where=f"--manifest '{path}'")
+
+
+def trusted_spec(given: str | None, recorded: str, role: str) -> str:
+    """The spec to build a model from: ``given`` on the command line, else the manifest's ``recorded`` one.
+
+    A manifest is data from anywhere: a ``py:`` or file spec in it runs code, so it is used only when the
+    user names that same spec on the command line.
+
+    Raises:
+        SpecError: the recorded spec runs code and was not given.
+    """
+    if given is not None:
+        return given
+    if runs_code(recorded):
+        raise SpecError(f"the manifest's {role} spec {recorded!r} runs code; pass --{role} {recorded!r} "
+                        f"if you trust it (a manifest's code specs are never run on its word)")
+    return recorded
+
+
+def runs_code(spec: str) -> bool:
+    """Whether building ``spec`` imports and runs code it names (a ``py:`` or file spec)."""
+    return parse_spec(spec).scheme in ("py", "file")
+
+
+def apply_teacher_source(options: ApplyOptions, plan: SelectionPlan) -> TensorSource:
+    """The teacher's tensors under the names the plan reads.
+
+    ``--teacher-weights`` is opened as it is when it holds every tensor the plan reads; otherwise (other
+    names, a checkpoint's layout) the teacher is built on the meta device and the file fitted to it as
+    ``init`` does. Without ``--teacher-weights``, a teacher spec naming pretrained weights (an ``hf:`` model
+    with weights, ``timm:...?pretrained=True``) is built with them.
+
+    Raises:
+        SpecError: the teacher's weights are not given and its spec names none.
+    """
+    read = {piece.teacher for record in plan.tensors if record.rule != RULE_STUDENT_INIT
+            for piece in (record.parts or [record])}
+    if options.teacher_weights is not None:
+        stored = open_weights(options.teacher_weights, unsafe_pickle=options.unsafe_pickle,
+                              allow_outside_paths=options.allow_outside_paths)
+        if read <= set(stored.keys()):
+            return stored
+    elif not names_pretrained_weights(options.teacher or plan.teacher_spec):
+        raise SpecError(f"teacher {plan.teacher_spec!r} names no pretrained weights; pass --teacher-weights with "
+                        "the teacher's weights file or folder (the one `wscompile init` read)")
+    teacher_spec = trusted_spec(options.teacher, plan.teacher_spec, "teacher")
+    has_file = options.teacher_weights is not None or (
+        parse_spec(teacher_spec).scheme == "hf" and hf_weights_path(parse_spec(teacher_spec).name) is not None)
+    teacher = load_model(teacher_spec, role="teacher", weights=options.teacher_weights,
+                         device="meta" if has_file else "cpu", seed=plan.seed, input_shape=options.input_shape,
+                         trust_remote_code=options.trust_remote_code, unsafe_pickle=options.unsafe_pickle,
+                         allow_outside_paths=options.allow_outside_paths)
+    if teacher.pretrained is not True:
+        raise SpecError(f"teacher {teacher_spec!r} loaded no pretrained weights; pass --teacher-weights")
+    return teacher.source
+
+
+def names_pretrained_weights(text: str) -> bool:
+    """Whether a teacher spec names its own pretrained weights (so ``apply`` needs no --teacher-weights)."""
+    spec = parse_spec(text)
+    if spec.scheme == "hf":
+        return True  # a hub id or a folder: whether it holds weights is told when it is loaded
+    if spec.scheme == "timm":
+        return bool(spec.overrides.get("pretrained")) or "pretrained_file" in spec.overrides
+    if spec.scheme == "torchvision":
+        return spec.overrides.get("weights") not in (None, "None", "none")
+    return False

@@ -160,7 +160,7 @@ def compile(
         student_state = student.state_dict()
     state = apply_plan(plan, source, student_state) if write else None
     written = write_student(outputs.weights, plan, source, student) if outputs.weights else None
-    _warn_nonfinite(plan, warn)
+    warn_nonfinite(plan, warn)
     log(reports.render_summary(plan))
     if written:
         log(f"wrote {written.path}")
@@ -296,7 +296,7 @@ def _written_state(compiled: Compiled, student: nn.Module) -> dict[str, torch.Te
     return state
 
 
-def _warn_nonfinite(plan: SelectionPlan, warn: Log | None) -> None:
+def warn_nonfinite(plan: SelectionPlan, warn: Log | None) -> None:
     """One line naming the teacher tensors that gave the student NaN or inf values."""
     found = plan.nonfinite_teacher or []
     if not found or warn is None:

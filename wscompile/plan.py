@@ -7,7 +7,8 @@ A plan is data before it is action: the writer, the manifest and every report re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 # Values of TensorRecord.rule.
 RULE_SELECT = "select"  # subset of teacher elements, per-axis indices in `axes`
@@ -172,3 +173,46 @@ class SelectionPlan:
     nonfinite_teacher: list[NonFinite] | None = None
     # The ONNX export of the initialized student (init --onnx), as verified; None: not exported.
     export: ExportSummary | None = None
+
+    @classmethod
+    def from_dict(cls, manifest: dict[str, Any]) -> SelectionPlan:
+        """The plan a manifest (``reports.manifest.plan_to_dict``) records, without tracing anything.
+
+        ``manifest`` is taken as valid: ``reports.manifest.read_manifest`` checks it against the schema
+        first. Keys of the manifest that a record has no field for are ignored, and a field the manifest
+        lacks keeps its default, so a manifest of a newer minor version still reads.
+        """
+        model = {role: manifest[role] for role in ("teacher", "student")}
+        export = manifest.get("export")
+        return cls(
+            **_known(cls, manifest, skip={"tensors", "stages", "groups", "unused_teacher", "coverage",
+                                          "nonfinite_teacher", "export"}),
+            teacher_spec=model["teacher"]["spec"], student_spec=model["student"]["spec"],
+            teacher_params=model["teacher"]["params"], student_params=model["student"]["params"],
+            tensors=[_tensor_from_dict(t) for t in manifest["tensors"]],
+            stages=[StagePair(**_known(StagePair, s, skip={"blocks"}),
+                              blocks=[BlockPair(**_known(BlockPair, b)) for b in s.get("blocks", [])])
+                    for s in manifest["stages"]],
+            groups=[GroupRecord(**_known(GroupRecord, g)) for g in manifest["groups"]],
+            unused_teacher=[UnusedTeacher(**_known(UnusedTeacher, u)) for u in manifest["unused_teacher"]],
+            coverage=None if manifest.get("coverage") is None else Coverage(**_known(Coverage, manifest["coverage"])),
+            nonfinite_teacher=None if manifest.get("nonfinite_teacher") is None
+            else [NonFinite(**_known(NonFinite, n)) for n in manifest["nonfinite_teacher"]],
+            export=None if export is None else ExportSummary(**_known(ExportSummary, export)),
+        )
+
+
+def _known(record: type, values: dict[str, Any], skip: set[str] = frozenset()) -> dict[str, Any]:
+    """The entries of ``values`` that ``record`` (a dataclass) has a field for, minus ``skip``."""
+    names = {f.name for f in fields(record)} - skip
+    return {key: value for key, value in values.items() if key in names}
+
+
+def _tensor_from_dict(values: dict[str, Any]) -> TensorRecord:
+    """A manifest's tensor entry as a TensorRecord, its axes and parts included."""
+    axes = values.get("axes")
+    return TensorRecord(
+        **_known(TensorRecord, values, skip={"axes", "parts"}),
+        axes=None if axes is None else [AxisRule(**_known(AxisRule, a)) for a in axes],
+        parts=[_tensor_from_dict(p) for p in values.get("parts", [])],
+    )

@@ -35,6 +35,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     if weights and not os.path.exists(weights):
         flag = "--teacher-weights" if args.command != "export" else "--weights"
         raise SpecError(f"{flag} '{weights}' does not exist")
+    if args.command == "apply" and not os.path.isfile(args.manifest):
+        raise SpecError(f"--manifest '{args.manifest}' does not exist; pass the manifest `wscompile init --manifest` "
+                        "wrote")
     calib = getattr(args, "calib", None)
     if calib is None:
         return

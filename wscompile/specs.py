@@ -359,6 +359,15 @@ def _weights_origin(spec: ModelSpec, weights: str | None, recipe: _Recipe) -> tu
     return None, None if spec.scheme in ("py", "file") else False
 
 
+def build_module(text: str, *, role: str, device: str = "cpu", seed: int = 0,
+                 input_shape: tuple[int, ...] | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """The module a spec names, built as ``load_model`` builds it (same seed, same init) but with no
+    weights loaded and no example inputs told: all ``wscompile apply`` needs of a student."""
+    spec = resolve_hub(parse_spec(text), role=role, weights=False)
+    recipe = _recipe(spec, role=role, input_shape=input_shape, trust_remote_code=trust_remote_code)
+    return _construct(recipe.build, spec, device=device, seed=seed).eval()
+
+
 def build_on_meta(text: str, *, role: str, seed: int = 0, input_shape: tuple[int, ...] | None = None,
                   trust_remote_code: bool = False) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
     """The module a spec names on the meta device (CPU if it cannot be built there), with meta example inputs.

@@ -123,8 +123,11 @@ print(code, sorted(name for name in ("torch", "networkx", "timm", "transformers"
         (["init", "--techer", "timm:a", "--student", "timm:b", "--out", "s.safetensors"], 2),  # misspelt flag
         (["init", "--teacher", "timm:a", "--student", "timm:b", "--out", "s"], 2),  # --out without extension
         (["ini"], 2),  # unknown subcommand
+        (["apply", "--help"], 0),
+        (["apply", "--manifest", "absent.json", "--out", "s.safetensors"], 2),  # no such manifest
     ],
-    ids=["help", "init-help", "version", "missing-flag", "misspelt-flag", "ambiguous-out", "unknown-command"],
+    ids=["help", "init-help", "version", "missing-flag", "misspelt-flag", "ambiguous-out", "unknown-command",
+         "apply-help", "apply-no-manifest"],
 )
 def test_help_and_argument_errors_import_no_torch(argv, status, tmp_path):
     import subprocess

@@ -14,14 +14,16 @@ what is found goes to ``plan.nonfinite_teacher``, or, with ``strict``, stops the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from wscompile.errors import SelectionError
+from wscompile.passes.interpolate import RULE as INTERPOLATE
 from wscompile.passes.layout import teacher_index, to_student_layout
-from wscompile.plan import RULE_STUDENT_INIT, NonFinite, SelectionPlan
+from wscompile.plan import RULE_STUDENT_INIT, NonFinite, SelectionPlan, TensorRecord
 from wscompile.weights import TensorSource
 
 
@@ -90,6 +92,66 @@ def _all_finite(values: torch.Tensor) -> bool:
 def student_layout(plan: SelectionPlan, student_state: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shape and dtype of every tensor ``student_tensors`` yields, in the same order, before any is read."""
     return {r.student: (tuple(r.student_shape), student_state[r.student].dtype) for r in plan.tensors}
+
+
+def check_plan(plan: SelectionPlan, teacher: TensorSource, student_state: dict[str, torch.Tensor]) -> None:
+    """Refuse a plan read from elsewhere (``wscompile apply``'s manifest) that does not fit these models.
+
+    Every student tensor the plan names must be the student's, with its shape, and the plan must name
+    them all; every teacher tensor it reads must be in ``teacher`` with the recorded shape, and every
+    index it reads must lie inside that shape, as many per axis as the student axis holds.
+
+    Raises:
+        SelectionError: listing each problem found (the first few), on one line.
+    """
+    problems: list[str] = []
+    group_indices = {g.id: g.indices for g in plan.groups}
+    named = {r.student for r in plan.tensors}
+    problems += [f"the student's {key!r} is not in the plan" for key in student_state if key not in named]
+    teacher_keys = set(teacher.keys())
+    for record in plan.tensors:
+        own = student_state.get(record.student)
+        if own is None:
+            problems.append(f"student {record.student!r} is not a tensor of the student")
+        elif list(own.shape) != list(record.student_shape):
+            problems.append(f"student {record.student!r} is {list(own.shape)} in the student, "
+                            f"{record.student_shape} in the plan")
+        if record.rule == RULE_STUDENT_INIT:
+            continue
+        for piece in record.parts or [record]:
+            problems += _piece_problems(piece, teacher, teacher_keys, group_indices)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise SelectionError(f"the plan does not fit these models ({len(problems)} problem(s)): {shown}; pass the "
+                             "teacher weights and student spec the manifest was written for")
+
+
+def _piece_problems(piece: TensorRecord, teacher: TensorSource, teacher_keys: set[str],
+                    group_indices: dict[str, list[int]]) -> list[str]:
+    """What keeps one planned teacher read (a record, or a part of an assembled one) from being made."""
+    name = f"teacher {piece.teacher!r} (for student {piece.student!r})"
+    if piece.teacher not in teacher_keys:
+        return [f"{name} is not in the teacher weights"]
+    shape = list(teacher.shape(piece.teacher))
+    if piece.teacher_shape is None or shape != list(piece.teacher_shape):
+        return [f"{name} is {shape} in the teacher weights, {piece.teacher_shape} in the plan"]
+    if piece.axes is None or len(piece.axes) != len(piece.student_shape):
+        return [f"{name} needs one axis rule per student axis ({len(piece.student_shape)})"]
+    unknown = sorted({a.group for a in piece.axes if a.group is not None} - set(group_indices))
+    if unknown:
+        return [f"{name} names group(s) {', '.join(unknown)} the plan does not list"]
+    if any(a.blocks < 1 for a in piece.axes):
+        return [f"{name} has an axis of fewer than one block"]
+    problems = []
+    index = teacher_index(piece, group_indices)
+    for axis, (size, along) in enumerate(zip(shape, index, strict=True)):
+        outside = [i for i in along or [] if not 0 <= i < size]
+        if outside:
+            problems.append(f"{name} reads index {outside[0]} of its axis {axis} of size {size}")
+    read = math.prod(size if along is None else len(along) for size, along in zip(shape, index, strict=True))
+    if not problems and all(a.rule != INTERPOLATE for a in piece.axes) and read != math.prod(piece.student_shape):
+        problems.append(f"{name} reads {read} elements for a student tensor of {math.prod(piece.student_shape)}")
+    return problems
 
 
 def apply_plan(plan: SelectionPlan, teacher: TensorSource, student_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from wscompile.errors import MissingDependencyError, ValidationError
+from wscompile.errors import MissingDependencyError, SpecError, ValidationError
 from wscompile.plan import AxisRule, SelectionPlan, StagePair, TensorRecord
 
 # Major: a field removed, renamed or changing meaning. Minor: a field added.
@@ -188,3 +188,32 @@ def validate_manifest(obj: dict[str, Any]) -> None:
         f"manifest does not match wscompile schema {SCHEMA_VERSION} "
         f"({len(problems)} problem{'s' if len(problems) != 1 else ''}): " + "; ".join(listed)
     )
+
+
+def read_manifest(text: str, where: str = "manifest") -> SelectionPlan:
+    """The plan a manifest's JSON text records, checked against ``schema.json`` first.
+
+    Args:
+        text: the manifest file's contents.
+        where: how messages name the document (its path).
+
+    Raises:
+        SpecError: not JSON, a ``schema_version`` of another major version, or a schema violation;
+            one line saying which.
+    """
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{where} is not JSON ({e}); pass the --manifest file `wscompile init` wrote") from e
+    if not isinstance(obj, dict):
+        raise SpecError(f"{where} is a JSON {type(obj).__name__}, not a wscompile manifest (an object)")
+    version = obj.get("schema_version")
+    major = SCHEMA_VERSION.split(".")[0]
+    if not isinstance(version, str) or version.split(".")[0] != major:
+        raise SpecError(f"{where} has schema_version {version!r}; this wscompile reads manifests of major version "
+                        f"{major} ({SCHEMA_VERSION}); rewrite it with this version's `wscompile init`")
+    try:
+        validate_manifest(obj)
+    except ValidationError as e:
+        raise SpecError(f"{where}: {e}") from e
+    return SelectionPlan.from_dict(obj)
