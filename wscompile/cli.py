@@ -66,6 +66,8 @@ class _Parser(argparse.ArgumentParser):
         if unknown:
             self.error(f"unrecognized arguments: {' '.join(unknown)}")
         parsed = super().parse_args(self._argv, namespace)
+        if getattr(parsed, "quiet", False) and getattr(parsed, "progress", None):
+            self.error("--quiet and --progress contradict each other; pass one of them")
         from wscompile.preflight import check_arguments
 
         try:
@@ -148,6 +150,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-outside-paths", action="store_true",
                    help="let a model folder's shard index or weights link to files outside the folder (refused "
                         "by default: an untrusted folder could copy any tensor file on the machine into the output)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a status line on stderr for every stage (building, tracing, planning, export, parity check) "
+                        "and a bar while reading the teacher (default: when stderr is a terminal)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress and nothing on stdout but diff's report: only warnings and errors (on stderr)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -215,8 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
                       help="write floating tensors in this dtype (integer buffers unchanged; default: the student's, "
                            "which for hf: specs is the teacher config's dtype)")
-    init.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                      help="progress bar on stderr while reading the teacher (default: when stderr is a terminal)")
     init.add_argument("--manifest", help="JSON manifest: the teacher source and index rule of every student tensor")
     init.add_argument("--report", help="report file; format from the extension (.txt, .md, .json, .html)")
     init.add_argument("--onnx", help="also export the initialized student to ONNX and verify it")
@@ -379,7 +384,7 @@ def _run(args: argparse.Namespace) -> int:
         allow_outside_paths=args.allow_outside_paths,
         opset=getattr(args, "opset", None), fp16=getattr(args, "fp16", False), int8=getattr(args, "int8", False),
         export=commands.ExportSettings.from_args(args),
-        progress=getattr(args, "progress", None), max_shard_size=getattr(args, "max_shard_size", 5 * 10**9),
+        progress=args.progress, quiet=args.quiet, max_shard_size=getattr(args, "max_shard_size", 5 * 10**9),
         dtype=getattr(args, "dtype", None),
         allow_random_teacher=getattr(args, "allow_random_teacher", False), strict=getattr(args, "strict", False),
     )

@@ -23,6 +23,7 @@ from wscompile.outputs import check_not_inputs, check_output_dir, check_outputs,
 from wscompile.passes.apply import check_plan
 from wscompile.passes.methods import method_spec
 from wscompile.plan import RULE_STUDENT_INIT, SelectionPlan
+from wscompile.progress import Progress, shown
 from wscompile.specs import (
     LoadedModel,
     build_module,
@@ -90,7 +91,8 @@ class InitOptions:
     opset: int | None = None
     fp16: bool = False
     int8: bool = False
-    progress: bool | None = None  # progress bar on stderr while writing; None: when stderr is a terminal
+    progress: bool | None = None  # stage lines and a bar on stderr; None: when stderr is a terminal
+    quiet: bool = False  # no progress and nothing on stdout but diff's report; warnings and errors still shown
     max_shard_size: int = MAX_SHARD_SIZE  # bytes per shard of a directory --out
     dtype: str | None = None  # floating tensors written as fp32, fp16 or bf16; None: as the student's
     allow_random_teacher: bool = False  # no warning for a teacher without pretrained weights
@@ -98,31 +100,45 @@ class InitOptions:
     export: ExportSettings = field(default_factory=ExportSettings)  # further ONNX options
 
 
-def load_pair(options: InitOptions, *, need_values: bool) -> tuple[LoadedModel, LoadedModel]:
+def progress_of(options: InitOptions) -> Progress:
+    """The stage lines ``options`` asks for: none with --quiet, else per --progress, else when stderr is a terminal."""
+    return Progress(shown(options.progress, quiet=options.quiet))
+
+
+def _silent(line: str) -> None:
+    """The log of --quiet."""
+
+
+def load_pair(options: InitOptions, *, need_values: bool,
+              progress: Progress | None = None) -> tuple[LoadedModel, LoadedModel]:
     """Teacher (on the meta device when its values come from a file and it never runs) and student."""
+    progress = progress or Progress()
     teacher_spec = resolve_hub(parse_spec(options.teacher), role="teacher",
                                weights=options.teacher_weights is None)
     has_file = options.teacher_weights is not None or (
         teacher_spec.scheme == "hf" and hf_weights_path(teacher_spec.name) is not None
     )
     teacher_device = "meta" if (has_file or not need_values) and not needs_calibration(options) else "cpu"
-    check_memory(options, teacher_in_memory=teacher_device == "cpu",
-                 student_copies=STUDENT_COPIES_INIT if need_values else 1)
+    with progress.stage("counting the memory the run needs"):
+        check_memory(options, teacher_in_memory=teacher_device == "cpu",
+                     student_copies=STUDENT_COPIES_INIT if need_values else 1)
 
     def load_teacher(inputs_from: LoadedModel | None = None) -> LoadedModel:
-        return load_model(options.teacher, role="teacher", weights=options.teacher_weights, device=teacher_device,
-                          seed=options.seed, input_shape=options.input_shape,
-                          trust_remote_code=options.trust_remote_code, unsafe_pickle=options.unsafe_pickle,
-                          allow_outside_paths=options.allow_outside_paths, inputs_from=inputs_from)
+        with progress.stage(f"building teacher {options.teacher}"):
+            return load_model(options.teacher, role="teacher", weights=options.teacher_weights, device=teacher_device,
+                              seed=options.seed, input_shape=options.input_shape,
+                              trust_remote_code=options.trust_remote_code, unsafe_pickle=options.unsafe_pickle,
+                              allow_outside_paths=options.allow_outside_paths, inputs_from=inputs_from)
 
     def load_student(inputs_from: LoadedModel | None = None) -> LoadedModel:
         # Shapes are all the plan needs of the student (its values: student_with_values, after planning)
-        student = load_model(options.student, role="student", seed=options.seed, input_shape=options.input_shape,
-                             trust_remote_code=options.trust_remote_code, inputs_from=inputs_from,
-                             device="cpu" if options.onnx else "meta")
-        if student.on_meta and has_tied_tensors(student.module):  # ties are told apart by their storage
-            return reload_student(options, student)
-        return student
+        with progress.stage(f"building student {options.student}"):
+            student = load_model(options.student, role="student", seed=options.seed, input_shape=options.input_shape,
+                                 trust_remote_code=options.trust_remote_code, inputs_from=inputs_from,
+                                 device="cpu" if options.onnx else "meta")
+            if student.on_meta and has_tied_tensors(student.module):  # ties are told apart by their storage
+                return reload_student(options, student)
+            return student
 
     # A model whose inputs cannot be told (a py: factory without example_inputs) takes the other's;
     # when neither can be told, the student's InputsError says what to pass.
@@ -140,7 +156,8 @@ def reload_student(options: InitOptions, student: LoadedModel) -> LoadedModel:
                       trust_remote_code=options.trust_remote_code, inputs_from=student)
 
 
-def student_with_values(options: InitOptions, plan: SelectionPlan, student: LoadedModel) -> LoadedModel:
+def student_with_values(options: InitOptions, plan: SelectionPlan, student: LoadedModel,
+                        progress: Progress | None = None) -> LoadedModel:
     """The student whose values are written where the plan keeps the student's own init.
 
     The student is planned on the meta device; only when the plan keeps some of its tensors at init
@@ -149,7 +166,8 @@ def student_with_values(options: InitOptions, plan: SelectionPlan, student: Load
     """
     if not student.on_meta or all(record.rule != RULE_STUDENT_INIT for record in plan.tensors):
         return student
-    return reload_student(options, student)
+    with (progress or Progress()).stage(f"building student {options.student} with its own init"):
+        return reload_student(options, student)
 
 
 def check_memory(options: InitOptions, *, teacher_in_memory: bool, student_copies: int) -> None:
@@ -246,7 +264,8 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
     """``wscompile init``: check the outputs, load the pair, and compile it into the files asked for."""
     check_init_outputs(options)
     check_selection(options)
-    teacher, student = load_pair(options, need_values=True)
+    progress = progress_of(options)
+    teacher, student = load_pair(options, need_values=True, progress=progress)
     warn_random_teacher(options, teacher)
     # With --out the student's tensors go straight to the file, never all in memory.
     compiled = pipeline.compile(
@@ -254,9 +273,9 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
         teacher_source=teacher.source, teacher_spec=options.teacher, student_spec=options.student,
         select_head=options.select_head, allow_partial=options.allow_partial, write=not options.out,
         outputs=init_outputs(options, student), teacher_origin=teacher_origin(teacher),
-        min_matched_share=pipeline.MIN_MATCHED_SHARE, log=log, warn=_warn,
-        student_values=lambda plan: student_with_values(options, plan, student).module,
-        **selection_options(options, teacher),
+        min_matched_share=pipeline.MIN_MATCHED_SHARE, log=_silent if options.quiet else log, warn=_warn,
+        student_values=lambda plan: student_with_values(options, plan, student, progress).module,
+        progress=progress, **selection_options(options, teacher, progress),
     )
     return compiled.plan
 
@@ -267,7 +286,8 @@ def init_outputs(options: InitOptions, student: LoadedModel) -> pipeline.Outputs
     if options.out:
         weights = WriteConfig(options.out, options.teacher, options.student, options.method,
                               hub_weights=options.teacher_weights is None, dtype=options.dtype, force=options.force,
-                              progress=options.progress, max_shard_size=options.max_shard_size, strict=options.strict)
+                              progress=shown(options.progress, quiet=options.quiet),
+                              max_shard_size=options.max_shard_size, strict=options.strict)
     export = export_config(options.onnx, options, student) if options.onnx else None
     return pipeline.Outputs(weights, options.manifest, options.report, export, force=options.force)
 
@@ -411,13 +431,14 @@ def check_selection(options: InitOptions) -> None:
                                  "or a text file")
 
 
-def selection_options(options: InitOptions, teacher: LoadedModel) -> dict:
+def selection_options(options: InitOptions, teacher: LoadedModel, progress: Progress | None = None) -> dict:
     """The selection keyword arguments of ``pipeline.compile``, calibration inputs loaded."""
     calibration, label = None, None
     if needs_calibration(options):
         from wscompile.calib import load_calibration
 
-        calibration, label = load_calibration(options.calib, teacher)
+        with (progress or Progress()).stage(f"reading the calibration inputs {options.calib}"):
+            calibration, label = load_calibration(options.calib, teacher)
     return dict(method=options.method, layer_policy=options.layers, heads=options.heads, rescale=options.rescale,
                 seed=options.seed, calibration=calibration, calibration_label=label)
 
@@ -428,9 +449,10 @@ def run_diff(options: InitOptions, fmt: str | None, output: str | None, log: Log
         check_outputs([output], force=options.force)
         fmt = fmt or reports.format_from_path(output)
     check_selection(options)
+    progress = progress_of(options)
     # magnitude reads teacher weights: from the file if there is one, else from the built teacher
     needs_weights = method_spec(options.method).needs_weights
-    teacher, student = load_pair(options, need_values=needs_weights)
+    teacher, student = load_pair(options, need_values=needs_weights, progress=progress)
     if needs_weights or needs_calibration(options):
         # Only these selections read the teacher's values; the structure is the same for any values.
         warn_random_teacher(options, teacher)
@@ -438,11 +460,12 @@ def run_diff(options: InitOptions, fmt: str | None, output: str | None, log: Log
         teacher.module, student.module, teacher_inputs=teacher.inputs, student_inputs=student.inputs,
         teacher_source=teacher.source, teacher_spec=options.teacher, student_spec=options.student,
         select_head=options.select_head, allow_partial=True, write=False, teacher_origin=teacher_origin(teacher),
-        **selection_options(options, teacher),
+        progress=progress, **selection_options(options, teacher, progress),
     )
     if output:
         reports.write_report(compiled.plan, output, fmt=fmt, force=options.force)
-        log(f"wrote {output}")
+        if not options.quiet:
+            log(f"wrote {output}")
     else:
         color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
         log(reports.render(compiled.plan, fmt or "text", color=color).rstrip("\n"))
@@ -457,23 +480,29 @@ def run_export(student_spec: str, weights: str, onnx_path: str, options: InitOpt
     if not verify_only:
         check_not_inputs(onnx_outputs(onnx_path, options), [("--weights", weights), *run_inputs(options)])
         check_outputs([onnx_path], force=options.force)
-    student = load_model(student_spec, role="student", seed=options.seed, input_shape=options.input_shape,
-                         trust_remote_code=options.trust_remote_code)
+    progress = progress_of(options)
+    log = progress.lines(_silent if options.quiet else log)
+    with progress.stage(f"building student {student_spec}"):
+        student = load_model(student_spec, role="student", seed=options.seed, input_shape=options.input_shape,
+                             trust_remote_code=options.trust_remote_code)
     source = open_weights(weights, unsafe_pickle=options.unsafe_pickle, allow_outside_paths=options.allow_outside_paths)
     expected = set(student.module.state_dict())
     missing = sorted(expected - set(source.keys()))
     if missing:
         raise SpecError(f"'{weights}' lacks {len(missing)} tensor(s) of {student_spec}, e.g. {', '.join(missing[:3])}; "
                         "was it written by `wscompile init` for this student spec?")
-    state = {key: source.read(key) for key in expected}
-    student.module.load_state_dict(state)
+    with progress.stage(f"reading the student's weights {weights}"):
+        state = {key: source.read(key) for key in expected}
+        student.module.load_state_dict(state)
     if verify_only:
         from wscompile.backend import verify_onnx
 
-        with torch.no_grad():
-            return verify_onnx(onnx_path, student.module, student.make_inputs, kind=student.kind, log=log,
+        with progress.holding(f"checking {onnx_path} against PyTorch with onnxruntime", log) as step_log, \
+                torch.no_grad():
+            return verify_onnx(onnx_path, student.module, student.make_inputs, kind=student.kind, log=step_log,
                                atol=options.export.atol, device=options.export.device)
-    return pipeline.export_onnx(student.module, student.inputs, export_config(onnx_path, options, student), log)
+    return pipeline.export_onnx(student.module, student.inputs, export_config(onnx_path, options, student), log,
+                                progress)
 
 
 def summary(plan: SelectionPlan) -> str:

@@ -25,6 +25,7 @@ from wscompile.passes.calibration import MAX_SAMPLES, Calibrator, describe
 from wscompile.passes.methods import method_spec
 from wscompile.passes.select import SelectionConfig, build_plan
 from wscompile.plan import SelectionPlan
+from wscompile.progress import Progress
 from wscompile.weights import ModuleSource, TensorSource, open_weights
 from wscompile.writer import WriteConfig, Written, write_student
 
@@ -120,6 +121,7 @@ def compile(
     log: Log | None = None,
     warn: Log | None = None,
     student_values: Callable[[SelectionPlan], nn.Module] | None = None,
+    progress: Progress | None = None,
 ) -> Compiled:
     """Run every stage; ``write=False`` keeps the state_dict out of memory (a dry run, or ``outputs.weights``).
 
@@ -132,6 +134,7 @@ def compile(
     asks for ``MIN_MATCHED_SHARE``; Python callers get any partial plan by default).
     ``student_values`` gives the student with values for a student planned on the meta device (the CLI
     builds it on the CPU, with its library's seeded init, only when the plan keeps some of that init).
+    ``progress`` says on stderr which stage runs and how long each took (by default nothing is shown).
     """
     source = teacher_source or ModuleSource(teacher)
     policy = parse_layer_policy(layer_policy)
@@ -139,26 +142,34 @@ def compile(
                              layer_policy=policy.text, heads=heads, rescale=rescale, seed=seed,
                              select_head=select_head, allow_partial=allow_partial)
     outputs = outputs or Outputs()
-    log = log or _quiet
+    progress = progress or Progress()
+    log = progress.lines(log or _quiet)
+    warn = progress.lines(warn) if warn else None
     # 1. trace: both models into the IR (torch.fx, falling back to torch.export)
-    traced = trace(teacher, student, teacher_inputs, student_inputs, teacher_spec, student_spec)
+    traced = trace(teacher, student, teacher_inputs, student_inputs, teacher_spec, student_spec, progress=progress)
     # 2. calibrate: the teacher run on real inputs in bounded batches, observed lazily by hooks (when needed)
     calibrator = calibrate(teacher, traced.teacher, config, policy, calibration, calibration_label)
-    # 3. align: stages and blocks (layer selection by the policy), then components inside blocks
-    alignment = align(traced.teacher, traced.student, layer_policy=policy,
-                      block_similarity=calibrator.block_similarity if calibrator else None, allow_partial=allow_partial)
-    # 4. plan: per coupled dimension, the teacher indices each student tensor keeps; enough must match
-    student_state = student.state_dict()
-    teacher_keys = {key: (source.shape(key), source.dtype(key)) for key in source.keys()}
-    plan = build_plan(alignment, traced.teacher, traced.student, student_state, teacher_keys, config,
-                      teacher_source=source, calibration=calibrator)
+    with progress.stage(planning_label(calibrator)):
+        # 3. align: stages and blocks (layer selection by the policy), then components inside blocks
+        alignment = align(traced.teacher, traced.student, layer_policy=policy,
+                          block_similarity=calibrator.block_similarity if calibrator else None,
+                          allow_partial=allow_partial)
+        # 4. plan: per coupled dimension, the teacher indices each student tensor keeps; enough must match
+        student_state = student.state_dict()
+        teacher_keys = {key: (source.shape(key), source.dtype(key)) for key in source.keys()}
+        plan = build_plan(alignment, traced.teacher, traced.student, student_state, teacher_keys, config,
+                          teacher_source=source, calibration=calibrator)
     record_origin(plan, teacher_origin)
     check_coverage(plan, alignment, traced.student, min_share=min_matched_share, allow_partial=allow_partial)
     # 5. write: exactly the planned teacher elements, streamed to the output or into a state_dict
     if student_values is not None:
         student = student_values(plan)
         student_state = student.state_dict()
-    state = apply_plan(plan, source, student_state) if write else None
+    state = None
+    if write:
+        with progress.stage("reading the teacher's selected values"):
+            state = apply_plan(plan, source, student_state)
+    # (a file or folder is written under its own bar: WriteConfig.progress)
     written = write_student(outputs.weights, plan, source, student) if outputs.weights else None
     warn_nonfinite(plan, warn)
     log(reports.render_summary(plan))
@@ -168,7 +179,8 @@ def compile(
     try:
         # 6. export: the initialized student to ONNX, checked against PyTorch with onnxruntime
         if outputs.export:
-            plan.export = export(student, student_inputs, outputs.export, _written_state(compiled, student), log)
+            plan.export = export(student, student_inputs, outputs.export, _written_state(compiled, student), log,
+                                 progress)
     finally:
         # 7. record: manifest and report last, so they say what the export wrote (or that nothing was)
         compiled.recorded = write_records(plan, outputs)
@@ -178,10 +190,23 @@ def compile(
 
 
 def trace(teacher: nn.Module, student: nn.Module, teacher_inputs: Inputs, student_inputs: Inputs,
-          teacher_spec: str = "<module>", student_spec: str = "<module>") -> Traced:
+          teacher_spec: str = "<module>", student_spec: str = "<module>", *,
+          progress: Progress | None = None) -> Traced:
     """Stage 1: both models traced into the IR on their example inputs."""
-    return Traced(frontend.trace(teacher, _on_device(teacher_inputs, teacher), label=f"teacher {teacher_spec}"),
-                  frontend.trace(student, _on_device(student_inputs, student), label=f"student {student_spec}"))
+    progress = progress or Progress()
+    graphs = []
+    for role, model, inputs, spec in (("teacher", teacher, teacher_inputs, teacher_spec),
+                                      ("student", student, student_inputs, student_spec)):
+        with progress.stage(f"tracing {role} {spec}"):
+            graphs.append(frontend.trace(model, _on_device(inputs, model), label=f"{role} {spec}"))
+    return Traced(*graphs)
+
+
+def planning_label(calibrator: Calibrator | None) -> str:
+    """What stages 3 and 4 say they do; the teacher's calibration run, lazy, happens inside them."""
+    if calibrator is None:
+        return "matching layers and planning the selection"
+    return f"running the teacher on {calibrator.description}, matching layers and planning the selection"
 
 
 def calibration_wanted(method: str, policy: LayerPolicy) -> str | None:
@@ -248,15 +273,16 @@ def check_coverage(plan: SelectionPlan, alignment: Alignment, student_graph: nx.
 
 
 def export(student: nn.Module, student_inputs: Inputs, config: ExportConfig, state: dict[str, torch.Tensor],
-           log: Log):
+           log: Log, progress: Progress | None = None):
     """Stage 6: ``student`` holding ``state`` exported to ONNX and verified; returns the manifest's ExportSummary."""
     from wscompile.backend.results import export_summary
 
     student.load_state_dict(state)
-    return export_summary(export_onnx(student, student_inputs, config, log))
+    return export_summary(export_onnx(student, student_inputs, config, log, progress))
 
 
-def export_onnx(student: nn.Module, student_inputs: Inputs, config: ExportConfig, log: Log):
+def export_onnx(student: nn.Module, student_inputs: Inputs, config: ExportConfig, log: Log,
+                progress: Progress | None = None):
     """``backend.export_student`` with ``config``; returns its ExportResult."""
     from wscompile.backend.export import export_student
 
@@ -265,7 +291,7 @@ def export_onnx(student: nn.Module, student_inputs: Inputs, config: ExportConfig
             student, student_inputs, config.make_inputs, config.path, kind=config.kind, opset=config.opset,
             fp16=config.fp16, int8=config.int8, calib=config.calibration() if config.calibration else None,
             force=config.force, log=log, ort=config.ort, optimize=config.optimize, device=config.device,
-            atol=config.atol, batch_size=config.batch_size,
+            atol=config.atol, batch_size=config.batch_size, progress=progress,
         )
 
 

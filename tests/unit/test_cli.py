@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 
 import pytest
 import timm
@@ -125,9 +127,10 @@ print(code, sorted(name for name in ("torch", "networkx", "timm", "transformers"
         (["ini"], 2),  # unknown subcommand
         (["apply", "--help"], 0),
         (["apply", "--manifest", "absent.json", "--out", "s.safetensors"], 2),  # no such manifest
+        (["diff", "--teacher", "timm:a", "--student", "timm:b", "--quiet", "--progress"], 2),  # contradiction
     ],
     ids=["help", "init-help", "version", "missing-flag", "misspelt-flag", "ambiguous-out", "unknown-command",
-         "apply-help", "apply-no-manifest"],
+         "apply-help", "apply-no-manifest", "quiet-and-progress"],
 )
 def test_help_and_argument_errors_import_no_torch(argv, status, tmp_path):
     import subprocess
@@ -155,9 +158,23 @@ def test_export_verifies_and_a_corrupted_onnx_fails_with_per_output_differences(
     from onnx import numpy_helper
 
     weights, model = tmp_path / "s.safetensors", tmp_path / "s.onnx"
-    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(weights), "--onnx", str(model)]) == 0
-    assert "logits" in capsys.readouterr().out
-    assert main(["export", "--student", STUDENT, "--weights", str(weights), "--onnx", str(model), "--verify-only"]) == 0
+    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(weights), "--onnx", str(model),
+                 "--progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "parity logits" in out
+    # the export and its parity check each say what they do, then their time, on one stderr line
+    assert re.search(rf"^exporting the student to ONNX \({re.escape(str(model))}\)\.\.\. done in \d+\.\d s$", err, re.M)
+    assert re.search(rf"^checking {re.escape(str(model))} against PyTorch with onnxruntime\.\.\. done in \d+\.\d s$",
+                     err, re.M)
+    verify = ["export", "--student", STUDENT, "--weights", str(weights), "--onnx", str(model), "--verify-only"]
+    assert main(verify) == 0
+    plain = capsys.readouterr()
+    assert main([*verify, "--progress"]) == 0
+    shown = capsys.readouterr()
+    assert shown.out == plain.out and "parity logits" in plain.out and plain.err == ""
+    assert re.search(r"^building student .*\.\.\. done in \d+\.\d s$", shown.err, re.M)
+    assert re.search(rf"^checking {re.escape(str(model))} against PyTorch with onnxruntime\.\.\. done in", shown.err,
+                     re.M)
 
     proto = onnx.load(str(model))
     biggest = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
@@ -200,3 +217,51 @@ def test_init_onnx_records_the_export_in_the_manifest_and_report(tmp_path):
     main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(tmp_path / "t.safetensors"),
           "--manifest", str(tmp_path / "t.json"), "--allow-random-teacher"])
     assert json.loads((tmp_path / "t.json").read_text())["export"] is None
+
+
+STAGE_LINE = re.compile(r"^(?P<label>.+)\.\.\. done in \d+\.\d s$", re.M)
+
+
+def test_progress_says_every_stage_on_stderr_and_leaves_stdout_alone(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s.safetensors"
+    init = ["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(out), "--allow-random-teacher", "--force"]
+    # stderr is not a terminal under capsys: no progress unless asked
+    assert main(init) == 0
+    plain = capsys.readouterr()
+    assert plain.err == "" and plain.out.startswith(f"student {STUDENT}:")
+
+    assert main([*init, "--progress"]) == 0
+    shown = capsys.readouterr()
+    assert shown.out == plain.out
+    stages = STAGE_LINE.findall(shown.err)
+    assert stages == [
+        "counting the memory the run needs",
+        f"building teacher {TEACHER}",
+        f"building student {STUDENT}",
+        f"tracing teacher {TEACHER}",
+        f"tracing student {STUDENT}",
+        "matching layers and planning the selection",
+        f"building student {STUDENT} with its own init",  # the head is kept at the student's init
+    ]
+    assert "writing student" in shown.err  # the bar while the teacher is read
+
+    # a terminal turns it on by default; --no-progress and --quiet turn it off
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(init) == 0
+    assert STAGE_LINE.findall(capsys.readouterr().err) == stages
+    assert main([*init, "--no-progress"]) == 0
+    assert capsys.readouterr() == plain
+    assert main([*init, "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+
+
+def test_quiet_keeps_warnings_and_diffs_report(tmp_path, capsys):
+    out = tmp_path / "s.safetensors"
+    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(out), "-q"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.out == "" and quiet.err.startswith("warning: teacher") and quiet.err.count("\n") == 1
+    assert main(["diff", "--teacher", TEACHER, "--student", STUDENT]) == 0
+    report = capsys.readouterr().out
+    assert main(["diff", "--teacher", TEACHER, "--student", STUDENT, "--quiet"]) == 0
+    assert capsys.readouterr() == (report, "")
+    assert "stage 0 (blocks, 2 blocks) <- stage 0 (blocks, 4 blocks)" in report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -75,3 +76,17 @@ def test_every_format_and_coverage_equals_what_init_selected(pair, tmp_path, ber
         selected += saved[key].numel()
     assert selected == doc["coverage"]["selected_params"]
     assert "<svg" in html.read_text()
+
+    # every stage reads `student <- teacher` in each format, and the text report keeps each name
+    # whole with its block count (ConvNeXt's "stage 2 (stages.2.blocks, 9 blocks)" is long)
+    text, md, page = ((tmp_path / f"diff.{fmt}").read_text() for fmt in ("text", "md", "html"))
+    for stage in doc["stages"]:
+        if stage["teacher"] is None:
+            continue
+        assert f"{stage['student_depth']} blocks) <- " in text and f", {stage['teacher_depth']} blocks)" in text
+        assert f"{stage['student']} \\<- {stage['teacher']}" in md
+        assert f"{stage['student']} &lt;- {stage['teacher']}" in page
+    names = re.findall(r"stage \d+ \([^()]*\)", text)
+    assert names and all(re.fullmatch(r"stage \d+ \([^(),]+, \d+ blocks?\)", name) for name in names), names
+    for rendered in (text, md, page):  # (a layout change such as "reshape linear->conv1x1" is no pairing)
+        assert not re.search(r" (->|-&gt;) ", rendered), re.search(r".* (->|-&gt;) .*", rendered)[0]

@@ -187,8 +187,8 @@ def make_plan(*, name_prefix: str = "") -> SelectionPlan:
         for i in range(STUDENT_DEPTH)
     ]
     stage = StagePair(
-        student="stage 0 (blocks)",
-        teacher="stage 0 (blocks)",
+        student=f"stage 0 ({name_prefix}blocks, {STUDENT_DEPTH} blocks)",  # as matching/blocks.py names stages
+        teacher=f"stage 0 (blocks, {TEACHER_DEPTH} blocks)",
         student_depth=STUDENT_DEPTH,
         teacher_depth=TEACHER_DEPTH,
         policy="first",
@@ -364,7 +364,7 @@ def test_text_report(plan):
     lines = text.splitlines()
     assert all(len(line) <= WIDTH for line in lines), max(lines, key=len)
     assert "\x1b" not in text
-    assert "stage 0 (blocks) -> stage 0 (blocks): 2 of 4 blocks (first; alignment cost 0.00)" in text
+    assert "stage 0 (blocks, 2 blocks) <- stage 0 (blocks, 4 blocks): 2 of 4 blocks (first; alignment cost 0.00)" in text
     assert f"({plan.coverage.fraction:.1%})" in text
     assert f"({plan.coverage.fraction_no_head:.1%})" in text
     for expected in (
@@ -390,6 +390,59 @@ def test_text_report_color_and_truncation():
     colored = render(plan, "text", color=True)
     assert "\x1b[" in colored
     assert ANSI.sub("", colored) == plain
+
+
+STAGE_START = re.compile(r"stage \d+ \(")
+
+
+@pytest.mark.parametrize("width", [WIDTH, 80, 60, 40])
+def test_narrow_text_report_never_cuts_a_stage_block_count(width):
+    from wscompile.reports import build_report
+    from wscompile.reports.text import STAGE_NAME, render_text
+
+    plan = make_plan(name_prefix="encoder.transformer.very_long_module_name.")
+    text = render_text(build_report(plan), width=width)
+    assert all(len(line) <= width for line in text.splitlines())
+    # the long student path is shortened, yet every stage name shown ends in its own block count
+    assert "very_long_module_name.blocks," not in text
+    shown = [line[m.start():] for line in text.splitlines() for m in STAGE_START.finditer(line)]
+    assert shown
+    for rest in shown:
+        whole = STAGE_NAME.match(rest)
+        assert whole, rest
+        assert whole[3] in (f", {STUDENT_DEPTH} blocks)", f", {TEACHER_DEPTH} blocks)"), rest
+    if width >= 60:  # room for both names of the layer-map title
+        assert f"({STUDENT_DEPTH} blocks)" not in text  # (the path is never dropped whole: '…' stays)
+        assert f", {STUDENT_DEPTH} blocks) <- stage 0 (" in text and f", {TEACHER_DEPTH} blocks)" in text
+
+
+def test_truncate_middle_keeps_stage_counts_and_cuts_other_text_in_the_middle():
+    from wscompile.reports.text import truncate_middle
+
+    line = "stage 1 (stages.1.blocks, 3 blocks) <- stage 1 (stages.1.blocks, 9 blocks): 3 of 9 blocks (first)"
+    assert truncate_middle(line, len(line)) == line
+    # 4 columns short: each module path gives 2, cut in its middle; the rest of the line is untouched
+    assert truncate_middle(line, len(line) - 4) == (
+        "stage 1 (stag…1.blocks, 3 blocks) <- stage 1 (stag…1.blocks, 9 blocks): 3 of 9 blocks (first)"
+    )
+    # paths down to '…', then the end is cut: after the names, or before a name it would split
+    assert truncate_middle(line, 50) == "stage 1 (…, 3 blocks) <- stage 1 (…, 9 blocks): 3…"
+    assert truncate_middle(line, 40) == "stage 1 (…, 3 blocks) <- …"
+    assert truncate_middle("blocks.11.mlp.fc1.weight", 20) == "blocks…lp.fc1.weight"  # a third kept from the start
+
+
+def test_reports_say_student_from_teacher(plan):
+    """One arrow convention: `student <- teacher`, never `->` between a student and a teacher name."""
+    text, md, page = render(plan, "text"), render(plan, "md"), render(plan, "html")
+    student_stage, teacher_stage = plan.stages[0].student, plan.stages[0].teacher
+    assert f"{student_stage} <- {teacher_stage}" in text
+    assert f"{student_stage} \\<- {teacher_stage}" in md  # '<' escaped: renders as `<-`
+    assert f"{student_stage} &lt;- {teacher_stage}" in page
+    assert f"<title>wscompile: {plan.student_spec} &lt;- {plan.teacher_spec}</title>" in page
+    group = plan.groups[0]
+    assert f"{group.student_size} <- {group.teacher_size}" in text
+    for rendered in (text, md, page):
+        assert "->" not in rendered and "-&gt;" not in rendered
 
 
 def test_text_report_without_coverage(plan):

@@ -61,6 +61,7 @@ from wscompile.backend.verify import (
 )
 from wscompile.errors import ExportError, OutputError, ValidationError
 from wscompile.outputs import atomic_output, check_outputs
+from wscompile.progress import Progress
 
 # Protobuf caps a serialized model at 2 GiB; leave room for the graph and constants the exporter folds.
 EXTERNAL_DATA_ABOVE = 2**31 - 2**28
@@ -90,6 +91,7 @@ def export_student(
     latency_runs: int = 20,
     force: bool = False,
     log: Callable[[str], None] = print,
+    progress: Progress | None = None,
 ) -> ExportResult:
     """Export a student to ONNX, verify it with onnxruntime, and optionally write fp16/int8/.ort copies.
 
@@ -120,7 +122,8 @@ def export_student(
         rtol: Relative tolerance of the fp32 parity checks.
         latency_runs: Timed runs per runtime after warm-up; 0 skips latency.
         force: Overwrite existing output files.
-        log: Receives one progress line per step and per output.
+        log: Receives one line per step and per output.
+        progress: Says on stderr which step runs and how long each took; by default nothing.
 
     Returns:
         Paths, exporter, dynamic axes, opset, sizes, parity checks, variant agreement and latency.
@@ -149,7 +152,8 @@ def export_student(
     staging = _make_staging(onnx_path)
     was_training = model.training
     model.eval()
-    settings = _Settings(kind, opset, variants, ort, optimize, device, batch_size, calib, atol, rtol, latency_runs)
+    settings = _Settings(kind, opset, variants, ort, optimize, device, batch_size, calib, atol, rtol, latency_runs,
+                         progress or Progress())
     try:
         result = _export_staged(model, inputs, make_inputs, onnx_path, staging, settings, log)
         _install(staging, targets, force)
@@ -175,6 +179,7 @@ class _Settings:
     atol: float
     rtol: float
     latency_runs: int
+    progress: Progress  # a status line per step on stderr (when enabled)
 
 
 @dataclass
@@ -198,11 +203,13 @@ def _export_staged(
     log: Callable[[str], None],
 ) -> ExportResult:
     """Every step of export_student, writing into ``staging`` under the final file names."""
-    kind, device = settings.kind, settings.device
+    kind, device, progress = settings.kind, settings.device, settings.progress
     staged = _staged(staging, onnx_path)
     external_data = _weight_bytes(model) > EXTERNAL_DATA_ABOVE
-    names = output_names(model, inputs, kind)
-    exported = _export_first_that_runs(model, inputs, make_inputs, staged, names, settings, external_data, log)
+    with progress.holding(f"exporting the student to ONNX ({onnx_path})", log) as step_log:
+        names = output_names(model, inputs, kind)
+        exported = _export_first_that_runs(model, inputs, make_inputs, staged, names, settings, external_data,
+                                           step_log)
     written_opset = _opset(staged)
     log(
         f"exported {onnx_path} with the {exported.attempt.exporter} exporter (opset {written_opset}, "
@@ -210,52 +217,59 @@ def _export_staged(
     )
 
     variant_paths = {name: _staged(staging, variant_path(onnx_path, name)) for name in settings.variants}
-    methods = {
-        name: _write_variant(name, staged, path, settings.calib, external_data) for name, path in variant_paths.items()
-    }
+    copies = " and ".join(settings.variants) + (" copy" if len(settings.variants) == 1 else " copies")
+    with progress.stage(f"writing the {copies}" if settings.variants else None):
+        methods = {name: _write_variant(name, staged, path, settings.calib, external_data)
+                   for name, path in variant_paths.items()}  # fmt: skip
     if settings.optimize:
-        for path in [staged, *variant_paths.values()]:
-            optimize_in_place(path, settings.optimize, device=device, external_data=external_data)
+        with progress.stage(f"applying onnxruntime {settings.optimize} graph optimizations"):
+            for path in [staged, *variant_paths.values()]:
+                optimize_in_place(path, settings.optimize, device=device, external_data=external_data)
         log(f"applied onnxruntime {settings.optimize} graph optimizations to {len(variant_paths) + 1} file(s)")
 
-    session = open_session(staged, device)
-    try:
-        checks = check_parity(
-            session,
-            onnx_path,
-            model,
-            exported.verify_inputs,
-            kind=kind,
-            atol=settings.atol,
-            rtol=settings.rtol,
-            log=log,
-        )
-    except ValidationError as e:
-        raise ValidationError(f"{e}; {onnx_path} was not written") from e
+    with progress.holding(f"checking {onnx_path} against PyTorch with onnxruntime", log) as step_log:
+        session = open_session(staged, device)
+        try:
+            checks = check_parity(
+                session,
+                onnx_path,
+                model,
+                exported.verify_inputs,
+                kind=kind,
+                atol=settings.atol,
+                rtol=settings.rtol,
+                log=step_log,
+            )
+        except ValidationError as e:
+            raise ValidationError(f"{e}; {onnx_path} was not written") from e
 
-    reference = _torch_batches(model, exported.agreement_inputs, kind)
     variant_results, variant_sessions = [], []
-    for name, path in variant_paths.items():
-        variant_session = open_session(path, device)
-        cosine, max_abs, top1 = agreement(_session_batches(variant_session, exported.agreement_inputs), reference, kind)
-        final = variant_path(onnx_path, name)
-        variant = VariantResult(name, methods[name], final, _size(path), cosine, max_abs, top1, ort_ms=None)
-        log(
-            f"{name} ({variant.method}) {final}: {_mb(variant.size_bytes)}, cosine {cosine:.5f}, "
-            f"max abs diff {max_abs:.3g}" + (f", top-1 agreement {top1:.0%}" if top1 is not None else "")
-        )
-        variant_results.append(variant)
-        variant_sessions.append(variant_session)
+    with progress.holding(f"comparing the {copies} with PyTorch" if settings.variants else None, log) as step_log:
+        reference = _torch_batches(model, exported.agreement_inputs, kind)
+        for name, path in variant_paths.items():
+            variant_session = open_session(path, device)
+            cosine, max_abs, top1 = agreement(_session_batches(variant_session, exported.agreement_inputs), reference,
+                                              kind)  # fmt: skip
+            final = variant_path(onnx_path, name)
+            variant = VariantResult(name, methods[name], final, _size(path), cosine, max_abs, top1, ort_ms=None)
+            step_log(
+                f"{name} ({variant.method}) {final}: {_mb(variant.size_bytes)}, cosine {cosine:.5f}, "
+                f"max abs diff {max_abs:.3g}" + (f", top-1 agreement {top1:.0%}" if top1 is not None else "")
+            )
+            variant_results.append(variant)
+            variant_sessions.append(variant_session)
 
     ort_files = []
     if settings.ort:
         sources = [(FP32, staged, onnx_path)] + [(n, p, variant_path(onnx_path, n)) for n, p in variant_paths.items()]
-        for name, path, final in sources:
-            ort_files.append(_write_ort_copy(name, path, final, model, exported, reference, settings, log))
+        with progress.holding("writing and checking the .ort copies", log) as step_log:
+            for name, path, final in sources:
+                ort_files.append(_write_ort_copy(name, path, final, model, exported, reference, settings, step_log))
     latency_inputs = inputs if BATCH_AXIS in _axis_names(exported.attempt) else exported.export_inputs
-    measured = _measure_latency(
-        model, latency_inputs, session, variant_results, variant_sessions, settings.latency_runs, log
-    )
+    with progress.holding("timing PyTorch and onnxruntime" if settings.latency_runs > 0 else None, log) as step_log:
+        measured = _measure_latency(
+            model, latency_inputs, session, variant_results, variant_sessions, settings.latency_runs, step_log
+        )
     return ExportResult(
         onnx_path=onnx_path,
         data_path=onnx_path + ".data" if external_data else None,

@@ -129,7 +129,7 @@ def render_html(plan: SelectionPlan, report: Report) -> str:
     if report.notes:
         items = "".join(f"<li>{escape(note)}</li>" for note in report.notes)
         notes = f'<section id="notes"><h2>Notes</h2><ul>{items}</ul></section>'
-    title = f"wscompile: {plan.teacher_spec} -> {plan.student_spec}"
+    title = f"wscompile: {plan.student_spec} <- {plan.teacher_spec}"
     return "\n".join(
         [
             "<!DOCTYPE html>",

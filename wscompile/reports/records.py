@@ -135,7 +135,7 @@ def _stage_line(stage: StagePair) -> str:
     if stage.teacher is None:
         return f"{stage.student}: no teacher stage ({_blocks(stage.student_depth)})"
     return (
-        f"{stage.student} -> {stage.teacher}: {stage.student_depth} of {_blocks(stage.teacher_depth)} ({stage.policy}"
+        f"{stage.student} <- {stage.teacher}: {stage.student_depth} of {_blocks(stage.teacher_depth)} ({stage.policy}"
         f"{_by_structure(stage)}; alignment cost {stage.cost:.2f})"
     )
 
@@ -259,11 +259,11 @@ def _group_table(plan: SelectionPlan) -> Table:
         title=f"Coupled dimensions ({len(plan.groups)})",
         columns=[
             Column("group", NAME),
-            Column("teacher -> student", FIXED),
+            Column("student <- teacher", FIXED),
             Column("rule", FIXED),
             Column("members", NUMBER),
         ],
-        rows=[[g.id, f"{g.teacher_size} -> {g.student_size}", g.rule, str(len(g.members))] for g in plan.groups],
+        rows=[[g.id, f"{g.student_size} <- {g.teacher_size}", g.rule, str(len(g.members))] for g in plan.groups],
         tones=[None] * len(plan.groups),
     )
 

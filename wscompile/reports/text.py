@@ -2,11 +2,14 @@
 
 Cells that do not fit are cut in the middle with '…', which keeps both the module prefix and the
 parameter name of a state_dict key (``blocks.11.mlp.fc1.weight`` -> ``blocks.1….fc1.weight``).
-ANSI colour is added after the layout so it never changes a column's width.
+A stage's name is never cut across its block count: only the module path inside it shrinks
+(``stage 1 (stages.1.blocks, 3 blocks)`` -> ``stage 1 (sta…ks, 3 blocks)``). ANSI colour is added
+after the layout so it never changes a column's width.
 """
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 from wscompile.plan import SelectionPlan
@@ -30,6 +33,9 @@ COLUMN_GAP = "  "
 MIN_SHRUNK_WIDTH = 8  # below this a truncated name stops being recognisable
 SHRINK_ORDER = (TEXT, NAME)  # prose gives way first, then names; other kinds only as a last resort
 
+# A stage's name as matching/blocks.py spells it: the module path (group 2) is all that may be shortened.
+STAGE_NAME = re.compile(r"(stage \d+ \()([^(),]+)(, \d+ blocks?\))")
+
 BOLD = "1"
 TONE_COLORS = {TONE_SELECT: "36", TONE_COPY: "32", TONE_INIT: "33", TONE_UNUSED: "2"}
 
@@ -38,14 +44,38 @@ def truncate_middle(text: str, width: int) -> str:
     """``text`` cut to ``width`` characters by replacing a middle part with '…'.
 
     Two thirds of what is kept is the end: in a state_dict key the end (block index, layer,
-    parameter) tells rows apart, the start is mostly a prefix they share.
+    parameter) tells rows apart, the start is mostly a prefix they share. Stage names in ``text``
+    shrink first, their module paths only (``_shrink_stage_paths``); if that is not enough, the
+    end is cut instead, before any stage name it would split, so every stage name left keeps its
+    block count.
     """
     if len(text) <= width:
         return text
+    if STAGE_NAME.search(text):
+        text = _shrink_stage_paths(text, width)
+        if len(text) <= width:
+            return text
+        # A stage name the cut would split goes whole, so no block count is left cut in two.
+        cut = max(width - 1, 0)
+        cut = next((m.start() for m in STAGE_NAME.finditer(text) if m.start() < cut < m.end()), cut)
+        return text[:cut] + "…"[:width]
     if width <= 1:
         return "…"[:width]
     head = (width - 1) // 3
     return text[:head] + "…" + text[len(text) - (width - 1 - head) :]
+
+
+def _shrink_stage_paths(text: str, width: int) -> str:
+    """``text`` with the module paths of its stage names cut in the middle, the longest first, until
+    it fits ``width`` or every path is down to '…'."""
+    paths = [m[2] for m in STAGE_NAME.finditer(text)]
+    lengths = [len(p) for p in paths]
+    excess = len(text) - width
+    while excess > 0 and max(lengths) > 1:
+        lengths[lengths.index(max(lengths))] -= 1
+        excess -= 1
+    shrunk = iter(truncate_middle(p, n) for p, n in zip(paths, lengths, strict=True))
+    return STAGE_NAME.sub(lambda m: m[1] + next(shrunk) + m[3], text)
 
 
 def _truncate(text: str, width: int, kind: str) -> str:
@@ -74,8 +104,8 @@ def _fit_widths(columns: list[Column], rows: list[list[str]], budget: int) -> li
     return widths
 
 
-def _table_lines(table: Table, color: bool) -> list[str]:
-    lines = [_paint(truncate_middle(table.title, WIDTH), BOLD, color)]
+def _table_lines(table: Table, color: bool, width: int) -> list[str]:
+    lines = [_paint(truncate_middle(table.title, width), BOLD, color)]
     if not table.rows:
         return [*lines, INDENT + "none"]
     # NOTE columns leave the grid: their text goes on a line of its own under the row.
@@ -83,7 +113,7 @@ def _table_lines(table: Table, color: bool) -> list[str]:
     notes = [i for i, column in enumerate(table.columns) if column.kind == NOTE]
     columns = [table.columns[i] for i in grid]
     rows = [[row[i] for i in grid] for row in table.rows]
-    widths = _fit_widths(columns, rows, WIDTH - len(INDENT))
+    widths = _fit_widths(columns, rows, width - len(INDENT))
 
     def cells(texts: list[str]) -> list[str]:
         return [
@@ -110,26 +140,26 @@ def _table_lines(table: Table, color: bool) -> list[str]:
             if full_row[i]:
                 lines += textwrap.wrap(
                     f"{table.columns[i].header}: {full_row[i]}",
-                    WIDTH,
+                    width,
                     initial_indent=note_indent,
                     subsequent_indent=note_indent + "  ",
                 )
     return lines
 
 
-def render_text(report: Report, *, color: bool = False) -> str:
-    """The report as plain text; ANSI colour only when ``color``."""
+def render_text(report: Report, *, color: bool = False, width: int = WIDTH) -> str:
+    """The report as plain text at most ``width`` columns wide; ANSI colour only when ``color``."""
     lines = [_paint(report.title, BOLD, color)]
     label_width = max(len(label) for label, _ in report.summary)
     for label, value in report.summary:
-        line = truncate_middle(f"{INDENT}{label.ljust(label_width)}  {value}", WIDTH)
+        line = truncate_middle(f"{INDENT}{label.ljust(label_width)}  {value}", width)
         lines.append(line.rstrip())
     for table in report.tables:
-        lines += ["", *_table_lines(table, color)]
+        lines += ["", *_table_lines(table, color, width)]
     if report.notes:
         lines += ["", _paint("Notes", BOLD, color)]
         for note in report.notes:
-            lines += textwrap.wrap(note, WIDTH, initial_indent=INDENT + "- ", subsequent_indent=INDENT + "  ")
+            lines += textwrap.wrap(note, width, initial_indent=INDENT + "- ", subsequent_indent=INDENT + "  ")
     return "\n".join(lines) + "\n"
 
 
