@@ -275,8 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--max-shard-size", type=_bytes, default=5 * 10**9, metavar="SIZE",
                        help="largest shard of a directory --out (default 5GB)")
     apply.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="as for init (not in the manifest)")
-    apply.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                       help="progress bar on stderr (default: when stderr is a terminal)")
     apply.add_argument("--strict", action="store_true", help="NaN or inf among the teacher values read is an error")
     _common(apply)
     apply.set_defaults(seed=None)  # the manifest's seed unless given
@@ -368,7 +366,8 @@ def _run(args: argparse.Namespace) -> int:
             manifest=args.manifest, out=args.out, teacher_weights=args.teacher_weights, student=args.student,
             teacher=args.teacher, seed=args.seed, force=args.force, input_shape=args.input_shape,
             trust_remote_code=args.trust_remote_code, unsafe_pickle=args.unsafe_pickle,
-            allow_outside_paths=args.allow_outside_paths, progress=args.progress, max_shard_size=args.max_shard_size,
+            allow_outside_paths=args.allow_outside_paths, progress=False if args.quiet else args.progress,
+            max_shard_size=args.max_shard_size,
             dtype=args.dtype, strict=args.strict))
         return 0
 

@@ -364,7 +364,9 @@ def test_text_report(plan):
     lines = text.splitlines()
     assert all(len(line) <= WIDTH for line in lines), max(lines, key=len)
     assert "\x1b" not in text
-    assert "stage 0 (blocks, 2 blocks) <- stage 0 (blocks, 4 blocks): 2 of 4 blocks (first; alignment cost 0.00)" in text
+    # the words after the stage names give way to the width first: both block counts stay whole
+    assert "stage 0 (blocks, 2 blocks) <- stage 0 (blocks, 4 blocks): 2 of 4 blocks (first; ali" in text
+    assert "alignment cost 0.00" in render(plan, "md")
     assert f"({plan.coverage.fraction:.1%})" in text
     assert f"({plan.coverage.fraction_no_head:.1%})" in text
     for expected in (
@@ -421,10 +423,13 @@ def test_truncate_middle_keeps_stage_counts_and_cuts_other_text_in_the_middle():
 
     line = "stage 1 (stages.1.blocks, 3 blocks) <- stage 1 (stages.1.blocks, 9 blocks): 3 of 9 blocks (first)"
     assert truncate_middle(line, len(line)) == line
-    # 4 columns short: each module path gives 2, cut in its middle; the rest of the line is untouched
+    # 4 columns short: the words after the last stage name give way first
     assert truncate_middle(line, len(line) - 4) == (
-        "stage 1 (stag…1.blocks, 3 blocks) <- stage 1 (stag…1.blocks, 9 blocks): 3 of 9 blocks (first)"
+        "stage 1 (stages.1.blocks, 3 blocks) <- stage 1 (stages.1.blocks, 9 blocks): 3 of 9 blocks (f…"
     )
+    # too short for both names whole: each module path is cut in its middle, the rest untouched
+    shorter = line.removesuffix(": 3 of 9 blocks (first)")
+    assert truncate_middle(shorter, len(shorter) - 4) == "stage 1 (stag…1.blocks, 3 blocks) <- stage 1 (stag…1.blocks, 9 blocks)"
     # paths down to '…', then the end is cut: after the names, or before a name it would split
     assert truncate_middle(line, 50) == "stage 1 (…, 3 blocks) <- stage 1 (…, 9 blocks): 3…"
     assert truncate_middle(line, 40) == "stage 1 (…, 3 blocks) <- …"
@@ -627,3 +632,4 @@ def test_write_report(plan, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["plan.json"], "no temporary file left behind"
     with pytest.raises(OutputError, match="does not exist"):
         write_report(plan, str(tmp_path / "missing" / "plan.md"))
+

@@ -44,14 +44,17 @@ def truncate_middle(text: str, width: int) -> str:
     """``text`` cut to ``width`` characters by replacing a middle part with '…'.
 
     Two thirds of what is kept is the end: in a state_dict key the end (block index, layer,
-    parameter) tells rows apart, the start is mostly a prefix they share. Stage names in ``text``
-    shrink first, their module paths only (``_shrink_stage_paths``); if that is not enough, the
-    end is cut instead, before any stage name it would split, so every stage name left keeps its
-    block count.
+    parameter) tells rows apart, the start is mostly a prefix they share. In a text holding stage
+    names, what follows the last one is cut first; then the names' module paths shrink
+    (``_shrink_stage_paths``); if that is not enough, the end is cut instead, before any stage name
+    it would split, so every stage name left keeps its block count.
     """
     if len(text) <= width:
         return text
     if STAGE_NAME.search(text):
+        last_end = max(m.end() for m in STAGE_NAME.finditer(text))
+        if width - 1 >= last_end:  # the words after the last stage name give way first
+            return text[: width - 1] + "…"
         text = _shrink_stage_paths(text, width)
         if len(text) <= width:
             return text
