@@ -30,6 +30,7 @@ from wscompile.passes.calibration import Calibrator
 from wscompile.passes.choice import Evidence, MethodSpec, Scorer
 from wscompile.passes.choose import choose
 from wscompile.passes.collect import collect
+from wscompile.passes.grow import grow
 from wscompile.passes.heads import HEAD_MODES, SPLIT, WHOLE, attention_layouts, rule_name
 from wscompile.passes.layout import teacher_index, to_student_layout
 from wscompile.passes.methods import METHODS, method_spec
@@ -44,7 +45,7 @@ from wscompile.passes.settle import (
     untraced_pairs,
     unused_teacher,
 )
-from wscompile.plan import SelectionPlan
+from wscompile.plan import GROW_WIDEN, GROWTH_RULES, SelectionPlan
 from wscompile.weights import TensorSource
 
 __all__ = ["METHODS", "SelectionConfig", "build_plan", "teacher_index", "to_student_layout"]
@@ -63,9 +64,12 @@ class SelectionConfig:
     seed: int = 0  # seed of the random method
     select_head: bool = False  # also select the classifier head
     allow_partial: bool = False  # keep the student's init for tensors larger than their teacher match
+    growth: str = GROW_WIDEN  # with allow_partial: how a dimension the student is larger in fills its extra units
 
     def __post_init__(self) -> None:
         method_spec(self.method)
+        if self.growth not in GROWTH_RULES:
+            raise SelectionError(f"unknown growth rule {self.growth!r}; choose from {', '.join(GROWTH_RULES)}")
         if self.heads not in HEAD_MODES:
             raise SelectionError(f"unknown head mode {self.heads!r}; choose from {', '.join(HEAD_MODES)}")
 
@@ -98,13 +102,17 @@ def build_plan(
     layouts = attention_layouts(alignment, teacher_graph, student_graph, heads=config.heads)
     # 1. collect: tensors paired by role, axes by layout; grouped axes wait for their indices
     collected = collect(alignment, teacher_graph, student_graph, select_head=config.select_head,
-                        structured_axes={axis for attention in layouts for axis in attention.axes()})
-    # 2. choose: one index set per coupled dimension, and per head for attention laid out by heads
+                        structured_axes={axis for attention in layouts for axis in attention.axes()},
+                        grow=config.allow_partial)
+    # 2. choose: one index set per coupled dimension, and per head for attention laid out by heads;
+    #    a dimension the student is larger in keeps every teacher unit and grows the rest
     chosen = choose(collected.pending, dimensions.linked, layouts, method, scorer, seed=config.seed,
                     unobserved=evidence.unobserved, whole_heads=config.heads == WHOLE)
+    grown = grow(collected.pending, dimensions.linked, student_graph, rule=config.growth)
     # 3. settle: rules read their group's indices; sizes checked; untraced, ties, dtypes, unused accounted
     records, groups = settle_groups(collected, chosen, dimensions.spaces, dimensions.linked, method=config.method,
-                                    heads_rule=rule_name(config.method, config.heads), rescale=config.rescale)
+                                    heads_rule=rule_name(config.method, config.heads), rescale=config.rescale,
+                                    grown=grown)
     check_sizes(alignment, collected.too_large, allow_partial=config.allow_partial)
     untraced = untraced_pairs(alignment, teacher_graph, student_graph, [k for k in student_state if k not in records],
                               teacher_keys)

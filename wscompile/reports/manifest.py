@@ -32,6 +32,7 @@ def _axis(axis: AxisRule) -> dict[str, Any]:
         "step": axis.step,
         "indices": None if axis.indices is None else list(axis.indices),
         "offset": axis.offset,
+        **({"divide": True} if axis.divide else {}),  # only on an input axis grown by widen
     }
 
 
@@ -115,6 +116,9 @@ def plan_to_dict(plan: SelectionPlan) -> dict[str, Any]:
             "selected_params_no_head": coverage.selected_params_no_head,
             "total_params_no_head": coverage.total_params_no_head,
             "fraction_no_head": coverage.fraction_no_head,
+            # only when some group grows (absent otherwise)
+            **({"grown_params": coverage.grown_params, "grown_params_no_head": coverage.grown_params_no_head}
+               if any(g.growth for g in plan.groups) else {}),
         },
         "stages": [_stage(s) for s in plan.stages],
         "groups": [
@@ -125,6 +129,8 @@ def plan_to_dict(plan: SelectionPlan) -> dict[str, Any]:
                 "members": list(g.members),
                 "rule": g.rule,
                 "indices": list(g.indices),
+                # only a group the student is larger in (absent otherwise)
+                **({"growth": g.growth, "replicas": g.replicas, "growth_note": g.growth_note} if g.growth else {}),
             }
             for g in plan.groups
         ],

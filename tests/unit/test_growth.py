@@ -1,0 +1,102 @@
+"""Growth (--allow-partial): a student wider than its teacher reads every teacher unit and fills the rest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import wscompile
+from wscompile.errors import SelectionError
+from wscompile.reports.manifest import plan_to_dict, validate_manifest
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, norm: str | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, width)
+        self.norm = nn.LayerNorm(width) if norm == "layer" else nn.Identity()
+        self.fc2 = nn.Linear(width, hidden)
+        self.fc3 = nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(self.norm(torch.relu(self.fc1(x))))))
+
+
+class ConvStack(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.out = nn.Conv2d(width, 4, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.conv2(torch.relu(self.bn(self.conv1(x))))))
+
+
+def _seeded(model: nn.Module, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.uniform_(0.5, 2.0)
+            elif name.endswith("running_mean"):
+                b.normal_()
+    return model.eval()
+
+
+X = torch.randn(5, 8)
+IMAGE = torch.randn(2, 3, 8, 8)
+
+
+def test_widened_mlp_computes_the_teacher_function():
+    teacher, student = _seeded(MLP(6, 5), 0), _seeded(MLP(10, 5), 1)
+    plan = wscompile.initialize(teacher, student, X, allow_partial=True, select_head=True)
+    grown = [g for g in plan.groups if g.growth]
+    assert len(grown) == 1 and grown[0].growth == "widen"
+    assert grown[0].indices == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3] and grown[0].replicas == [2, 2, 2, 2, 1, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(student(X), teacher(X), atol=1e-5, rtol=1e-5)
+    assert plan.coverage.grown_params == 4 * 8 + 4 + 5 * 4  # fc1 rows and bias, fc2 columns
+    assert plan.coverage.selected_params + plan.coverage.grown_params == plan.coverage.total_params
+    validate_manifest(plan_to_dict(plan))
+
+
+def test_widened_conv_stack_computes_the_teacher_function():
+    teacher, student = _seeded(ConvStack(4), 0), _seeded(ConvStack(7), 1)
+    wscompile.initialize(teacher, student, IMAGE, allow_partial=True, select_head=True)
+    with torch.no_grad():
+        torch.testing.assert_close(student(IMAGE), teacher(IMAGE), atol=1e-5, rtol=1e-5)
+
+
+def test_a_layer_norm_over_the_grown_channels_widens_only_when_every_unit_is_replicated_equally():
+    teacher = _seeded(MLP(4, 5, norm="layer"), 0)
+    even = _seeded(MLP(8, 5, norm="layer"), 1)
+    wscompile.initialize(teacher, even, X, allow_partial=True, select_head=True)
+    with torch.no_grad():
+        torch.testing.assert_close(even(X), teacher(X), atol=1e-5, rtol=1e-5)
+    uneven = _seeded(MLP(6, 5, norm="layer"), 1)
+    plan = wscompile.initialize(teacher, uneven, X, allow_partial=True, select_head=True)
+    group = next(g for g in plan.groups if g.growth)
+    assert group.growth == "init" and "layer_norm" in group.growth_note
+
+
+def test_init_growth_copies_the_teacher_part_and_keeps_the_rest():
+    teacher, student = _seeded(MLP(6, 5), 0), _seeded(MLP(10, 5), 1)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    plan = wscompile.initialize(teacher, student, X, allow_partial=True, growth="init")
+    assert next(g for g in plan.groups if g.growth).growth == "init"
+    assert torch.equal(student.fc1.weight[:6], teacher.fc1.weight)
+    assert torch.equal(student.fc1.weight[6:], before["fc1.weight"][6:])
+    assert torch.equal(student.fc2.weight[:, :6], teacher.fc2.weight)
+    assert torch.equal(student.fc2.weight[:, 6:], before["fc2.weight"][:, 6:])
+    assert plan.coverage.grown_params == 0
+    assert plan.coverage.selected_params_no_head == 6 * 8 + 6 + 5 * 6 + 5
+
+
+def test_a_wider_student_is_still_refused_without_allow_partial():
+    with pytest.raises(SelectionError, match=r"larger than their teacher match.*pass --allow-partial"):
+        wscompile.initialize(_seeded(MLP(6, 5), 0), _seeded(MLP(10, 5), 1), X)
