@@ -100,3 +100,17 @@ def test_init_growth_copies_the_teacher_part_and_keeps_the_rest():
 def test_a_wider_student_is_still_refused_without_allow_partial():
     with pytest.raises(SelectionError, match=r"larger than their teacher match.*pass --allow-partial"):
         wscompile.initialize(_seeded(MLP(6, 5), 0), _seeded(MLP(10, 5), 1), X)
+
+
+def test_reports_show_grown_tensors_and_groups_in_their_own_tone():
+    from wscompile.reports.records import TONE_GROWN, build_report
+
+    teacher, student = _seeded(MLP(6, 5), 0), _seeded(MLP(10, 5), 1)
+    plan = wscompile.initialize(teacher, student, X, allow_partial=True)
+    report = build_report(plan)
+    tensors = next(t for t in report.tables if t.id == "tensors")
+    grown = {row[0] for row, tone in zip(tensors.rows, tensors.tones, strict=True) if tone == TONE_GROWN}
+    assert grown == {"fc1.weight", "fc1.bias", "fc2.weight"}
+    groups = next(t for t in report.tables if t.id == "groups")
+    assert groups.tones.count(TONE_GROWN) == 1
+    assert any(label == "grown" for label, _ in report.summary)

@@ -16,6 +16,7 @@ from wscompile.reports.records import (
     NUMBER,
     TEXT,
     TONE_COPY,
+    TONE_GROWN,
     TONE_INIT,
     TONE_SELECT,
     TONE_UNUSED,
@@ -31,7 +32,7 @@ MIN_SHRUNK_WIDTH = 8  # below this a truncated name stops being recognisable
 SHRINK_ORDER = (TEXT, NAME)  # prose gives way first, then names; other kinds only as a last resort
 
 BOLD = "1"
-TONE_COLORS = {TONE_SELECT: "36", TONE_COPY: "32", TONE_INIT: "33", TONE_UNUSED: "2"}
+TONE_COLORS = {TONE_SELECT: "36", TONE_COPY: "32", TONE_INIT: "33", TONE_UNUSED: "2", TONE_GROWN: "35"}
 
 
 def truncate_middle(text: str, width: int) -> str:
