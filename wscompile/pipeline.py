@@ -147,7 +147,7 @@ def compile(
     calibrator = calibrate(teacher, traced.teacher, config, policy, calibration, calibration_label)
     # 3. align: stages and blocks (layer selection by the policy), then components inside blocks
     alignment = align(traced.teacher, traced.student, layer_policy=policy,
-                      block_similarity=calibrator.block_similarity if calibrator else None)
+                      block_similarity=calibrator.block_similarity if calibrator else None, allow_partial=allow_partial)
     # 4. plan: per coupled dimension, the teacher indices each student tensor keeps; enough must match
     student_state = student.state_dict()
     teacher_keys = {key: (source.shape(key), source.dtype(key)) for key in source.keys()}

@@ -77,6 +77,10 @@ class BlockPair:
     teacher: str | None  # teacher module path, None if the student block has no counterpart
     components_matched: int  # student components mapped inside the block
     components_total: int  # student components in the block
+    # 1 - score / best score of the pair (matching.align.BlockScores): 0 when every component matches
+    # structurally and the teacher is at least as large on every axis; 1 with no teacher block
+    cost: float = 1.0
+    chosen_by: str = "policy"  # "policy": the layer policy's pick; "structure": a better-matching block replaced it
 
 
 @dataclass
@@ -90,6 +94,7 @@ class StagePair:
     policy: str  # layer policy: "first" (the paper's first-N), "uniform", "last", "drop-middle", "importance", "explicit"
     blocks: list[BlockPair] = field(default_factory=list)  # one per student block, in order
     teacher_blocks: list[str] = field(default_factory=list)  # every teacher block path, in order
+    cost: float = 1.0  # 1 - summed block scores / their best, over every student block (0: a perfect fit)
 
 
 @dataclass

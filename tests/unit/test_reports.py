@@ -192,8 +192,9 @@ def make_plan(*, name_prefix: str = "") -> SelectionPlan:
         student_depth=STUDENT_DEPTH,
         teacher_depth=TEACHER_DEPTH,
         policy="first",
-        blocks=[BlockPair(f"{name_prefix}blocks.{i}", f"blocks.{i}", 6, 6) for i in range(STUDENT_DEPTH)],
+        blocks=[BlockPair(f"{name_prefix}blocks.{i}", f"blocks.{i}", 6, 6, cost=0.0) for i in range(STUDENT_DEPTH)],
         teacher_blocks=[f"blocks.{i}" for i in range(TEACHER_DEPTH)],
+        cost=0.0,
     )
     return SelectionPlan(
         teacher_spec="timm:vit_small_patch16_224",
@@ -363,7 +364,7 @@ def test_text_report(plan):
     lines = text.splitlines()
     assert all(len(line) <= WIDTH for line in lines), max(lines, key=len)
     assert "\x1b" not in text
-    assert "stage 0 (blocks) -> stage 0 (blocks): 2 of 4 blocks (first)" in text
+    assert "stage 0 (blocks) -> stage 0 (blocks): 2 of 4 blocks (first; alignment cost 0.00)" in text
     assert f"({plan.coverage.fraction:.1%})" in text
     assert f"({plan.coverage.fraction_no_head:.1%})" in text
     for expected in (

@@ -1,12 +1,18 @@
 """Align a student graph with its teacher: layer selection, then component mapping.
 
 1. Both models are cut into loose components and stages of repeated blocks (``blocks.py``).
-2. The two element sequences are aligned in execution order (a longest-common-subsequence
-   dynamic program): a component pairs with a component of the same family, a stage with a stage
-   whose blocks have the same width-free structure (or, failing that, share most components).
-3. Layer selection: student block ``i`` of a stage takes teacher block ``L[i]`` of the stage it
-   aligns with, ``L`` given by the layer policy (``layers.py``; default "first": ``L[i] = i``,
-   first-N per stage, the paper's best policy).
+2. The two element sequences are aligned in execution order (a dynamic program maximizing the
+   summed score): a component pairs with a component of the same family (score 1, +0.25 when its
+   non-channel axes are equal), a stage with a stage by the best order-preserving map of their
+   blocks (``BlockScores``: 1 per structurally matched component, +0.25 where the teacher's is at
+   least as large on every axis), so a student stage finds the teacher stage of its structure
+   wherever it is, not the one at its position.
+3. Layer selection: the layer policy (``layers.py``; default "first": ``L[i] = i``, first-N per
+   stage, the paper's best policy) proposes teacher block ``L[i]`` for student block ``i``; the
+   order-preserving block map of highest score keeps as many of those as it can
+   (``choose_blocks``), so the policy decides among equally good blocks and a teacher block that
+   fits better (right structure, at least as large) replaces one that does not. Each block pair
+   records its cost (1 - score / best score) and whether the policy or the structure chose it.
 4. Component mapping inside a block pair: VF2 subgraph isomorphism (networkx) on the two blocks'
    component graphs, nodes compared by family, edges by argument position. Among isomorphisms
    the one that best keeps execution order wins. Blocks with different structure (a ResNet
@@ -28,12 +34,14 @@ from networkx.algorithms import isomorphism
 from wscompile import ir
 from wscompile.errors import MatchError
 from wscompile.matching.blocks import Component, Element, Stage, block_hashes, segment
-from wscompile.matching.layers import EXPLICIT, LayerPolicy, parse_layer_policy, teacher_blocks
+from wscompile.matching.layers import EXPLICIT, LayerPolicy, choose_blocks, parse_layer_policy, teacher_blocks
 from wscompile.matching.structure import Structure
 from wscompile.plan import BlockPair, StagePair
 
 NO_LAYER_HERE = "no teacher layer of this kind at this position"
 MAX_ISOMORPHISMS = 64  # candidates scored per block pair; blocks have few symmetric mappings
+MIN_ALIGNED_SHARE = 0.5  # of the student's components outside the head; below it align() refuses the pair
+FIT_BONUS = 0.25  # score of a teacher component at least as large as the student's on every axis, on top of 1
 
 
 @dataclass
@@ -54,12 +62,18 @@ class Alignment:
 
 
 def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str | LayerPolicy = "first",
-          block_similarity: Callable[[list[str]], dict[str, float]] | None = None) -> Alignment:
-    """Align ``student`` with ``teacher``; raises MatchError when nothing at all matches.
+          block_similarity: Callable[[list[str]], dict[str, float]] | None = None,
+          allow_partial: bool = False) -> Alignment:
+    """Align ``student`` with ``teacher``.
 
     ``layer_policy`` picks the teacher blocks of each stage (``layers.py``); the "importance" policy
     calls ``block_similarity`` once, with every teacher block of the aligned stages, for the cosine
     similarity of each block's input and output on calibration data.
+
+    Raises:
+        MatchError: nothing at all matches; or, unless ``allow_partial``, less than
+            ``MIN_ALIGNED_SHARE`` of the student's components outside the head found a teacher
+            counterpart (the message names the best-matched blocks).
     """
     policy = layer_policy if isinstance(layer_policy, LayerPolicy) else parse_layer_policy(layer_policy)
     t_struct, s_struct = Structure(teacher), Structure(student)
@@ -83,7 +97,8 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str | Layer
     parts: dict[int, tuple[int, int]] = {}
     assembled: dict[int, list[int]] = {}
     cache: dict[tuple[str, str], dict[int, tuple[int, int | None]]] = {}
-    sequence = _align_sequences(t_struct, s_struct, t_elements, s_elements)
+    scores = BlockScores(t_struct, s_struct)
+    sequence = _align_sequences(t_struct, s_struct, t_elements, s_elements, scores)
     similarities: dict[str, float] = {}
 
     def similarity(t_stage: Stage) -> list[float]:
@@ -104,27 +119,33 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str | Layer
             continue
         if s_el is None:
             continue
-        name, chosen = "first", []
+        name, picked, chosen = "first", [], []
         if t_el is not None:
             entry = len(t_el.block_hashes) > 1 or len(s_el.block_hashes) > 1
-            name, chosen = teacher_blocks(policy, s_el.index, s_el.label, len(t_el.blocks), len(s_el.blocks),
+            name, picked = teacher_blocks(policy, s_el.index, s_el.label, len(t_el.blocks), len(s_el.blocks),
                                           entry=entry, similarity=lambda t_el=t_el: similarity(t_el))
+            # the policy chooses among equally good teacher blocks; a better-matching one wins (explicit maps stand)
+            chosen = list(picked) if name == EXPLICIT else scores.stage(t_el, s_el, picked)[1]
         stage_pair = StagePair(
             student=s_el.label, teacher=t_el.label if t_el else None, student_depth=len(s_el.blocks),
             teacher_depth=len(t_el.blocks) if t_el else 0, policy=name,
             teacher_blocks=list(t_el.blocks) if t_el else [],
         )
+        achieved = possible = 0.0
         for i, s_block in enumerate(s_el.blocks):
             s_nodes = s_struct.components_in[s_block]
             for n in s_nodes:
                 block_of[n] = s_block
-            if t_el is None or i >= len(chosen):
-                reason = (f"student block {i} of {s_el.label} has no teacher block: the teacher stage has "
-                          f"{len(t_el.blocks)} blocks" if t_el else f"no teacher stage matches {s_el.label}")
+            possible += scores.best(s_block)
+            if t_el is None or i >= len(chosen) or chosen[i] is None:
+                reason = (f"student block {i} of {s_el.label} has no teacher block: {_why_none(t_el, picked, i)}"
+                          if t_el else f"no teacher stage matches {s_el.label}")
                 unmatched.update({n: reason for n in s_nodes})
                 stage_pair.blocks.append(BlockPair(s_block, None, 0, len(s_nodes)))
                 continue
             t_block = t_el.blocks[chosen[i]]
+            score = scores(t_block, s_block)
+            achieved += score
             t_nodes = t_struct.components_in[t_block]
             mapping = _map_block(t_struct, s_struct, t_nodes, s_nodes, cache)
             for n in s_nodes:
@@ -137,7 +158,10 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str | Layer
                     pairs[n] = assembled[n][0]
                 else:
                     unmatched[n] = f"no structural counterpart in teacher block {t_block}"
-            stage_pair.blocks.append(BlockPair(s_block, t_block, len(mapping), len(s_nodes)))
+            stage_pair.blocks.append(BlockPair(
+                s_block, t_block, len(mapping), len(s_nodes), cost=_cost(score, scores.best(s_block)),
+                chosen_by="policy" if i < len(picked) and picked[i] == chosen[i] else "structure"))
+        stage_pair.cost = _cost(achieved, possible)
         stages.append(stage_pair)
 
     _pair_leftovers(t_struct, s_struct, t_elements, pairs, unmatched)
@@ -155,7 +179,32 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str | Layer
             f"(e.g. {example}, a {s_struct.family[first]} layer, has no counterpart); "
             "are they the same family of model (e.g. both vision transformers)?"
         )
+    if not allow_partial:
+        check_aligned_share(s_struct, pairs, stages)
     return Alignment(pairs, unmatched, stages, _head(s_struct), _head(t_struct), block_of, parts, assembled)
+
+
+def check_aligned_share(s_struct: Structure, pairs: dict[int, int], stages: list[StagePair]) -> None:
+    """Refuse an alignment that pairs under ``MIN_ALIGNED_SHARE`` of the student's components outside the head."""
+    body = [n for n in s_struct.graph.nodes if n not in s_struct.head]
+    share = sum(n in pairs for n in body) / len(body) if body else 1.0
+    if share >= MIN_ALIGNED_SHARE:
+        return
+    blocks = sorted((pair.cost, pair.student, pair.teacher) for stage in stages for pair in stage.blocks if pair.teacher)
+    best = "; ".join(f"student {s} <- teacher {t} (cost {c:.2f})" for c, s, t in blocks[:2]) or "no block pairs"
+    raise MatchError(f"only {share:.0%} of the student's layers outside the head align with the teacher (under "
+                     f"{MIN_ALIGNED_SHARE:.0%}); best matched: {best}; are they the same family of model? "
+                     "pass --allow-partial to write it anyway")
+
+
+def _cost(score: float, best: float) -> float:
+    return round(1.0 - score / best, 4) if best else 1.0
+
+
+def _why_none(t_stage: Stage, picked: list[int], i: int) -> str:
+    if i >= len(picked):
+        return f"the teacher stage has {len(t_stage.blocks)} blocks"
+    return f"no teacher block of {t_stage.label} left in order matches its structure"
 
 
 def _local_fit(t_data: dict, s_data: dict) -> float | None:
@@ -212,7 +261,54 @@ def _head(structure: Structure) -> set[int]:
     return head
 
 
-def _element_score(t_struct: Structure, s_struct: Structure, t_el: Element, s_el: Element) -> float:
+class BlockScores:
+    """Scores of (teacher block, student block) pairs, memoized by the blocks' exact structure.
+
+    A pair scores per student component matched structurally (equal width-free structure: every
+    component, by position; otherwise the longest common subsequence of families, and nothing when
+    that is under half the block): ``1``, plus ``FIT_BONUS`` when the teacher component is at least
+    as large as the student's on every axis of every tensor (selection can then fill it whole).
+    """
+
+    def __init__(self, t_struct: Structure, s_struct: Structure) -> None:
+        self.t_struct, self.s_struct = t_struct, s_struct
+        self._cache: dict[tuple[str, str], float] = {}
+
+    def __call__(self, t_block: str, s_block: str) -> float:
+        t_struct, s_struct = self.t_struct, self.s_struct
+        key = (t_struct.subtree_hash(t_block), s_struct.subtree_hash(s_block))
+        if key not in self._cache:
+            t_nodes, s_nodes = t_struct.components_in[t_block], s_struct.components_in[s_block]
+            if t_struct.subtree_hash(t_block, "family") == s_struct.subtree_hash(s_block, "family"):
+                matched = dict(zip(s_nodes, t_nodes, strict=True))
+            else:
+                matched = _order_match(t_struct, s_struct, t_nodes, s_nodes)
+                if 2 * len(matched) < len(s_nodes):
+                    matched = {}
+            self._cache[key] = sum(1.0 + FIT_BONUS * _fits(t_struct.graph.nodes[t], s_struct.graph.nodes[s])
+                                   for s, t in matched.items())
+        return self._cache[key]
+
+    def best(self, s_block: str) -> float:
+        """The score of ``s_block`` against a teacher block equal in structure and larger everywhere."""
+        return (1.0 + FIT_BONUS) * len(self.s_struct.components_in[s_block])
+
+    def stage(self, t_stage: Stage, s_stage: Stage, preferred: list[int] | None = None) -> tuple[float, list[int | None]]:
+        """The best order-preserving block map of two stages: (its score, teacher block per student block)."""
+        scores = [[self(t, s) for t in t_stage.blocks] for s in s_stage.blocks]
+        return choose_blocks(scores, preferred)
+
+
+def _fits(t_data: dict, s_data: dict) -> bool:
+    """Whether every tensor of the teacher component is at least as large as the student's on every axis."""
+    t_slots, s_slots = t_data[ir.TENSORS], s_data[ir.TENSORS]
+    return len(t_slots) == len(s_slots) and all(
+        len(t.shape) == len(s.shape) and all(a >= b for a, b in zip(t.shape, s.shape, strict=True))
+        for t, s in zip(t_slots, s_slots, strict=True))
+
+
+def _element_score(t_struct: Structure, s_struct: Structure, t_el: Element, s_el: Element,
+                   blocks: BlockScores) -> float:
     if isinstance(t_el, Component) and isinstance(s_el, Component):
         if (t_el.node in t_struct.head) != (s_el.node in s_struct.head):
             return 0.0  # an output layer only pairs with an output layer
@@ -221,23 +317,20 @@ def _element_score(t_struct: Structure, s_struct: Structure, t_el: Element, s_el
         fit = _local_fit(t_struct.graph.nodes[t_el.node], s_struct.graph.nodes[s_el.node])
         return 0.0 if fit is None else 1.0 + fit
     if isinstance(t_el, Stage) and isinstance(s_el, Stage):
-        if t_el.family_hash == s_el.family_hash:
-            return 4.0
-        t_nodes = t_struct.components_in[t_el.blocks[0]]
-        s_nodes = s_struct.components_in[s_el.blocks[0]]
-        matched = len(_order_match(t_struct, s_struct, t_nodes, s_nodes))
-        return 3.0 * matched / len(s_nodes) if matched * 2 >= len(s_nodes) else 0.0
+        return blocks.stage(t_el, s_el)[0]
     return 0.0
 
 
 def _align_sequences(t_struct: Structure, s_struct: Structure, t_elements: list[Element],
-                     s_elements: list[Element]) -> list[tuple[Element | None, Element]]:
+                     s_elements: list[Element], blocks: BlockScores) -> list[tuple[Element | None, Element]]:
     """Order-preserving alignment maximizing the summed element scores."""
     n, m = len(t_elements), len(s_elements)
     score = [[0.0] * (m + 1) for _ in range(n + 1)]
+    pair_score = {(i, j): _element_score(t_struct, s_struct, t_elements[i], s_elements[j], blocks)
+                  for i in range(n) for j in range(m)}
     for i in range(n - 1, -1, -1):
         for j in range(m - 1, -1, -1):
-            here = _element_score(t_struct, s_struct, t_elements[i], s_elements[j])
+            here = pair_score[i, j]
             best = max(score[i + 1][j], score[i][j + 1])
             if here > 0:
                 best = max(best, here + score[i + 1][j + 1])
@@ -245,7 +338,7 @@ def _align_sequences(t_struct: Structure, s_struct: Structure, t_elements: list[
     out: list[tuple[Element | None, Element]] = []
     i = j = 0
     while j < m:
-        here = _element_score(t_struct, s_struct, t_elements[i], s_elements[j]) if i < n else 0.0
+        here = pair_score[i, j] if i < n else 0.0
         if i < n and here > 0 and score[i][j] == here + score[i + 1][j + 1]:
             out.append((t_elements[i], s_elements[j]))
             i, j = i + 1, j + 1

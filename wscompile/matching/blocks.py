@@ -1,7 +1,8 @@
 """Layer structure: cut a model into loose components and stages of repeated blocks.
 
-A *block* is a module that is repeated: consecutive sibling modules with equal exact subtree
-hashes (same components, same shapes, same wiring), each reading the previous one's output, and
+A *block* is a module that is repeated: consecutive sibling modules with equal width-free subtree
+hashes (same components and wiring; widths and kernel sizes may change along a stage), each
+reading the previous one's output, and
 either three or more of them or two of at least three components (two conv + norm pairs in a row
 are just nesting). A run of such siblings is a *stage*; it may open with an *entry block*
 of the same structure plus a few layers (a ResNet block with its downsample shortcut). A module that only occurs once in a model still counts as a block
@@ -31,7 +32,7 @@ class Stage:
 
     blocks: list[str]  # module paths of the blocks
     first_node: int  # execution order of the stage's first component
-    family_hash: str  # width-free hash of the first block
+    family_hash: str  # width-free hash of the repeated block (the entry block's may differ)
     parent: str  # module path holding the blocks
     index: int = 0  # position among the model's stages
     label: str = field(default="")
@@ -76,11 +77,15 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
         items.append((n, "component", n))
     items.sort(key=lambda item: item[0])
 
+    # siblings of stage containers (RegNet's s1 of one block beside s3 of several) are stages, not
+    # blocks: they compare exactly, so two one-block stages of different widths stay apart
+    label = "exact" if any(_holds_stage(structure, child) for child in structure.tree.get(path, [])) else "family"
+
     def run_end(start: int) -> int:
-        first = structure.subtree_hash(items[start][2])
+        first = structure.subtree_hash(items[start][2], label)
         end = start
         while (end + 1 < len(items) and items[end + 1][1] == "module"
-               and structure.subtree_hash(items[end + 1][2]) == first):
+               and structure.subtree_hash(items[end + 1][2], label) == first):
             end += 1
         return end
 
@@ -103,7 +108,6 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
             run = [value] + [items[k][2] for k in range(j + 1, end + 1)]
             j = end
         i = j + 1
-        repeated = run[1] if len(run) > 1 and structure.subtree_hash(run[0]) != structure.subtree_hash(run[1]) else run[0]
         hashes = tuple(dict.fromkeys(structure.subtree_hash(b, "family") for b in run))
         big_enough = all(len(comps[b]) >= 2 for b in run)
         # two repeats of a two-layer unit (conv + norm) is how people nest layers, not evidence of a stage
@@ -112,16 +116,33 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
             inner = _segment(structure, run[0], others)
             whole = set(comps[run[0]])
             # a stage inside the block is a deeper level of repetition, unless it is the block's
-            # own layers held in one child (``self.layers = ModuleList([...])``)
-            if not any(isinstance(e, Stage) and (len(e.blocks) > 1 or set(comps[e.blocks[0]]) != whole)
+            # own layers held in one child (``self.layers = ModuleList([...])``) or, in an entry
+            # block, its body beside a shortcut (torchvision RegNet's ``f`` next to ``proj``; a
+            # list holding one block, HF Swin's ``blocks`` beside ``downsample``, is a stage)
+            if not any(isinstance(e, Stage) and (len(e.blocks) > 1 or (
+                    set(comps[e.blocks[0]]) != whole and (e.parent != run[0] or _wraps_one(structure, e.blocks[0]))))
                        for e in inner):
-                out.append(Stage(blocks=run, first_node=order, family_hash=structure.subtree_hash(repeated, "family"),
+                out.append(Stage(blocks=run, first_node=order, family_hash=hashes[-1],
                                  parent=path, block_hashes=hashes))
                 continue
         for member in run:
             out.extend(e for e in _segment(structure, member, others) if not (isinstance(e, Component) and e.node in seen))
             seen.update(e.node for e in out if isinstance(e, Component))
     return out
+
+
+def _holds_stage(structure: Structure, path: str) -> bool:
+    """Whether ``path`` directly holds a run: two consecutive children of equal width-free structure,
+    or an entry block and the block it opens."""
+    children = [c for c in structure.tree.get(path, []) if len(structure.components_in.get(c, [])) >= 2]
+    return any(structure.subtree_hash(a, "family") == structure.subtree_hash(b, "family") or _is_entry(structure, a, b)
+               for a, b in zip(children, children[1:], strict=False))
+
+
+def _wraps_one(structure: Structure, path: str) -> bool:
+    """Whether every component of ``path`` lies in one child module (a wrapper, a list of one)."""
+    children = [c for c in structure.tree.get(path, []) if structure.components_in.get(c)]
+    return len(children) == 1 and len(structure.components_in[children[0]]) == len(structure.components_in[path])
 
 
 def _chained(structure: Structure, run: list[str]) -> bool:

@@ -16,6 +16,12 @@ Student block ``i`` of a stage takes teacher block ``L[i]``, with ``L`` ascendin
     "0:0,2,4;1:0,1"  an explicit map: student stage index -> teacher block indices (stages left
                  out take first-N)
 
+The policy proposes; ``choose_blocks`` decides. Among the order-preserving maps of student blocks to
+teacher blocks with the highest structural score (``align.BlockScores``), the one keeping most of
+the policy's picks wins, so the policy chooses among equally good blocks and its pick stands
+whenever the structures are equal (the paper's pairs), while a teacher block of another structure,
+or one narrower or with a smaller kernel than a later one, gives way.
+
 A stage that opens with an entry block (a downsampling block whose structure differs from the
 rest, ``Stage.block_hashes`` has two entries in either model) pins ``L[0] = 0`` under every policy
 but first (which does so anyway), and the policy chooses ``n_s - 1`` of the other ``n_t - 1``
@@ -117,3 +123,54 @@ def _choose(name: str, n_teacher: int, n_student: int, similarity: list[float]) 
     assert name == IMPORTANCE, name
     least_similar = sorted(range(n_teacher), key=lambda i: (similarity[i], i))[:n_student]
     return sorted(least_similar)
+
+
+def choose_blocks(scores: list[list[float]], preferred: list[int] | None = None) -> tuple[float, list[int | None]]:
+    """The order-preserving map of student blocks to teacher blocks with the highest summed score.
+
+    ``scores[i][j]`` scores student block ``i`` against teacher block ``j`` (0: they cannot pair).
+    Among maps of equal score the one agreeing with ``preferred`` (the layer policy's choice,
+    ``preferred[i]`` for student block ``i``; default first-N) on the most blocks wins, then the one
+    taking earlier teacher blocks, so a policy's choice stands whenever it is as good as any.
+
+    Returns:
+        (the summed score, the teacher block index of each student block or None).
+    """
+    n_student = len(scores)
+    n_teacher = len(scores[0]) if scores else 0
+    if preferred is None:
+        preferred = list(range(min(n_teacher, n_student)))
+    wanted = [preferred[i] if i < len(preferred) else None for i in range(n_student)]
+    # best[i][j]: (score, -disagreements) of the best map of student blocks i.. onto teacher blocks j..
+    best = [[(0.0, 0)] * (n_teacher + 1) for _ in range(n_student + 1)]
+    for i in range(n_student - 1, -1, -1):
+        best[i][n_teacher] = (best[i + 1][n_teacher][0], best[i + 1][n_teacher][1] - (wanted[i] is not None))
+        for j in range(n_teacher - 1, -1, -1):
+            best[i][j] = max(_options(scores, wanted, best, i, j))[0]
+    chosen: list[int | None] = []
+    i = j = 0
+    while i < n_student:
+        if j == n_teacher:
+            chosen.append(None)
+            i += 1
+            continue
+        _, move = max(_options(scores, wanted, best, i, j))
+        if move == 2:
+            chosen.append(j)
+            i, j = i + 1, j + 1
+        elif move == 1:
+            j += 1
+        else:
+            chosen.append(None)
+            i += 1
+    return best[0][0][0], chosen
+
+
+def _options(scores: list[list[float]], wanted: list[int | None], best: list[list[tuple[float, int]]],
+             i: int, j: int) -> list[tuple[tuple[float, int], int]]:
+    """The three moves at (student i, teacher j) with their values; equal values prefer pairing (2),
+    then skipping the teacher block (1), then leaving the student block without one (0)."""
+    options = [((best[i + 1][j][0], best[i + 1][j][1] - (wanted[i] is not None)), 0), (best[i][j + 1], 1)]
+    if scores[i][j] > 0:
+        options.append(((scores[i][j] + best[i + 1][j + 1][0], best[i + 1][j + 1][1] - (wanted[i] != j)), 2))
+    return options

@@ -18,7 +18,7 @@ from wscompile.errors import MissingDependencyError, ValidationError
 from wscompile.plan import AxisRule, SelectionPlan, StagePair, TensorRecord
 
 # Major: a field removed, renamed or changing meaning. Minor: a field added.
-SCHEMA_VERSION = "1.5"
+SCHEMA_VERSION = "1.6"
 MAX_LISTED_PROBLEMS = 20  # a wholly wrong document would otherwise give thousands
 
 
@@ -67,10 +67,13 @@ def _stage(stage: StagePair) -> dict[str, Any]:
                 "teacher": pair.teacher,
                 "components_matched": pair.components_matched,
                 "components_total": pair.components_total,
+                "cost": pair.cost,
+                "chosen_by": pair.chosen_by,
             }
             for pair in stage.blocks
         ],
         "teacher_blocks": list(stage.teacher_blocks),
+        "cost": stage.cost,
     }
 
 

@@ -144,8 +144,14 @@ def _stage_line(stage: StagePair) -> str:
     if stage.teacher is None:
         return f"{stage.student}: no teacher stage ({_blocks(stage.student_depth)})"
     return (
-        f"{stage.student} -> {stage.teacher}: {stage.student_depth} of {_blocks(stage.teacher_depth)} ({stage.policy})"
+        f"{stage.student} -> {stage.teacher}: {stage.student_depth} of {_blocks(stage.teacher_depth)} ({stage.policy}"
+        f"{_by_structure(stage)}; alignment cost {stage.cost:.2f})"
     )
+
+
+def _by_structure(stage: StagePair) -> str:
+    replaced = sum(pair.chosen_by == "structure" for pair in stage.blocks)
+    return f", {replaced} by structure" if replaced else ""
 
 
 def _summary(plan: SelectionPlan) -> list[tuple[str, str]]:
@@ -202,7 +208,9 @@ def _layer_table(plan: SelectionPlan, index: int, stage: StagePair) -> Table:
             status = f"no teacher block; {share} from teacher"
         else:
             taken.add(pair.teacher)
-            status = f"{pair.components_matched}/{pair.components_total} components; {share} from teacher"
+            chosen = "; chosen by structure" if pair.chosen_by == "structure" else ""
+            status = (f"{pair.components_matched}/{pair.components_total} components; {share} from teacher; "
+                      f"cost {pair.cost:.2f}{chosen}")
         rows.append([pair.student, pair.teacher or NONE_CELL, status])
         tones.append(TONE_SELECT if pair.teacher is not None else TONE_INIT)
     for teacher_block in stage.teacher_blocks:

@@ -1,0 +1,180 @@
+"""Structure-aware layer selection: student blocks pair with teacher blocks by structure and size,
+not position; first-N stands where the structures are equal; poor alignments are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import wscompile
+from wscompile.errors import MatchError
+from wscompile.matching.layers import choose_blocks
+from wscompile.reports import plan_to_dict, validate_manifest
+
+
+class Plain(nn.Module):
+    """conv -> norm -> conv -> norm with a residual: a block whose width-free structure ignores
+    the kernel size, so kernel changes along a stage keep one stage."""
+
+    def __init__(self, c: int, k: int = 3, hidden: int | None = None):
+        super().__init__()
+        h = hidden or c
+        self.conv1, self.bn1 = nn.Conv2d(c, h, k, padding=k // 2, bias=False), nn.BatchNorm2d(h)
+        self.conv2, self.bn2 = nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+class Gated(Plain):
+    """Plain plus a squeeze-excitation gate: a different structure."""
+
+    def __init__(self, c: int, k: int = 3, hidden: int | None = None):
+        super().__init__(c, k, hidden)
+        h = hidden or c
+        self.reduce, self.expand = nn.Conv2d(h, 4, 1), nn.Conv2d(4, h, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = y * torch.sigmoid(self.expand(torch.relu(self.reduce(y.mean((2, 3), keepdim=True)))))
+        return x + self.bn2(self.conv2(y))
+
+
+class Stages(nn.Module):
+    """A stem, then one ``nn.Sequential`` per stage, each built from ``(block class, kernel, hidden)``."""
+
+    def __init__(self, stages: list[list[tuple[type, int, int | None]]], c: int = 8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.stages = nn.ModuleList(nn.Sequential(*[kind(c, k, h) for kind, k, h in stage]) for stage in stages)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x.mean((2, 3)))
+
+
+X = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+P, G = (Plain, 3, None), (Gated, 3, None)
+
+
+def _pairs(plan) -> list[list[str | None]]:
+    return [[b.teacher for b in stage.blocks] for stage in plan.stages]
+
+
+def _init(teacher, student, **kw):
+    torch.manual_seed(0)
+    return wscompile.initialize(teacher.eval(), student.eval(), X, select_head=True, **kw)
+
+
+def test_a_stage_pairs_with_the_teacher_stage_of_its_structure_not_its_position():
+    # teacher stages [P P P] [P P P] [G G G]; student [P P] [G G]: the student's second stage is the teacher's third
+    teacher, student = Stages([[P] * 3, [P] * 3, [G] * 3]), Stages([[P] * 2, [G] * 2])
+    plan = _init(teacher, student)
+    assert _pairs(plan) == [["stages.0.0", "stages.0.1"], ["stages.2.0", "stages.2.1"]]
+    assert all(b.chosen_by == "policy" and b.cost == 0.0 for s in plan.stages for b in s.blocks)
+    assert plan.coverage.fraction_no_head == 1.0
+    with torch.no_grad():  # equal widths: the gated student block computes the teacher's block exactly
+        y = teacher.stages[2][0](teacher.stem(X))
+        torch.testing.assert_close(student.stages[1][0](teacher.stem(X)), y)
+
+
+def test_blocks_of_one_run_pair_by_structure_inside_a_stage():
+    # teacher one run [P P G G G] (structurally different blocks in one Sequential), student [P G G]
+    teacher, student = Stages([[P, P, G, G, G]]), Stages([[P, G, G]])
+    plan = _init(teacher, student)
+    assert [s.blocks[0].teacher for s in plan.stages] == ["stages.0.0", "stages.0.2"]
+    assert _pairs(plan)[-1] == ["stages.0.2", "stages.0.3"]
+    assert plan.coverage.fraction_no_head == 1.0
+
+
+def test_a_kernel_change_along_a_stage_keeps_one_stage_and_larger_teacher_blocks_win():
+    # teacher [k3 k3 k5 k5 k5], student [k3 k5 k5]: first-N would give the student's 5x5 blocks 3x3 teachers
+    k3, k5 = (Plain, 3, None), (Plain, 5, None)
+    teacher, student = Stages([[k3, k3, k5, k5, k5]]), Stages([[k3, k5, k5]])
+    plan = _init(teacher, student)
+    (stage,) = plan.stages
+    assert stage.teacher_depth == 5 and stage.student_depth == 3  # one stage on both sides
+    assert [b.teacher for b in stage.blocks] == ["stages.0.0", "stages.0.2", "stages.0.3"]
+    assert [b.chosen_by for b in stage.blocks] == ["policy", "structure", "structure"]
+    assert stage.cost == 0.0 and plan.coverage.fraction_no_head == 1.0
+    manifest = plan_to_dict(plan)
+    validate_manifest(manifest)
+    assert [b["chosen_by"] for b in manifest["stages"][0]["blocks"]] == ["policy", "structure", "structure"]
+    with torch.no_grad():  # same widths and kernels: the 5x5 student block is teacher block 2
+        torch.testing.assert_close(student.stages[0][1].conv1.weight, teacher.stages[0][2].conv1.weight)
+
+
+def test_teacher_blocks_at_least_as_wide_are_preferred():
+    # one family-equal run whose hidden width grows: [8 8 32 32] -> a student of hidden 24 takes blocks 2, 3
+    wide = [(Plain, 3, 8), (Plain, 3, 8), (Plain, 3, 32), (Plain, 3, 32)]
+    plan = _init(Stages([wide]), Stages([[(Plain, 3, 24)] * 2]))
+    assert _pairs(plan) == [["stages.0.2", "stages.0.3"]]
+    assert plan.coverage.fraction_no_head == 1.0
+
+
+@pytest.mark.parametrize("policy", ["first", "uniform", "last", "drop-middle"])
+def test_width_multiplied_copies_keep_the_policy_choice(policy):
+    # width-multiplied student of equal structure: every policy's pick stands, by position
+    teacher = Stages([[P] * 2, [G] * 6], c=16)
+    student = Stages([[P] * 2, [G] * 3], c=8)
+    plan = _init(teacher, student, layer_policy=policy)
+    assert all(b.chosen_by == "policy" for s in plan.stages for b in s.blocks)
+    expected = {"first": [0, 1, 2], "uniform": [0, 2, 4], "last": [3, 4, 5], "drop-middle": [0, 1, 5]}[policy]
+    assert _pairs(plan)[1] == [f"stages.1.{i}" for i in expected]
+    assert all(b.cost == 0.0 for s in plan.stages for b in s.blocks)
+
+
+def test_choose_blocks_prefers_score_then_the_policy_then_earlier_blocks():
+    flat = [[1.0, 1.0, 1.0]] * 2
+    assert choose_blocks(flat) == (2.0, [0, 1])  # equal: first-N
+    assert choose_blocks(flat, [0, 2]) == (2.0, [0, 2])  # equal: the policy's pick
+    assert choose_blocks([[1.0, 1.0, 3.0], [1.0, 1.0, 1.0]], [0, 1]) == (3.0, [2, None])  # a better score wins
+    assert choose_blocks([[1.0, 1.0, 1.0], [0.5, 1.0, 1.0]], [1, 2]) == (2.0, [1, 2])
+    assert choose_blocks([[0.0, 2.0], [0.0, 0.0]]) == (2.0, [1, None])  # 0: cannot pair
+    assert choose_blocks([[1.0], [1.0], [1.0]]) == (1.0, [0, None, None])  # deeper student: first takes it
+
+
+class Mixed(nn.Module):
+    """The stem and one Plain block of ``Stages``, then a stack of per-pixel Linear + LayerNorm blocks."""
+
+    def __init__(self, depth: int = 6):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.conv = Plain(8)
+        self.mlp = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)) for _ in range(depth)])
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.conv(self.stem(x))
+        return self.head(self.mlp(x.permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+def test_poor_alignment_is_refused_with_the_best_matched_blocks():
+    teacher = Stages([[P] * 3])
+    with pytest.raises(MatchError, match=r"^only 33% of the student's layers outside the head align with the teacher "
+                                         r"\(under 50%\); best matched: student conv <- teacher stages\.0\.0 "
+                                         r"\(cost 0\.00\); .* pass --allow-partial"):
+        _init(teacher, Mixed())
+    plan = _init(teacher, Mixed(), allow_partial=True)
+    assert _pairs(plan)[0] == ["stages.0.0"] and plan.stages[0].cost == 0.0
+    assert {r.rule for r in plan.tensors if r.student.startswith("mlp.")} == {"student-init"}
+
+
+def test_mobilenetv3_large_to_small_pairs_stages_by_structure():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    teacher = timm.create_model("mobilenetv3_large_100", pretrained=False).eval()
+    student = timm.create_model("mobilenetv3_small_100", pretrained=False).eval()
+    plan = wscompile.initialize(teacher, student, torch.randn(1, 3, 64, 64), allow_partial=True)
+    # the small model's squeeze-excite stages (blocks.3, blocks.4) take the large one's (blocks.4, blocks.5),
+    # skipping its plain blocks.3; by position they took blocks.3 and lost a third of the student
+    by_stage = {s.blocks[0].student.rsplit(".", 1)[0]: {b.teacher.rsplit(".", 1)[0] for b in s.blocks if b.teacher}
+                for s in plan.stages}
+    assert by_stage == {"blocks.1": {"blocks.1"}, "blocks.2": {"blocks.2"}, "blocks.3": {"blocks.4"},
+                        "blocks.4": {"blocks.5"}}
+    assert all(b.components_matched == b.components_total for s in plan.stages for b in s.blocks)
+    assert plan.coverage.fraction_no_head >= 0.90
