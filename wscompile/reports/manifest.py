@@ -18,7 +18,7 @@ from wscompile.errors import MissingDependencyError, ValidationError
 from wscompile.plan import AxisRule, SelectionPlan, StagePair, TensorRecord
 
 # Major: a field removed, renamed or changing meaning. Minor: a field added.
-SCHEMA_VERSION = "1.6"
+SCHEMA_VERSION = "1.7"
 MAX_LISTED_PROBLEMS = 20  # a wholly wrong document would otherwise give thousands
 
 
