@@ -60,6 +60,9 @@ class TensorRecord:
     # like a tensor of its own and fills one slice; the slices are concatenated along ``parts_axis``.
     parts: list[TensorRecord] = field(default_factory=list)
     parts_axis: int | None = None
+    # A block beyond its teacher stage's depth (--allow-partial): the teacher block it repeats; its
+    # elements count as grown. None otherwise.
+    repeats: str | None = None
 
     @property
     def numel(self) -> int:

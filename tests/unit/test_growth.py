@@ -114,3 +114,37 @@ def test_reports_show_grown_tensors_and_groups_in_their_own_tone():
     groups = next(t for t in report.tables if t.id == "groups")
     assert groups.tones.count(TONE_GROWN) == 1
     assert any(label == "grown" for label, _ in report.summary)
+
+
+class Deep(nn.Module):
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 6)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6)) for _ in range(depth)])
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def test_a_deeper_student_stage_repeats_the_teacher_stages_last_block():
+    teacher, student = _seeded(Deep(2), 0), _seeded(Deep(4), 1)
+    with pytest.raises(SelectionError, match="deeper than teacher"):
+        wscompile.initialize(teacher, student, X)
+    plan = wscompile.initialize(teacher, student, X, allow_partial=True)
+    for i in (2, 3):
+        for name in ("0.weight", "0.bias", "2.weight", "2.bias"):
+            assert torch.equal(student.get_submodule(f"blocks.{i}").state_dict()[name],
+                               teacher.blocks[1].state_dict()[name]), (i, name)
+    repeated = [r for r in plan.tensors if r.repeats]
+    assert {r.repeats for r in repeated} == {"blocks.1"} and len(repeated) == 8
+    assert plan.coverage.grown_params == sum(r.numel for r in repeated)
+    assert [b.teacher for b in plan.stages[0].blocks] == ["blocks.0", "blocks.1", "blocks.1", "blocks.1"]
+    validate_manifest(plan_to_dict(plan))
+    kept = _seeded(Deep(4), 1)
+    plan = wscompile.initialize(teacher, kept, X, allow_partial=True, growth="init")
+    assert not any(r.repeats for r in plan.tensors)
+    assert torch.equal(kept.blocks[3][0].weight, _seeded(Deep(4), 1).blocks[3][0].weight)

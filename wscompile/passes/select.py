@@ -17,7 +17,7 @@ read here and nowhere else. How a record's rules read the teacher's layout is ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import networkx as nx
 import torch
@@ -30,6 +30,7 @@ from wscompile.passes.calibration import Calibrator
 from wscompile.passes.choice import Evidence, MethodSpec, Scorer
 from wscompile.passes.choose import choose
 from wscompile.passes.collect import collect
+from wscompile.passes.deepen import REPEAT_REASON, deepen
 from wscompile.passes.grow import grow
 from wscompile.passes.heads import HEAD_MODES, SPLIT, WHOLE, attention_layouts, rule_name
 from wscompile.passes.layout import teacher_index, to_student_layout
@@ -45,7 +46,7 @@ from wscompile.passes.settle import (
     untraced_pairs,
     unused_teacher,
 )
-from wscompile.plan import GROW_WIDEN, GROWTH_RULES, SelectionPlan
+from wscompile.plan import GROW_WIDEN, GROWTH_RULES, RULE_STUDENT_INIT, SelectionPlan
 from wscompile.weights import TensorSource
 
 __all__ = ["METHODS", "SelectionConfig", "build_plan", "teacher_index", "to_student_layout"]
@@ -99,6 +100,11 @@ def build_plan(
     evidence = Evidence(teacher_source, calibration.channel_means if calibration else None)
     scorer = _scorer(method, evidence)
     dimensions = coupled_dimensions(student_graph)
+    sized = alignment  # the layer map as matching made it: the sizes are checked against it
+    repeated: dict[str, str] = {}
+    if config.allow_partial and config.growth == GROW_WIDEN:
+        # 0. deepen: blocks beyond their teacher stage's depth repeat its last block (``deepen.py``)
+        alignment, repeated = deepen(alignment, student_graph)
     layouts = attention_layouts(alignment, teacher_graph, student_graph, heads=config.heads)
     # 1. collect: tensors paired by role, axes by layout; grouped axes wait for their indices
     collected = collect(alignment, teacher_graph, student_graph, select_head=config.select_head,
@@ -113,7 +119,10 @@ def build_plan(
     records, groups = settle_groups(collected, chosen, dimensions.spaces, dimensions.linked, method=config.method,
                                     heads_rule=rule_name(config.method, config.heads), rescale=config.rescale,
                                     grown=grown)
-    check_sizes(alignment, collected.too_large, allow_partial=config.allow_partial)
+    for key, block in repeated.items():
+        if key in records and records[key].rule != RULE_STUDENT_INIT:
+            records[key] = replace(records[key], repeats=block, reason=REPEAT_REASON.format(block=block))
+    check_sizes(sized, collected.too_large, allow_partial=config.allow_partial)
     untraced = untraced_pairs(alignment, teacher_graph, student_graph, [k for k in student_state if k not in records],
                               teacher_keys)
     add_untraced(records, student_state, untraced, teacher_keys)

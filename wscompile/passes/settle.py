@@ -252,6 +252,8 @@ def filled(record: TensorRecord) -> tuple[int, int]:
     """(elements read from the teacher, elements grown by replication) of a record."""
     if record.rule == RULE_STUDENT_INIT:
         return 0, 0
+    if record.repeats is not None:
+        return 0, record.numel
     if record.parts:
         counts = [filled(part) for part in record.parts]
         return sum(c[0] for c in counts), sum(c[1] for c in counts)

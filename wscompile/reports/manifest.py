@@ -51,6 +51,8 @@ def _tensor(record: TensorRecord) -> dict[str, Any]:
         "scale": record.scale,
         # only an assembled tensor has parts (absent otherwise)
         **({"parts": [_tensor(p) for p in record.parts], "parts_axis": record.parts_axis} if record.parts else {}),
+        # only a tensor of a student block beyond its teacher stage's depth (absent otherwise)
+        **({"repeats": record.repeats} if record.repeats is not None else {}),
     }
 
 
@@ -121,7 +123,7 @@ def plan_to_dict(plan: SelectionPlan) -> dict[str, Any]:
             "fraction_no_head": coverage.fraction_no_head,
             # only when some group grows (absent otherwise)
             **({"grown_params": coverage.grown_params, "grown_params_no_head": coverage.grown_params_no_head}
-               if any(g.growth for g in plan.groups) else {}),
+               if any(g.growth for g in plan.groups) or any(r.repeats for r in plan.tensors) else {}),
         },
         "stages": [_stage(s) for s in plan.stages],
         "groups": [

@@ -93,8 +93,8 @@ def from_teacher(records: Iterable[TensorRecord]) -> tuple[int, int]:
 
 
 def grows(record: TensorRecord) -> bool:
-    """Whether some axis of ``record`` is larger than its teacher's and grown from it."""
-    return any(a.rule in GROWTH_RULES for planned in record.parts or [record] for a in planned.axes or [])
+    """Whether ``record`` repeats a teacher block, or some axis of it is larger than its teacher's and grown."""
+    return record.repeats is not None or any(a.rule in GROWTH_RULES for planned in record.parts or [record] for a in planned.axes or [])
 
 
 def block_records(plan: SelectionPlan, block: str) -> list[TensorRecord]:
@@ -189,10 +189,13 @@ def _summary(plan: SelectionPlan) -> list[tuple[str, str]]:
             )
         )
         grown = [g for g in plan.groups if g.growth]
-        if grown:
+        if grown or coverage.grown_params:
             rules = ", ".join(f"{g.id} {g.growth}" + (f" ({g.growth_note})" if g.growth_note else "") for g in grown)
             lines.append(("grown", f"{coverage.grown_params:,} student params replicated from teacher units "
-                                   f"(not in 'from teacher'); {len(grown)} group(s) larger than the teacher: {rules}"))
+                                   f"(not in 'from teacher'); {len(grown)} group(s) larger than the teacher"
+                                   + (f": {rules}" if rules else "")
+                                   + ("; deeper blocks repeat their teacher stage's last block"
+                                      if any(r.repeats for r in plan.tensors) else "")))
     for i, stage in enumerate(plan.stages):
         lines.append(("layers" if i == 0 else "", _stage_line(stage)))
     return lines
