@@ -140,13 +140,16 @@ def render_summary(plan: SelectionPlan) -> str:
     assert c is not None
     lines = [
         f"student {plan.student_spec}: {c.selected_params:,} of {c.total_params:,} elements from the teacher "
-        f"({c.fraction:.1%}; {c.fraction_no_head:.1%} without the head), method {plan.method}",
+        f"({c.fraction:.1%}; {c.fraction_no_head:.1%} without the head), method {plan.method}"
+        + (f"; {c.grown_params:,} more grown from teacher units (--allow-partial)" if c.grown_params else ""),
     ]
     for stage in plan.stages:
         teacher = stage.teacher or "no teacher stage"
         taken = [stage.teacher_blocks.index(b.teacher) for b in stage.blocks if b.teacher is not None]
         which = (f"first {len(taken)} of {stage.teacher_depth} blocks" if stage.policy == "first"
                  else f"{stage.policy}: blocks {', '.join(map(str, taken))} of {stage.teacher_depth}")
+        if len(set(taken)) < len(taken):  # deeper than the teacher stage: its last block repeated (deepen.py)
+            which = f"blocks {', '.join(map(str, taken))} of {stage.teacher_depth} (the last repeated)"
         lines.append(f"  {stage.student} <- {teacher}: {which}")
     kept = [r for r in plan.tensors if r.teacher is None]
     if kept:
