@@ -148,3 +148,33 @@ def test_a_deeper_student_stage_repeats_the_teacher_stages_last_block():
     plan = wscompile.initialize(teacher, kept, X, allow_partial=True, growth="init")
     assert not any(r.repeats for r in plan.tensors)
     assert torch.equal(kept.blocks[3][0].weight, _seeded(Deep(4), 1).blocks[3][0].weight)
+
+
+def test_widening_timm_models_preserves_their_function():
+    import timm
+
+    torch.manual_seed(0)
+    image = torch.randn(2, 3, 32, 32)
+
+    def vit(mlp_ratio):
+        return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, mlp_ratio=mlp_ratio)
+
+    def convnext(dims):
+        model = timm.create_model("convnext_atto", dims=dims, depths=(1, 1, 1, 1), ls_init_value=0.5).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.2)  # outputs of order 1: the 1e-5 tolerance is float32 rounding, not a scale
+        return model
+
+    # a ViT wider in its MLP only (GELU between), a ConvNeXt twice as wide everywhere (layer norms over the
+    # stream, layer scale, depthwise convolutions: every channel replicated equally)
+    for teacher, student in ((vit(4).eval(), vit(8).eval()),
+                             (convnext((16, 32, 64, 128)), convnext((32, 64, 128, 256)))):
+        plan = wscompile.initialize(teacher, student, image, allow_partial=True, select_head=True)
+        assert [g.growth for g in plan.groups if g.growth] and all(g.growth == "widen" for g in plan.groups if g.growth)
+        with torch.no_grad():
+            torch.testing.assert_close(student(image), teacher(image), atol=1e-5, rtol=1e-5)
+    # unevenly wider: the layer norms over the stream would see other statistics, so the stream keeps init
+    plan = wscompile.initialize(convnext((16, 32, 64, 128)), convnext((24, 32, 64, 128)), image, allow_partial=True)
+    stream = next(g for g in plan.groups if g.growth)
+    assert stream.growth == "init" and "unevenly" in stream.growth_note
