@@ -178,3 +178,14 @@ def test_widening_timm_models_preserves_their_function():
     plan = wscompile.initialize(convnext((16, 32, 64, 128)), convnext((24, 32, 64, 128)), image, allow_partial=True)
     stream = next(g for g in plan.groups if g.growth)
     assert stream.growth == "init" and "unevenly" in stream.growth_note
+
+
+def test_a_grouped_convolution_over_the_grown_channels_keeps_them_at_init():
+    def grouped(width):
+        return nn.Sequential(nn.Conv2d(3, width, 1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, groups=2),
+                             nn.ReLU(), nn.Conv2d(width, 4, 1)).eval()
+
+    plan = wscompile.initialize(grouped(4), grouped(8), IMAGE, allow_partial=True)
+    grown = [g for g in plan.groups if g.growth]
+    assert grown and all(g.growth == "init" and g.growth_note for g in grown)
+    assert "2 reads 0's outputs in another layout" in grown[0].growth_note

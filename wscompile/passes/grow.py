@@ -13,7 +13,9 @@ dimension growing from ``t`` to ``s`` units per block reads every teacher unit a
   This holds through elementwise steps (activations, residual adds, a BatchNorm's per-channel
   statistics) and through a norm over the channels (LayerNorm, RMSNorm) when every unit is
   replicated equally (``s % t == 0``: mean and variance over the channels are unchanged). It does
-  not hold through attention heads (softmax over a grown head dimension) or a group norm, so there
+  not hold through attention heads (softmax over a grown head dimension), a group norm or a grouped
+  (not depthwise) convolution, or where a layer reads the grown outputs in another layout (a grouped
+  convolution's input, a reshape into heads: it is then outside the dimension), so there
   the dimension falls back to ``init`` and its group says why;
 - ``init``: the first ``t`` student units read the teacher's, the extra ones keep the student's own
   initialization.
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from wscompile import ir
-from wscompile.matching.coupling import UnionFind
+from wscompile.matching.coupling import Space, UnionFind, passes_through
 from wscompile.passes.choose import Dimension, dimension
 from wscompile.passes.collect import Pending
 from wscompile.plan import GROW_INIT, GROW_WIDEN
@@ -55,7 +57,7 @@ def grow(pending: list[Pending], linked: UnionFind, student_graph: nx.DiGraph, *
     out = {}
     for key, members in dimensions.items():
         t, s = members[0].member.size, members[0].student_block
-        obstacle = _not_preserving(members, student_graph, t, s) if rule == GROW_WIDEN else None
+        obstacle = _not_preserving(members, student_graph, linked, t, s) if rule == GROW_WIDEN else None
         if rule == GROW_WIDEN and obstacle is None:
             indices = [j % t for j in range(s)]
             counts = Counter(indices)
@@ -66,13 +68,21 @@ def grow(pending: list[Pending], linked: UnionFind, student_graph: nx.DiGraph, *
     return out
 
 
-def _not_preserving(members: list[Pending], graph: nx.DiGraph, t: int, s: int) -> str | None:
+def _not_preserving(members: list[Pending], graph: nx.DiGraph, linked: UnionFind, t: int, s: int) -> str | None:
     """What in the dimension's graph stops replication from preserving the function, or None."""
+    root = linked.find(members[0].space)
     for p in members:
         data = graph.nodes[p.space.node]
+        if p.space.side == "out":
+            # every reader of the grown outputs must read them as this dimension (and so be divided)
+            stranger = next((b for b in graph.successors(p.space.node) if linked.find(Space(b, "in")) != root), None)
+            if stranger is not None:
+                return f"{graph.nodes[stranger][ir.MODULE]} reads {data[ir.MODULE]}'s outputs in another layout"
         if (data.get(ir.HEADS) is not None or data[ir.KIND] == ir.KIND_ATTENTION
                 or (data.get(ir.FUSED_BLOCKS) or 1) > 1):
             return f"attention heads in {data[ir.MODULE]}"
+        if (data.get(ir.CONV_GROUPS) or 1) > 1 and not passes_through(data):
+            return f"grouped convolution {data[ir.MODULE]}"
         if data[ir.KIND] == ir.KIND_NORM and data.get(ir.OP) != "batch_norm":
             if data.get(ir.OP) not in CHANNEL_NORMS:
                 return f"{data[ir.OP]} {data[ir.MODULE]} mixes the channels"

@@ -23,7 +23,7 @@ from wscompile import ir
 from wscompile.errors import SelectionError
 from wscompile.matching.align import Alignment
 from wscompile.matching.coupling import UnionFind
-from wscompile.passes.choose import Chosen, dimension
+from wscompile.passes.choose import Chosen, Dimension, dimension
 from wscompile.passes.collect import Collected, Pending
 from wscompile.passes.grow import Growth
 from wscompile.passes.layout import axis_rule
@@ -47,7 +47,7 @@ TeacherKeys = dict[str, tuple[tuple[int, ...], torch.dtype]]  # teacher key -> (
 
 
 def settle_groups(collected: Collected, chosen: Chosen, spaces: UnionFind, linked: UnionFind, *, method: str,
-                  heads_rule: str, rescale: bool, grown: dict | None = None,
+                  heads_rule: str, rescale: bool, grown: dict[Dimension, Growth] | None = None,
                   ) -> tuple[dict[str, TensorRecord], list[GroupRecord]]:
     """New records with every pending axis settled, and the groups in id order; ``grown`` maps each
     dimension the student is larger in to its ``Growth``."""
