@@ -2,11 +2,14 @@
 
 Planning is three passes over data, each in its own file, run in order by ``build_plan``:
 
+0. deepen (``deepen.py``, ``--allow-partial`` only): student blocks beyond their teacher stage's
+   depth repeat the stage's last matched teacher block;
 1. collect (``collect.py``): pair tensors by role and axes by layout; local axes are settled,
    every grouped axis becomes a ``Pending`` axis and a ``Member`` of its coupled dimension;
 2. choose (``choose.py``): the method (a ``MethodSpec`` of ``methods.py``) keeps one index set per
    coupled dimension, seeing every member; attention laid out by heads is chosen per head
-   (``heads.py``);
+   (``heads.py``); a dimension the student is larger in (``--allow-partial``) keeps every teacher
+   unit and grows the rest (``grow.py``);
 3. settle (``settle.py``): groups are numbered in the order their first axis occurs, every pending
    axis gets a new rule reading its group's indices, and ties, dtypes, untraced tensors, unused
    teacher tensors and coverage are accounted for.
