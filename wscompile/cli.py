@@ -227,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--onnx", help="also export the initialized student to ONNX and verify it")
     init.add_argument("--select-head", action="store_true", help="select the classifier head too (default: student init)")
     init.add_argument("--allow-partial", action="store_true",
-                      help="keep the student's init where it is wider or deeper than the teacher instead of failing")
+                      help="keep the student's init where it is wider or deeper than the teacher instead of failing; "
+                           "a channel dimension the student is wider in is grown (see --grow)")
+    init.add_argument("--grow", choices=("widen", "init"), default="widen",
+                      help="with --allow-partial, the extra channels of a wider student dimension: widen (replicate "
+                           "teacher channels, readers divided: the teacher's function) or init (the student's own)")
     init.add_argument("--allow-random-teacher", action="store_true",
                       help="no warning when a timm, torchvision or hf teacher has no pretrained weights")
     init.add_argument("--strict", action="store_true",
@@ -378,7 +382,8 @@ def _run(args: argparse.Namespace) -> int:
         method=getattr(args, "method", "uniform"), layers=getattr(args, "layers", "first"),
         heads=getattr(args, "heads", "split"), rescale=getattr(args, "rescale", False),
         calib=getattr(args, "calib", None), select_head=getattr(args, "select_head", False),
-        allow_partial=getattr(args, "allow_partial", False), force=args.force, seed=args.seed,
+        allow_partial=getattr(args, "allow_partial", False), growth=getattr(args, "grow", "widen"),
+        force=args.force, seed=args.seed,
         input_shape=args.input_shape, trust_remote_code=args.trust_remote_code, unsafe_pickle=args.unsafe_pickle,
         allow_outside_paths=args.allow_outside_paths,
         opset=getattr(args, "opset", None), fp16=getattr(args, "fp16", False), int8=getattr(args, "int8", False),

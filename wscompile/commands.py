@@ -22,7 +22,7 @@ from wscompile.folders import DTYPES, check_teacher_files
 from wscompile.outputs import check_not_inputs, check_output_dir, check_outputs, is_directory_output
 from wscompile.passes.apply import check_plan
 from wscompile.passes.methods import method_spec
-from wscompile.plan import RULE_STUDENT_INIT, SelectionPlan
+from wscompile.plan import GROW_INIT, RULE_STUDENT_INIT, SelectionPlan
 from wscompile.progress import Progress, shown
 from wscompile.specs import (
     LoadedModel,
@@ -82,6 +82,7 @@ class InitOptions:
     calib: str | None = None  # calibration inputs (activation, importance): tensor file, image folder, text file
     select_head: bool = False
     allow_partial: bool = False
+    growth: str = "widen"  # with allow_partial: "widen" or "init" for the extra units of a wider student dimension
     force: bool = False
     seed: int = 0
     input_shape: tuple[int, ...] | None = None
@@ -164,7 +165,9 @@ def student_with_values(options: InitOptions, plan: SelectionPlan, student: Load
     is it built on the CPU, with its library's seeded init as always, for those values (a student
     whose every tensor comes from the teacher never computes its random init).
     """
-    if not student.on_meta or all(record.rule != RULE_STUDENT_INIT for record in plan.tensors):
+    keeps_init = (any(record.rule == RULE_STUDENT_INIT for record in plan.tensors)
+                  or any(group.growth == GROW_INIT for group in plan.groups))  # grown units kept at init
+    if not student.on_meta or not keeps_init:
         return student
     with (progress or Progress()).stage(f"building student {options.student} with its own init"):
         return reload_student(options, student)
@@ -271,7 +274,8 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
     compiled = pipeline.compile(
         teacher.module, student.module, teacher_inputs=teacher.inputs, student_inputs=student.inputs,
         teacher_source=teacher.source, teacher_spec=options.teacher, student_spec=options.student,
-        select_head=options.select_head, allow_partial=options.allow_partial, write=not options.out,
+        select_head=options.select_head, allow_partial=options.allow_partial, growth=options.growth,
+        write=not options.out,
         outputs=init_outputs(options, student), teacher_origin=teacher_origin(teacher),
         min_matched_share=pipeline.MIN_MATCHED_SHARE, log=_silent if options.quiet else log, warn=_warn,
         student_values=lambda plan: student_with_values(options, plan, student, progress).module,

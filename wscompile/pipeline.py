@@ -114,6 +114,7 @@ def compile(
     calibration_label: str | None = None,
     select_head: bool = False,
     allow_partial: bool = False,
+    growth: str = "widen",
     write: bool = True,
     outputs: Outputs | None = None,
     teacher_origin: TeacherOrigin | None = None,
@@ -140,7 +141,7 @@ def compile(
     policy = parse_layer_policy(layer_policy)
     config = SelectionConfig(teacher_spec=teacher_spec, student_spec=student_spec, method=method,
                              layer_policy=policy.text, heads=heads, rescale=rescale, seed=seed,
-                             select_head=select_head, allow_partial=allow_partial)
+                             select_head=select_head, allow_partial=allow_partial, growth=growth)
     outputs = outputs or Outputs()
     progress = progress or Progress()
     log = progress.lines(log or _quiet)
@@ -351,6 +352,7 @@ def initialize(
     calibration: torch.Tensor | Inputs | None = None,
     select_head: bool = False,
     allow_partial: bool = False,
+    growth: str = "widen",
 ) -> SelectionPlan:
     """Initialize ``student`` in place with weights selected from ``teacher``.
 
@@ -373,7 +375,9 @@ def initialize(
             argument, or keyword arguments); defaults to ``example_inputs``.
         select_head: also select the classifier head (kept at the student's init by default).
         allow_partial: keep the student's init for tensors larger than their teacher match
-            instead of failing.
+            instead of failing; a coupled dimension the student is larger in is grown by ``growth``.
+        growth: with ``allow_partial``, how a larger student dimension fills its extra units after
+            every teacher unit: "widen" (replicated, function-preserving) or "init" (the student's own).
 
     Returns:
         The SelectionPlan: for every student tensor, its teacher source and index rule.
@@ -388,7 +392,7 @@ def initialize(
         teacher, student, teacher_inputs=teacher_inputs, student_inputs=student_inputs,
         method=method, layer_policy=layer_policy, heads=heads, rescale=rescale, seed=seed,
         calibration=teacher_inputs if calibration is None else as_inputs(teacher, calibration),
-        calibration_label=label, select_head=select_head, allow_partial=allow_partial,
+        calibration_label=label, select_head=select_head, allow_partial=allow_partial, growth=growth,
     )
     assert compiled.state_dict is not None
     student.load_state_dict(compiled.state_dict)

@@ -19,6 +19,11 @@ RULE_STUDENT_INIT = "student-init"  # kept at the student's own initialization
 AXIS_UNIFORM = "uniform"
 AXIS_FULL = "full"  # teacher and student sizes equal: every index
 AXIS_EXPLICIT = "explicit"  # indices chosen by a method (magnitude, activation, ...)
+# Growth (--allow-partial, a student unit count larger than its teacher's): every teacher unit is read
+# and the student's extra units are filled by one of these rules (``passes/grow.py``).
+GROW_WIDEN = "widen"  # extra units replicate teacher units; readers divide by the replication count
+GROW_INIT = "init"  # extra units keep the student's own init
+GROWTH_RULES = (GROW_WIDEN, GROW_INIT)
 
 
 @dataclass
@@ -33,6 +38,8 @@ class AxisRule:
     step: int | None = None  # uniform rule with t % s == 0: indices are arange(s) * step
     indices: list[int] | None = None  # indices within one block when not a plain step
     offset: int = 0  # start of the teacher range read: block 1 of a fused q/k/v for a separate k
+    # widen: this axis reads the grown units as input, each read unit divided by its replication count
+    divide: bool = False
 
 
 @dataclass
@@ -54,6 +61,9 @@ class TensorRecord:
     # like a tensor of its own and fills one slice; the slices are concatenated along ``parts_axis``.
     parts: list[TensorRecord] = field(default_factory=list)
     parts_axis: int | None = None
+    # A block beyond its teacher stage's depth (--allow-partial): the teacher block it repeats; its
+    # elements count as grown. None otherwise.
+    repeats: str | None = None
 
     @property
     def numel(self) -> int:
@@ -99,8 +109,11 @@ class GroupRecord:
     teacher_size: int
     student_size: int
     members: list[str]  # "tensor_name:axis" of student tensors (after per-block split)
-    rule: str  # how the indices were chosen
-    indices: list[int]  # teacher indices, length student_size
+    rule: str  # how the indices were chosen ("widen" or "init" for a group the student is larger in)
+    indices: list[int]  # teacher indices, length student_size (growth "init": teacher_size, the first units)
+    growth: str | None = None  # the student is larger: GROW_WIDEN or GROW_INIT fills its extra units; None: not larger
+    replicas: list[int] | None = None  # widen: how many student units each teacher unit fills
+    growth_note: str | None = None  # why the extra units keep the student's init where widen was asked for
 
 
 @dataclass
@@ -113,6 +126,8 @@ class Coverage:
     selected_params_no_head: int
     total_params_no_head: int
     fraction_no_head: float
+    grown_params: int = 0  # student elements filled by replicating teacher units (widen), not in selected_params
+    grown_params_no_head: int = 0
 
 
 @dataclass

@@ -60,10 +60,14 @@ def test_wider_student_is_an_error_naming_tensors(tmp_path, capsys):
     assert "blocks.0.mlp.fc1.weight" in err and "--allow-partial" in err and "Traceback" not in err
     assert not out.exists()
     args = ["init", "--teacher", TEACHER, "--student", wide_mlp, "--out", str(out), "--manifest", str(manifest)]
-    assert main(args + ["--allow-partial"]) == 0
-    kept = {t["student"]: t["reason"] for t in json.loads(manifest.read_text())["tensors"] if t["teacher"] is None}
-    assert "larger than its teacher match" in kept["blocks.0.mlp.fc1.weight"]
-    assert "blocks.0.attn.qkv.weight" not in kept
+    # --allow-partial grows the wider MLP dimension: every teacher channel, the rest replicated (widen) or kept
+    for grow in ("widen", "init"):
+        assert main(args + ["--allow-partial", "--grow", grow, "--force"]) == 0
+        written = json.loads(manifest.read_text())
+        fc1 = next(t for t in written["tensors"] if t["student"] == "blocks.0.mlp.fc1.weight")
+        group = next(g for g in written["groups"] if g["id"] == fc1["axes"][0]["group"])
+        assert fc1["teacher"] == "blocks.0.mlp.fc1.weight" and group["growth"] == grow
+        assert (written["coverage"]["grown_params"] > 0) == (grow == "widen")
 
 
 def test_debug_shows_the_traceback(tmp_path):

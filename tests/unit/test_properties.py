@@ -504,3 +504,74 @@ def test_module_run_in_two_places_keeps_execution_order():
     wscompile.initialize(teacher, student, x, select_head=True)
     with torch.no_grad():
         assert torch.equal(student(x), teacher(x))
+
+
+# ---- growing students (--allow-partial): wider than the teacher in some channel dimension -----------
+
+
+@st.composite
+def no_smaller(draw, teacher_size: int, high: int = 8) -> int:
+    return draw(st.integers(teacher_size, teacher_size + high))
+
+
+@st.composite
+def growing_pair(draw) -> tuple[str, dict, dict]:
+    """A teacher and a student no smaller anywhere and wider in at least one channel dimension."""
+    family = draw(st.sampled_from(["mlp", "cnn"]))
+    if family == "mlp":
+        teacher = {"d_in": draw(st.integers(1, 6)), "widths": draw(st.lists(sizes, min_size=1, max_size=3)),
+                   "classes": draw(st.integers(2, 6))}
+        student = dict(teacher, widths=[draw(no_smaller(w)) for w in teacher["widths"]])
+        grown = student["widths"] != teacher["widths"]
+    else:
+        teacher = {"channels": [draw(st.integers(1, 5)) for _ in range(2)],
+                   "depths": [draw(st.integers(1, 2)) for _ in range(2)], "classes": draw(st.integers(2, 5))}
+        student = dict(teacher, channels=[draw(no_smaller(c, 6)) for c in teacher["channels"]])
+        grown = student["channels"] != teacher["channels"]
+    if not grown:
+        key = "widths" if family == "mlp" else "channels"
+        student[key] = [student[key][0] + draw(st.integers(1, 6)), *student[key][1:]]
+    return family, teacher, student
+
+
+@_settings(12)
+@given(pair=growing_pair())
+def test_widening_a_teacher_preserves_its_function(pair):
+    family, teacher_cfg, student_cfg = pair
+    teacher = random_model(family, teacher_cfg, seed=1)
+    student = random_model(family, student_cfg, seed=2)
+    x = example_input(family, teacher_cfg)
+    with pytest.raises(wscompile.SelectionError, match="larger than their teacher match"):
+        wscompile.initialize(teacher, student, x, select_head=True)
+    plan = wscompile.initialize(teacher, student, x, select_head=True, allow_partial=True)
+    assert [g.growth for g in plan.groups if g.student_size > g.teacher_size] == \
+        ["widen"] * sum(g.student_size > g.teacher_size for g in plan.groups)
+    coverage = plan.coverage
+    assert coverage.grown_params > 0 and coverage.selected_params + coverage.grown_params == coverage.total_params
+    with torch.no_grad():
+        expected = teacher(x)
+        # NOTE: random weights through residual stages give outputs in the thousands: float32 rounding of
+        # the reordered sums is relative to their scale
+        torch.testing.assert_close(student(x), expected, atol=1e-5 * (1 + expected.abs().max().item()), rtol=1e-5)
+
+
+@_settings(8)
+@given(pair=growing_pair())
+def test_growing_by_init_copies_the_teacher_part_and_keeps_the_rest(pair):
+    family, teacher_cfg, student_cfg = pair
+    teacher = random_model(family, teacher_cfg, seed=1)
+    student = random_model(family, student_cfg, seed=2)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    plan = wscompile.initialize(teacher, student, example_input(family, teacher_cfg), select_head=True,
+                                allow_partial=True, growth="init")
+    teacher_state, after = teacher.state_dict(), student.state_dict()
+    left = 0
+    for record in plan.tensors:
+        value, expected = after[record.student], teacher_state[record.teacher]
+        part = tuple(slice(0, d) for d in expected.shape)  # same-class models: the teacher part comes first
+        assert torch.equal(value[part], expected), record.student
+        rest = torch.ones_like(value, dtype=torch.bool)
+        rest[part] = False
+        assert torch.equal(value[rest], before[record.student][rest]), record.student
+        left += int(rest.sum())
+    assert plan.coverage.grown_params == 0 and plan.coverage.selected_params + left == plan.coverage.total_params

@@ -54,7 +54,7 @@ def student_tensors(
             # A file source reads the next tensor while this one is converted and written.
             first = (upcoming.parts or [upcoming])[0]
             teacher.prefetch(first.teacher, teacher_index(first, group_indices))
-        laid_out = [to_student_layout(values, piece) for piece, values in zip(pieces, read, strict=True)]
+        laid_out = [to_student_layout(values, piece, current) for piece, values in zip(pieces, read, strict=True)]
         values = laid_out[0] if len(laid_out) == 1 else torch.cat(laid_out, record.parts_axis)
         yield record.student, values.to(dtype=current.dtype).contiguous()
 

@@ -48,7 +48,7 @@ def choose(pending: list[Pending], linked: UnionFind, layouts: list[AttentionLay
     """
     dimensions: dict[Dimension, list[Pending]] = {}
     for p in pending:
-        if not p.structured and p.member.size != p.student_block:
+        if not p.structured and p.member.size > p.student_block:  # a larger student is grown (grow.py)
             dimensions.setdefault(dimension(linked, p), []).append(p)
     by_dimension: dict[Dimension, list[int]] = {}
     for key, members in dimensions.items():

@@ -67,8 +67,12 @@ class Collected:
 
 
 def collect(alignment: Alignment, teacher_graph: nx.DiGraph, student_graph: nx.DiGraph, *, select_head: bool,
-            structured_axes: set[tuple[int, str]]) -> Collected:
-    """Pair tensors by role and axes by layout; ``structured_axes`` are read by head (``heads.py``)."""
+            structured_axes: set[tuple[int, str]], grow: bool = False) -> Collected:
+    """Pair tensors by role and axes by layout; ``structured_axes`` are read by head (``heads.py``).
+
+    With ``grow`` (``--allow-partial``) a grouped flat axis larger than its teacher's stays pending,
+    to be grown (``grow.py``); any other larger axis makes its tensor too large.
+    """
     found = Collected({}, [])
     grids = position_grids(alignment, teacher_graph, student_graph)
     for s_node in sorted(student_graph.nodes):
@@ -103,7 +107,7 @@ def collect(alignment: Alignment, teacher_graph: nx.DiGraph, student_graph: nx.D
                 record.reason = f"teacher layout {list(t_slot.shape)} cannot be read as {list(s_slot.shape)}"
                 continue
             axes = _tensor_axes(s_node, s_data, s_slot, t_data, t_slot, view[1], alignment.parts.get(s_node, (0, 1)),
-                                structured_axes, s_node in grids, found.pending)
+                                structured_axes, s_node in grids, found.pending, grow)
             if axes is None:
                 found.too_large.append(f"{s_slot.name!r} {tuple(s_slot.shape)} vs teacher {t_slot.name!r} "
                                        f"{tuple(t_slot.shape)}")
@@ -119,9 +123,9 @@ def collect(alignment: Alignment, teacher_graph: nx.DiGraph, student_graph: nx.D
 
 def _tensor_axes(s_node: int, s_data: dict, s_slot: ir.TensorSlot, t_data: dict, t_slot: ir.TensorSlot,
                  teacher_axes: list[int | None], fused_part: tuple[int, int], structured_axes: set[tuple[int, str]],
-                 position_grid: bool, pending: list[Pending]) -> list[AxisRule] | None:
+                 position_grid: bool, pending: list[Pending], grow: bool) -> list[AxisRule] | None:
     """One rule per student axis (grouped ones appended to ``pending``), or None when an axis is
-    larger than the teacher's.
+    larger than the teacher's (with ``grow``: a local or head-structured one).
 
     NOTE: grouped axes before a larger one stay pending: they still join their dimension (and its
     group's members), as they always have, so plans do not move.
@@ -142,7 +146,8 @@ def _tensor_axes(s_node: int, s_data: dict, s_slot: ir.TensorSlot, t_data: dict,
         if position_grid and s_axis == 1:
             axes.append(AxisRule(t_size, s_size, INTERPOLATE, None))  # the tokens of a patch grid
             continue
-        if s_size > t_size:
+        larger = s_size > t_size
+        if larger and not grow:
             return None
         if kind == ir.KIND_EMBEDDING and s_axis == 0 and s_size < t_size:
             # rows are token or position ids: a smaller table keeps the first ids
@@ -156,6 +161,9 @@ def _tensor_axes(s_node: int, s_data: dict, s_slot: ir.TensorSlot, t_data: dict,
             space = Space(s_node, "out")
         elif s_axis == s_slot.in_axis and s_size > 1:
             space = Space(s_node, "in")
+        structured = space is not None and (s_node, space.side) in structured_axes and t_size != s_size
+        if larger and (space is None or structured or s_size % k):
+            return None
         if space is None:
             axes.append(axis_rule(t_size, s_size, k, None, AXIS_UNIFORM, offset))
             continue
@@ -163,7 +171,6 @@ def _tensor_axes(s_node: int, s_data: dict, s_slot: ir.TensorSlot, t_data: dict,
         axes.append(rule)
         member = Member(t_slot.name, t_axis, t_slot.shape[t_axis], offset, k, t_size // k, t_data[ir.MODULE],
                         space.side)
-        structured = (s_node, space.side) in structured_axes and t_size != s_size
         pending.append(Pending(s_slot.name, s_axis, rule, space, member, structured))
     return axes
 

@@ -6,6 +6,10 @@ where a Linear stores ``(O, I)``. A planned record names its view (``TensorRecor
 ``teacher_index`` turns its axis rules into teacher indices per teacher axis and
 ``to_student_layout`` brings the selected elements into the student's layout (transposed,
 resampled, rescaled, reshaped). The writer (``apply.py``) and the tests read plans through these two.
+
+An axis its student is larger in (``grow.py``) reads every teacher unit once; ``to_student_layout``
+then widens it (each student unit takes its teacher unit, divided by the unit's replication count
+on an input axis) or places the teacher part in the student's own tensor (init).
 """
 
 from __future__ import annotations
@@ -17,7 +21,16 @@ from wscompile.indices import uniform_indices, uniform_step
 from wscompile.passes.interpolate import RULE as INTERPOLATE
 from wscompile.passes.interpolate import resample
 from wscompile.passes.rescale import rescale_tensor
-from wscompile.plan import AXIS_FULL, AXIS_UNIFORM, AxisRule, GroupRecord, TensorRecord
+from wscompile.plan import (
+    AXIS_FULL,
+    AXIS_UNIFORM,
+    GROW_INIT,
+    GROW_WIDEN,
+    GROWTH_RULES,
+    AxisRule,
+    GroupRecord,
+    TensorRecord,
+)
 
 
 def layout(teacher: ir.TensorSlot, student: ir.TensorSlot) -> tuple[str | None, list[int | None]] | None:
@@ -62,7 +75,9 @@ def teacher_index(record: TensorRecord, group_indices: dict[str, list[int]]) -> 
             continue
         if rule.rule == INTERPOLATE:
             continue  # read whole, resized by to_student_layout
-        if rule.group is not None:
+        if rule.rule in GROWTH_RULES:
+            within = list(range(rule.teacher_size // rule.blocks))  # every teacher unit, once
+        elif rule.group is not None:
             within = group_indices[rule.group]
         elif rule.step is not None:
             within = list(range(0, rule.teacher_size // rule.blocks, rule.step))
@@ -84,8 +99,9 @@ def _view_axes(record: TensorRecord) -> list[int | None]:
     return list(range(rank))
 
 
-def to_student_layout(tensor: torch.Tensor, record: TensorRecord) -> torch.Tensor:
-    """Selected teacher elements in the student's layout (transposed, reshaped, resampled, rescaled)."""
+def to_student_layout(tensor: torch.Tensor, record: TensorRecord, student: torch.Tensor | None = None) -> torch.Tensor:
+    """Selected teacher elements in the student's layout (transposed, reshaped, resampled, rescaled,
+    grown); ``student`` is the student's own tensor, needed when an axis grows by ``init``."""
     if record.reshape == "transpose":
         tensor = tensor.t()
     for axis, rule in enumerate(record.axes or []):
@@ -93,4 +109,41 @@ def to_student_layout(tensor: torch.Tensor, record: TensorRecord) -> torch.Tenso
             tensor = resample(tensor, rule.student_size, axis)
     if record.scale is not None:
         tensor = rescale_tensor(tensor, record.scale)
-    return tensor.reshape(record.student_shape)
+    axes = record.axes or []
+    if not any(rule.rule in GROWTH_RULES for rule in axes):
+        return tensor.reshape(record.student_shape)
+    tensor = tensor.reshape([r.teacher_size if r.rule in GROWTH_RULES else r.student_size for r in axes])
+    for axis, rule in enumerate(axes):
+        if rule.rule == GROW_WIDEN:
+            tensor = _widen(tensor, axis, rule)
+    placed = [(axis, rule) for axis, rule in enumerate(axes) if rule.rule == GROW_INIT]
+    if not placed:
+        return tensor
+    assert student is not None, f"{record.student}: growing by init needs the student's tensor"
+    return _place(student.detach().to(tensor.dtype), tensor, placed)
+
+
+def _widen(tensor: torch.Tensor, axis: int, rule: AxisRule) -> torch.Tensor:
+    """Student unit ``j`` of each block takes teacher unit ``indices[j]``, divided by its count on an input axis."""
+    within = rule.indices or []
+    t_block = rule.teacher_size // rule.blocks
+    positions = torch.tensor([b * t_block + i for b in range(rule.blocks) for i in within])
+    tensor = tensor.index_select(axis, positions)
+    if rule.divide:
+        counts = torch.bincount(torch.tensor(within), minlength=t_block)
+        divisor = counts[torch.tensor(within)].repeat(rule.blocks).to(tensor.dtype)
+        shape = [1] * tensor.dim()
+        shape[axis] = -1
+        tensor = tensor / divisor.reshape(shape)
+    return tensor
+
+
+def _place(student: torch.Tensor, part: torch.Tensor, placed: list[tuple[int, AxisRule]]) -> torch.Tensor:
+    """``student`` with ``part`` written at the first teacher units of every block of each placed axis."""
+    if not placed:
+        return part
+    (axis, rule), rest = placed[0], placed[1:]
+    t_block, s_block = rule.teacher_size // rule.blocks, rule.student_size // rule.blocks
+    positions = torch.tensor([b * s_block + i for b in range(rule.blocks) for i in range(t_block)])
+    inner = _place(student.index_select(axis, positions), part, rest)
+    return student.clone().index_copy_(axis, positions, inner)

@@ -3,11 +3,13 @@
 1. groups: a group is a root of the coupled spaces (``CoupledDimensions.spaces``) at one pair of
    block sizes, numbered ``g0, g1, ...`` in the order its first axis occurs; a head-structured axis
    is its own group per distinct head index set. Every pending axis gets a new rule reading its
-   group's indices (or, for the uniform rule with ``t % s == 0``, its step);
+   group's indices (or, for the uniform rule with ``t % s == 0``, its step); a group the student is
+   larger in reads every teacher unit and records how its extra units are filled (``grow.py``);
 2. records: a record whose every axis is whole is a copy, else a selection; with ``rescale`` a
    weight whose input axis shrank is scaled by ``sqrt(t_in / s_in)`` (``rescale.py``);
 3. coverage: a student larger than its teacher fails here unless ``allow_partial``; untraced
    tensors, tied keys and dtype conversions are recorded, unused teacher tensors listed with why.
+   Elements filled by replication (widen) count as grown, not selected.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ from wscompile import ir
 from wscompile.errors import SelectionError
 from wscompile.matching.align import Alignment
 from wscompile.matching.coupling import UnionFind
-from wscompile.passes.choose import Chosen, dimension
-from wscompile.passes.collect import Collected
+from wscompile.passes.choose import Chosen, Dimension, dimension
+from wscompile.passes.collect import Collected, Pending
+from wscompile.passes.grow import Growth
 from wscompile.passes.layout import axis_rule
 from wscompile.passes.rescale import input_scale
 from wscompile.plan import (
     AXIS_FULL,
+    GROW_WIDEN,
+    GROWTH_RULES,
     RULE_COPY,
     RULE_SELECT,
     RULE_STUDENT_INIT,
@@ -42,8 +47,10 @@ TeacherKeys = dict[str, tuple[tuple[int, ...], torch.dtype]]  # teacher key -> (
 
 
 def settle_groups(collected: Collected, chosen: Chosen, spaces: UnionFind, linked: UnionFind, *, method: str,
-                  heads_rule: str, rescale: bool) -> tuple[dict[str, TensorRecord], list[GroupRecord]]:
-    """New records with every pending axis settled, and the groups in id order."""
+                  heads_rule: str, rescale: bool, grown: dict[Dimension, Growth] | None = None,
+                  ) -> tuple[dict[str, TensorRecord], list[GroupRecord]]:
+    """New records with every pending axis settled, and the groups in id order; ``grown`` maps each
+    dimension the student is larger in to its ``Growth``."""
     groups: dict[tuple, GroupRecord] = {}
     # (student key, part) -> axes being settled; part None is the tensor itself, an int a part of an
     # assembled tensor (separate teacher q/k/v into a fused qkv)
@@ -59,6 +66,13 @@ def settle_groups(collected: Collected, chosen: Chosen, spaces: UnionFind, linke
             if key not in groups:
                 groups[key] = GroupRecord(f"g{len(groups)}", t_block, s_block, [], heads_rule, list(indices))
             settled = replace(rule, rule=heads_rule, group=groups[key].id, indices=list(indices))
+        elif s_block > t_block:
+            key = (root, t_block, s_block)
+            growth = (grown or {})[dimension(linked, p)]
+            if key not in groups:
+                groups[key] = GroupRecord(f"g{len(groups)}", t_block, s_block, [], growth.rule, list(growth.indices),
+                                          growth.rule, growth.replicas, growth.note)
+            settled = _grown_rule(p, groups[key].id, growth)
         else:
             key = (root, t_block, s_block)
             if key not in groups:
@@ -77,7 +91,8 @@ def settle_groups(collected: Collected, chosen: Chosen, spaces: UnionFind, linke
             return replace(record)
         copy = all(a.rule == AXIS_FULL for a in axes[(key, part)])
         in_axis = collected.rescalable.get(key) if rescale else None
-        scale = input_scale(axes[(key, part)][in_axis]) if in_axis is not None else record.scale
+        grown_input = in_axis is not None and axes[(key, part)][in_axis].rule in GROWTH_RULES
+        scale = input_scale(axes[(key, part)][in_axis]) if in_axis is not None and not grown_input else record.scale
         return replace(record, axes=axes[(key, part)], rule=RULE_COPY if copy else RULE_SELECT, scale=scale)
 
     records = {}
@@ -86,6 +101,13 @@ def settle_groups(collected: Collected, chosen: Chosen, spaces: UnionFind, linke
         if record.parts:
             records[key].parts = [settled_record(part, key, i) for i, part in enumerate(record.parts)]
     return records, sorted(groups.values(), key=lambda g: int(g.id[1:]))
+
+
+def _grown_rule(p: Pending, group: str, growth: Growth) -> AxisRule:
+    """The rule of an axis its student is larger in: every teacher unit, the rest by ``growth``."""
+    rule = p.rule
+    return AxisRule(rule.teacher_size, rule.student_size, growth.rule, group, rule.blocks, None,
+                    list(growth.indices), rule.offset, divide=growth.rule == GROW_WIDEN and p.space.side == "in")
 
 
 def check_sizes(alignment: Alignment, too_large: list[str], *, allow_partial: bool) -> None:
@@ -226,11 +248,33 @@ def _dropped_reason(stage: StagePair) -> str:
     return f"block not selected (layer policy: {stage.policy})"
 
 
+def filled(record: TensorRecord) -> tuple[int, int]:
+    """(elements read from the teacher, elements grown by replication) of a record."""
+    if record.rule == RULE_STUDENT_INIT:
+        return 0, 0
+    if record.repeats is not None:
+        return 0, record.numel
+    if record.parts:
+        counts = [filled(part) for part in record.parts]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+    if not any(a.rule in GROWTH_RULES for a in record.axes or []):
+        return record.numel, 0
+    teacher, written = 1, 1
+    for a in record.axes or []:
+        grown = a.rule in GROWTH_RULES
+        teacher *= a.teacher_size if grown else a.student_size
+        written *= a.student_size if a.rule == GROW_WIDEN or not grown else a.teacher_size
+    return teacher, written - teacher
+
+
 def coverage(tensors: list[TensorRecord]) -> Coverage:
-    """How many student elements come from the teacher, with and without the head."""
-    selected = sum(r.numel for r in tensors if r.rule != RULE_STUDENT_INIT)
+    """How many student elements come from the teacher (and are grown from it), with and without the head."""
+    counts = [(filled(r), r.is_head) for r in tensors]
+    selected = sum(c[0] for c, _ in counts)
+    grown = sum(c[1] for c, _ in counts)
     total = sum(r.numel for r in tensors)
-    selected_nh = sum(r.numel for r in tensors if r.rule != RULE_STUDENT_INIT and not r.is_head)
+    selected_nh = sum(c[0] for c, head in counts if not head)
+    grown_nh = sum(c[1] for c, head in counts if not head)
     total_nh = sum(r.numel for r in tensors if not r.is_head)
     return Coverage(selected, total, selected / total if total else 0.0, selected_nh, total_nh,
-                    selected_nh / total_nh if total_nh else 0.0)
+                    selected_nh / total_nh if total_nh else 0.0, grown, grown_nh)

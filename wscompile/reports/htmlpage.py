@@ -14,10 +14,10 @@ from html import escape
 
 from wscompile.plan import RULE_COPY, RULE_SELECT, RULE_STUDENT_INIT, SelectionPlan
 from wscompile.reports.blockgraph import render_block_graph, render_legend
-from wscompile.reports.records import NAME, NONE_CELL, NUMBER, Report, Table
+from wscompile.reports.records import NAME, NONE_CELL, NUMBER, TONE_GROWN, Report, Table
 
 TENSOR_TABLE = "tensors"  # Table.id that gets the filter controls
-RULE_CHOICES = (RULE_SELECT, RULE_COPY, RULE_STUDENT_INIT)  # options of the rule filter
+RULE_CHOICES = (RULE_SELECT, RULE_COPY, RULE_STUDENT_INIT, TONE_GROWN)  # options of the rule filter
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
 
@@ -46,6 +46,7 @@ tr.tone-select td:first-child { box-shadow: inset 3px 0 #2171b5; }
 tr.tone-copy td:first-child { box-shadow: inset 3px 0 #2da44e; }
 tr.tone-student-init td:first-child { box-shadow: inset 3px 0 #d4a72c; }
 tr.tone-unused { color: #6e7781; }
+tr.tone-grown td:first-child { box-shadow: inset 3px 0 #8250df; }
 .controls { display: flex; gap: 12px; align-items: center; margin: 4px 0 8px; }
 .controls input { flex: 1; max-width: 420px; padding: 4px 8px; font: inherit; }
 .controls select { padding: 4px; font: inherit; }

@@ -18,7 +18,7 @@ from wscompile.errors import MissingDependencyError, SpecError, ValidationError
 from wscompile.plan import AxisRule, SelectionPlan, StagePair, TensorRecord
 
 # Major: a field removed, renamed or changing meaning. Minor: a field added.
-SCHEMA_VERSION = "1.6"
+SCHEMA_VERSION = "1.7"
 MAX_LISTED_PROBLEMS = 20  # a wholly wrong document would otherwise give thousands
 
 
@@ -32,6 +32,7 @@ def _axis(axis: AxisRule) -> dict[str, Any]:
         "step": axis.step,
         "indices": None if axis.indices is None else list(axis.indices),
         "offset": axis.offset,
+        **({"divide": True} if axis.divide else {}),  # only on an input axis grown by widen
     }
 
 
@@ -50,6 +51,8 @@ def _tensor(record: TensorRecord) -> dict[str, Any]:
         "scale": record.scale,
         # only an assembled tensor has parts (absent otherwise)
         **({"parts": [_tensor(p) for p in record.parts], "parts_axis": record.parts_axis} if record.parts else {}),
+        # only a tensor of a student block beyond its teacher stage's depth (absent otherwise)
+        **({"repeats": record.repeats} if record.repeats is not None else {}),
     }
 
 
@@ -118,6 +121,9 @@ def plan_to_dict(plan: SelectionPlan) -> dict[str, Any]:
             "selected_params_no_head": coverage.selected_params_no_head,
             "total_params_no_head": coverage.total_params_no_head,
             "fraction_no_head": coverage.fraction_no_head,
+            # only when some group grows (absent otherwise)
+            **({"grown_params": coverage.grown_params, "grown_params_no_head": coverage.grown_params_no_head}
+               if any(g.growth for g in plan.groups) or any(r.repeats for r in plan.tensors) else {}),
         },
         "stages": [_stage(s) for s in plan.stages],
         "groups": [
@@ -128,6 +134,8 @@ def plan_to_dict(plan: SelectionPlan) -> dict[str, Any]:
                 "members": list(g.members),
                 "rule": g.rule,
                 "indices": list(g.indices),
+                # only a group the student is larger in (absent otherwise)
+                **({"growth": g.growth, "replicas": g.replicas, "growth_note": g.growth_note} if g.growth else {}),
             }
             for g in plan.groups
         ],

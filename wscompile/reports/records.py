@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from wscompile.plan import (
     AXIS_FULL,
     AXIS_UNIFORM,
+    GROWTH_RULES,
     RULE_COPY,
     RULE_SELECT,
     RULE_STUDENT_INIT,
@@ -35,6 +36,7 @@ TONE_SELECT = RULE_SELECT
 TONE_COPY = RULE_COPY
 TONE_INIT = RULE_STUDENT_INIT
 TONE_UNUSED = "unused"  # teacher tensors and blocks left behind
+TONE_GROWN = "grown"  # tensors and groups the student is larger in (--allow-partial growth)
 
 NONE_CELL = "—"  # an absent value (no teacher tensor, no teacher block)
 
@@ -90,6 +92,11 @@ def from_teacher(records: Iterable[TensorRecord]) -> tuple[int, int]:
     return selected, total
 
 
+def grows(record: TensorRecord) -> bool:
+    """Whether ``record`` repeats a teacher block, or some axis of it is larger than its teacher's and grown."""
+    return record.repeats is not None or any(a.rule in GROWTH_RULES for planned in record.parts or [record] for a in planned.axes or [])
+
+
 def block_records(plan: SelectionPlan, block: str) -> list[TensorRecord]:
     """The student tensors inside the module at path ``block``."""
     prefix = block + "."
@@ -108,6 +115,8 @@ def rule_label(record: TensorRecord) -> str:
     if not shrinking:
         return "select full"
     methods = list(dict.fromkeys(a.rule for a in shrinking))
+    if any(m in GROWTH_RULES for m in methods):
+        return "grown " + "/".join(methods)
     if methods == [AXIS_UNIFORM] and all(a.step is not None for a in shrinking):
         steps = list(dict.fromkeys(str(a.step) for a in shrinking))
         return f"uniform step {'/'.join(steps)}"
@@ -179,6 +188,14 @@ def _summary(plan: SelectionPlan) -> list[tuple[str, str]]:
                 f"({percent(coverage.fraction_no_head)})",
             )
         )
+        grown = [g for g in plan.groups if g.growth]
+        if grown or coverage.grown_params:
+            rules = ", ".join(f"{g.id} {g.growth}" + (f" ({g.growth_note})" if g.growth_note else "") for g in grown)
+            lines.append(("grown", f"{coverage.grown_params:,} student params replicated from teacher units "
+                                   f"(not in 'from teacher'); {len(grown)} group(s) larger than the teacher"
+                                   + (f": {rules}" if rules else "")
+                                   + ("; deeper blocks repeat their teacher stage's last block"
+                                      if any(r.repeats for r in plan.tensors) else "")))
     for i, stage in enumerate(plan.stages):
         lines.append(("layers" if i == 0 else "", _stage_line(stage)))
     return lines
@@ -237,7 +254,7 @@ def _tensor_table(plan: SelectionPlan) -> Table:
             ]
             for r in plan.tensors
         ],
-        tones=[r.rule for r in plan.tensors],
+        tones=[TONE_GROWN if grows(r) else r.rule for r in plan.tensors],
         tone_column=4,
     )
 
@@ -264,7 +281,7 @@ def _group_table(plan: SelectionPlan) -> Table:
             Column("members", NUMBER),
         ],
         rows=[[g.id, f"{g.student_size} <- {g.teacher_size}", g.rule, str(len(g.members))] for g in plan.groups],
-        tones=[None] * len(plan.groups),
+        tones=[TONE_GROWN if g.growth else None for g in plan.groups],
     )
 
 

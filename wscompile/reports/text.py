@@ -19,6 +19,7 @@ from wscompile.reports.records import (
     NUMBER,
     TEXT,
     TONE_COPY,
+    TONE_GROWN,
     TONE_INIT,
     TONE_SELECT,
     TONE_UNUSED,
@@ -37,7 +38,7 @@ SHRINK_ORDER = (TEXT, NAME)  # prose gives way first, then names; other kinds on
 STAGE_NAME = re.compile(r"(stage \d+ \()([^(),]+)(, \d+ blocks?\))")
 
 BOLD = "1"
-TONE_COLORS = {TONE_SELECT: "36", TONE_COPY: "32", TONE_INIT: "33", TONE_UNUSED: "2"}
+TONE_COLORS = {TONE_SELECT: "36", TONE_COPY: "32", TONE_INIT: "33", TONE_UNUSED: "2", TONE_GROWN: "35"}
 
 
 def truncate_middle(text: str, width: int) -> str:
@@ -172,13 +173,16 @@ def render_summary(plan: SelectionPlan) -> str:
     assert c is not None
     lines = [
         f"student {plan.student_spec}: {c.selected_params:,} of {c.total_params:,} elements from the teacher "
-        f"({c.fraction:.1%}; {c.fraction_no_head:.1%} without the head), method {plan.method}",
+        f"({c.fraction:.1%}; {c.fraction_no_head:.1%} without the head), method {plan.method}"
+        + (f"; {c.grown_params:,} more grown from teacher units (--allow-partial)" if c.grown_params else ""),
     ]
     for stage in plan.stages:
         teacher = stage.teacher or "no teacher stage"
         taken = [stage.teacher_blocks.index(b.teacher) for b in stage.blocks if b.teacher is not None]
         which = (f"first {len(taken)} of {stage.teacher_depth} blocks" if stage.policy == "first"
                  else f"{stage.policy}: blocks {', '.join(map(str, taken))} of {stage.teacher_depth}")
+        if len(set(taken)) < len(taken):  # deeper than the teacher stage: its last block repeated (deepen.py)
+            which = f"blocks {', '.join(map(str, taken))} of {stage.teacher_depth} (the last repeated)"
         lines.append(f"  {stage.student} <- {teacher}: {which}")
     kept = [r for r in plan.tensors if r.teacher is None]
     if kept:
