@@ -221,7 +221,7 @@ CASES = [
 ]
 # fmt: on
 
-COLUMNS = ["pair", "expect", "outcome", "partial", "coverage_no_head_pct", "strict_load", "finite", "onnx",
+COLUMNS = ["pair", "expect", "outcome", "partial", "coverage_no_head_pct", "selected_no_head_pct", "grown_no_head_pct", "strict_load", "finite", "onnx",
            "seconds", "error"]
 
 
@@ -257,7 +257,12 @@ def run_one(case: Case, places: dict[str, str], work: Path) -> dict[str, object]
         row["outcome"] = "refused" if case.expect == "refuse" else "failed"
         return row
     row["outcome"] = "initialized"
-    row["coverage_no_head_pct"] = round(100 * json.loads(manifest.read_text())["coverage"]["fraction_no_head"], 1)
+    coverage = json.loads(manifest.read_text())["coverage"]
+    total = max(1, coverage["total_params_no_head"])
+    row["selected_no_head_pct"] = round(100 * coverage["selected_params_no_head"] / total, 1)
+    row["grown_no_head_pct"] = round(100 * coverage.get("grown_params_no_head", 0) / total, 1)
+    # from the teacher: selected, or grown (widened channels, repeated blocks) from teacher values
+    row["coverage_no_head_pct"] = round(row["selected_no_head_pct"] + row["grown_no_head_pct"], 1)
     from safetensors.torch import load_file
 
     shape = tuple(int(x) for x in case.input_shape.split(",")) if case.input_shape else None
@@ -357,6 +362,7 @@ def _write(rows: list[dict[str, object]], seconds: float) -> None:
     expected_init = [r for r in rows if r["expect"] == "init"]
     ok = [r for r in expected_init if r.get("outcome") == "initialized" and r.get("strict_load") and r.get("finite")]
     coverages = [float(r["coverage_no_head_pct"]) for r in ok]
+    selected = [float(r["selected_no_head_pct"]) for r in ok]
     refused = [r for r in rows if r["expect"] == "refuse" and r.get("outcome") == "refused"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     lines = [
@@ -369,18 +375,22 @@ def _write(rows: list[dict[str, object]], seconds: float) -> None:
         f"- initialized soundly (strict load into an independently built student, finite outputs): "
         f"**{len(ok)} of {len(expected_init)}** ({100 * len(ok) / max(1, len(expected_init)):.0f}%), "
         f"{sum(1 for r in ok if r.get('partial'))} of them with `--allow-partial`",
-        f"- mean coverage outside the head over those: **{sum(coverages) / max(1, len(coverages)):.1f}%**; "
-        f"{sum(1 for c in coverages if c >= 95)} at >= 95%",
+        f"- mean coverage outside the head over those (selected + grown from teacher values): "
+        f"**{sum(coverages) / max(1, len(coverages)):.1f}%**; {sum(1 for c in coverages if c >= 95)} at >= 95%; "
+        f"selected alone {sum(selected) / max(1, len(selected)):.1f}% "
+        f"({sum(1 for c in selected if c >= 95)} at >= 95%)",
         f"- ONNX: **{sum(1 for r in ok if r.get('onnx'))} of {len(ok)}** of those export and match the student "
         "in onnxruntime at another batch size (`wscompile export`)",
         f"- unrelated pairs refused: **{len(refused)} of {sum(1 for r in rows if r['expect'] == 'refuse')}**",
         "",
-        "| pair | outcome | --allow-partial | coverage no head % | strict load | finite | onnx | s | error |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| pair | outcome | --allow-partial | coverage no head % | selected % | grown % | left % | strict load | finite "
+        "| onnx | s | error |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(f"| {r['pair']} | {r.get('outcome', '')} | {'yes' if r.get('partial') else ''} | "
-                     f"{r.get('coverage_no_head_pct', '')} | {r.get('strict_load', '')} | {r.get('finite', '')} | "
+                     f"{r.get('coverage_no_head_pct', '')} | {r.get('selected_no_head_pct', '')} | "
+                     f"{r.get('grown_no_head_pct', '')} | {_left(r)} | {r.get('strict_load', '')} | {r.get('finite', '')} | "
                      f"{r.get('onnx', '')} | "
                      f"{r.get('seconds', '')} | {str(r.get('error', '')).replace('|', '/')} |")
     causes = Counter(_cause(str(r.get("error", ""))) for r in expected_init if r.get("outcome") != "initialized")
@@ -389,6 +399,12 @@ def _write(rows: list[dict[str, object]], seconds: float) -> None:
         lines += [f"| {cause} | {count} |" for cause, count in causes.most_common()]
     (RESULTS / "breadth.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {RESULTS / 'breadth.md'}")
+
+
+def _left(row: dict) -> str:
+    """Share of the student outside the head left at its own init, as text ('' when not initialized)."""
+    covered = row.get("coverage_no_head_pct", "")
+    return "" if covered == "" else f"{100 - float(covered):.1f}"
 
 
 if __name__ == "__main__":
