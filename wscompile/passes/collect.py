@@ -123,9 +123,11 @@ def collect(alignment: Alignment, teacher_graph: nx.DiGraph, student_graph: nx.D
 
 def _tensor_axes(s_node: int, s_data: dict, s_slot: ir.TensorSlot, t_data: dict, t_slot: ir.TensorSlot,
                  teacher_axes: list[int | None], fused_part: tuple[int, int], structured_axes: set[tuple[int, str]],
-                 position_grid: bool, pending: list[Pending], grow: bool) -> list[AxisRule] | None:
+                 position_grid: bool, pending: list[Pending], grow: bool,
+                 assembled_part: int | None = None) -> list[AxisRule] | None:
     """One rule per student axis (grouped ones appended to ``pending``), or None when an axis is
-    larger than the teacher's (with ``grow``: a local or head-structured one).
+    larger than the teacher's (with ``grow``: a local or head-structured one). ``assembled_part``
+    marks the pending axes of one part of an assembled tensor (``_collect_assembled``).
 
     NOTE: grouped axes before a larger one stay pending: they still join their dimension (and its
     group's members), as they always have, so plans do not move.
@@ -171,7 +173,7 @@ def _tensor_axes(s_node: int, s_data: dict, s_slot: ir.TensorSlot, t_data: dict,
         axes.append(rule)
         member = Member(t_slot.name, t_axis, t_slot.shape[t_axis], offset, k, t_size // k, t_data[ir.MODULE],
                         space.side)
-        pending.append(Pending(s_slot.name, s_axis, rule, space, member, structured))
+        pending.append(Pending(s_slot.name, s_axis, rule, space, member, structured, assembled_part))
     return axes
 
 
@@ -199,23 +201,14 @@ def _collect_assembled(record: TensorRecord, t_nodes: list[int], teacher_graph: 
             record.reason = f"teacher layer {t_data[ir.MODULE]} has no {s_slot.role!r} tensor to read a part from"
             return
         reshape, teacher_axes = view
-        axes: list[AxisRule] = []
-        for s_axis, t_axis in enumerate(teacher_axes):
-            s_size, t_size = shape[s_axis], 1 if t_axis is None else t_slot.shape[t_axis]
-            if s_size > t_size:
-                record.reason = (f"a part {shape} is larger than its teacher match {t_slot.name} "
-                                 f"{list(t_slot.shape)} (--allow-partial)")
-                found.too_large.append(f"{s_slot.name!r} part {tuple(shape)} vs teacher {t_slot.name!r} "
-                                       f"{t_slot.shape}")
-                return
-            side = "out" if s_axis == s_slot.out_axis else "in" if s_axis == s_slot.in_axis and s_size > 1 else None
-            if side is None:
-                axes.append(axis_rule(t_size, s_size, 1, None, AXIS_UNIFORM, 0))
-                continue
-            axes.append(AxisRule(t_size, s_size, AXIS_FULL, None))  # settled by settle.py
-            member = Member(t_slot.name, t_axis, t_size, 0, 1, t_size, t_data[ir.MODULE], side)
-            structured = (s_node, side) in structured_axes and t_size != s_size
-            pending.append(Pending(s_slot.name, s_axis, axes[-1], Space(s_node, side), member, structured, index))
+        # a whole teacher layer per part: no fused teacher part, no position grid, no growth
+        axes = _tensor_axes(s_node, s_data, part_slot, t_data, t_slot, teacher_axes, (0, 1), structured_axes,
+                            False, pending, False, assembled_part=index)
+        if axes is None:
+            record.reason = (f"a part {shape} is larger than its teacher match {t_slot.name} "
+                             f"{list(t_slot.shape)} (--allow-partial)")
+            found.too_large.append(f"{s_slot.name!r} part {tuple(shape)} vs teacher {t_slot.name!r} {t_slot.shape}")
+            return
         parts.append(TensorRecord(s_slot.name, shape, t_slot.name, list(t_slot.shape), RULE_SELECT,
                                   axes=axes, reshape=reshape))
     record.parts, record.parts_axis, record.rule = parts, s_slot.out_axis, RULE_SELECT
