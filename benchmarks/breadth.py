@@ -51,65 +51,255 @@ def _hf(name: str, **overrides) -> str:
 # HF teacher configs: (config class, kwargs); students override sizes in their specs.
 LM = dict(vocab_size=256, max_position_embeddings=64)
 HF_CONFIGS = {
-    "bert": ("BertConfig", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, **LM)),
-    "roberta": ("RobertaConfig", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                      intermediate_size=512, vocab_size=256, max_position_embeddings=66)),
+    "bert": (
+        "BertConfig",
+        dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, **LM),
+    ),
+    "roberta": (
+        "RobertaConfig",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=512,
+            vocab_size=256,
+            max_position_embeddings=66,
+        ),
+    ),
     "distilbert": ("DistilBertConfig", dict(dim=128, n_layers=4, n_heads=4, hidden_dim=512, **LM)),
-    "electra": ("ElectraConfig", dict(hidden_size=128, embedding_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                      intermediate_size=512, **LM)),
-    "deberta": ("DebertaV2Config", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                        intermediate_size=512, **LM)),
-    "albert": ("AlbertConfig", dict(hidden_size=128, embedding_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                    intermediate_size=512, **LM)),
-    "gpt2": ("GPT2Config", dict(n_embd=128, n_layer=4, n_head=4, vocab_size=256, n_positions=64, bos_token_id=0,
-                                eos_token_id=0)),
-    "llama": ("LlamaConfig", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                  intermediate_size=344, **LM)),
-    "mistral": ("MistralConfig", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=344, **LM)),
-    "qwen2": ("Qwen2Config", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                  intermediate_size=344, **LM)),
-    "gemma": ("GemmaConfig", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
-                                  head_dim=32, intermediate_size=344, **LM)),
-    "phi": ("PhiConfig", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, **LM)),
-    "opt": ("OPTConfig", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, ffn_dim=512,
-                              word_embed_proj_dim=128, **LM)),
-    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                       intermediate_size=512, **LM)),
-    "mixtral": ("MixtralConfig", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=256, num_local_experts=4, **LM)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, intermediate_size=256, moe_intermediate_size=64,
-                                         shared_expert_intermediate_size=128, num_experts=4, **LM)),
-    "t5": ("T5Config", dict(d_model=128, d_kv=32, num_heads=4, d_ff=512, num_layers=4, vocab_size=256,
-                            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
-    "bart": ("BartConfig", dict(d_model=128, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
-                                decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512, **LM)),
-    "whisper": ("WhisperConfig", dict(d_model=128, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
-                                      decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512,
-                                      vocab_size=256, num_mel_bins=16, max_source_positions=32,
-                                      max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                      decoder_start_token_id=1)),
-    "wav2vec2": ("Wav2Vec2Config", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                        intermediate_size=512, conv_dim=(32, 32), conv_stride=(5, 2),
-                                        conv_kernel=(10, 3), num_conv_pos_embeddings=16)),
-    "vit": ("ViTConfig", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                              image_size=32, patch_size=8)),
-    "deit": ("DeiTConfig", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                                image_size=32, patch_size=8)),
-    "dinov2": ("Dinov2Config", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                    intermediate_size=512, image_size=56, patch_size=14)),
-    "swin": ("SwinConfig", dict(embed_dim=32, depths=[2, 2], num_heads=[2, 4], image_size=64, patch_size=4,
-                                window_size=4)),
+    "electra": (
+        "ElectraConfig",
+        dict(
+            hidden_size=128, embedding_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, **LM
+        ),
+    ),
+    "deberta": (
+        "DebertaV2Config",
+        dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, **LM),
+    ),
+    "albert": (
+        "AlbertConfig",
+        dict(
+            hidden_size=128, embedding_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, **LM
+        ),
+    ),
+    "gpt2": (
+        "GPT2Config",
+        dict(n_embd=128, n_layer=4, n_head=4, vocab_size=256, n_positions=64, bos_token_id=0, eos_token_id=0),
+    ),
+    "llama": (
+        "LlamaConfig",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=344,
+            **LM,
+        ),
+    ),
+    "mistral": (
+        "MistralConfig",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=344,
+            **LM,
+        ),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=344,
+            **LM,
+        ),
+    ),
+    "gemma": (
+        "GemmaConfig",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            intermediate_size=344,
+            **LM,
+        ),
+    ),
+    "phi": (
+        "PhiConfig",
+        dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, **LM),
+    ),
+    "opt": (
+        "OPTConfig",
+        dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, ffn_dim=512, word_embed_proj_dim=128, **LM),
+    ),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, **LM),
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=256,
+            num_local_experts=4,
+            **LM,
+        ),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=256,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=128,
+            num_experts=4,
+            **LM,
+        ),
+    ),
+    "t5": (
+        "T5Config",
+        dict(
+            d_model=128,
+            d_kv=32,
+            num_heads=4,
+            d_ff=512,
+            num_layers=4,
+            vocab_size=256,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        ),
+    ),
+    "bart": (
+        "BartConfig",
+        dict(
+            d_model=128,
+            encoder_layers=4,
+            decoder_layers=4,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=512,
+            decoder_ffn_dim=512,
+            **LM,
+        ),
+    ),
+    "whisper": (
+        "WhisperConfig",
+        dict(
+            d_model=128,
+            encoder_layers=4,
+            decoder_layers=4,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=512,
+            decoder_ffn_dim=512,
+            vocab_size=256,
+            num_mel_bins=16,
+            max_source_positions=32,
+            max_target_positions=32,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+        ),
+    ),
+    "wav2vec2": (
+        "Wav2Vec2Config",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=512,
+            conv_dim=(32, 32),
+            conv_stride=(5, 2),
+            conv_kernel=(10, 3),
+            num_conv_pos_embeddings=16,
+        ),
+    ),
+    "vit": (
+        "ViTConfig",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=512,
+            image_size=32,
+            patch_size=8,
+        ),
+    ),
+    "deit": (
+        "DeiTConfig",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=512,
+            image_size=32,
+            patch_size=8,
+        ),
+    ),
+    "dinov2": (
+        "Dinov2Config",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=512,
+            image_size=56,
+            patch_size=14,
+        ),
+    ),
+    "swin": (
+        "SwinConfig",
+        dict(embed_dim=32, depths=[2, 2], num_heads=[2, 4], image_size=64, patch_size=4, window_size=4),
+    ),
     "convnext": ("ConvNextConfig", dict(hidden_sizes=[32, 64, 128, 256], depths=[2, 2, 4, 2])),
     "resnet": ("ResNetConfig", dict(hidden_sizes=[32, 64, 128, 256], depths=[2, 2, 2, 2], embedding_size=16)),
-    "segformer": ("SegformerConfig", dict(hidden_sizes=[16, 32, 64, 128], depths=[2, 2, 2, 2],
-                                          num_attention_heads=[1, 2, 2, 4], decoder_hidden_size=64)),
-    "clip": ("CLIPConfig", dict(text_config=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
-                                                 intermediate_size=256, vocab_size=256, max_position_embeddings=32),
-                                vision_config=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
-                                                   intermediate_size=256, image_size=32, patch_size=8),
-                                projection_dim=32)),
+    "segformer": (
+        "SegformerConfig",
+        dict(
+            hidden_sizes=[16, 32, 64, 128],
+            depths=[2, 2, 2, 2],
+            num_attention_heads=[1, 2, 2, 4],
+            decoder_hidden_size=64,
+        ),
+    ),
+    "clip": (
+        "CLIPConfig",
+        dict(
+            text_config=dict(
+                hidden_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=2,
+                intermediate_size=256,
+                vocab_size=256,
+                max_position_embeddings=32,
+            ),
+            vision_config=dict(
+                hidden_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=2,
+                intermediate_size=256,
+                image_size=32,
+                patch_size=8,
+            ),
+            projection_dim=32,
+        ),
+    ),
 }
 
 BERTISH = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=256)
@@ -221,8 +411,20 @@ CASES = [
 ]
 # fmt: on
 
-COLUMNS = ["pair", "expect", "outcome", "partial", "coverage_no_head_pct", "selected_no_head_pct", "grown_no_head_pct", "strict_load", "finite", "onnx",
-           "seconds", "error"]
+COLUMNS = [
+    "pair",
+    "expect",
+    "outcome",
+    "partial",
+    "coverage_no_head_pct",
+    "selected_no_head_pct",
+    "grown_no_head_pct",
+    "strict_load",
+    "finite",
+    "onnx",
+    "seconds",
+    "error",
+]
 
 
 def write_configs(root: Path) -> dict[str, str]:
@@ -244,8 +446,20 @@ def run_one(case: Case, places: dict[str, str], work: Path) -> dict[str, object]
 
     teacher, student = case.teacher.format(**places), case.student.format(**places)
     out, manifest = work / f"{case.id}.safetensors", work / f"{case.id}.json"
-    base = ["init", "--teacher", teacher, "--student", student, "--out", str(out), "--manifest", str(manifest),
-            "--allow-random-teacher", "--no-progress", "--force"]
+    base = [
+        "init",
+        "--teacher",
+        teacher,
+        "--student",
+        student,
+        "--out",
+        str(out),
+        "--manifest",
+        str(manifest),
+        "--allow-random-teacher",
+        "--no-progress",
+        "--force",
+    ]
     if case.input_shape:
         base += ["--input-shape", case.input_shape]
     row: dict[str, object] = {"partial": False}
@@ -274,8 +488,7 @@ def run_one(case: Case, places: dict[str, str], work: Path) -> dict[str, object]
     tensors = _tensors(output)
     row["finite"] = bool(tensors) and all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
     # ONNX: exported and checked by onnxruntime against the student at another batch size
-    export = ["export", "--student", student, "--weights", str(out), "--onnx", str(work / f"{case.id}.onnx"),
-              "--force"]
+    export = ["export", "--student", student, "--weights", str(out), "--onnx", str(work / f"{case.id}.onnx"), "--force"]
     row["onnx"] = main(export + (["--input-shape", case.input_shape] if case.input_shape else [])) == 0
     return row
 
@@ -324,7 +537,11 @@ def main() -> None:
             try:
                 done = subprocess.run(
                     [sys.executable, __file__, "--one", case.id, "--places", json.dumps(places), "--work", tmp],
-                    capture_output=True, text=True, timeout=args.timeout, env=env)
+                    capture_output=True,
+                    text=True,
+                    timeout=args.timeout,
+                    env=env,
+                )
                 found = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
                 if found:
                     row.update(json.loads(found[-1][4:]))
@@ -337,8 +554,10 @@ def main() -> None:
                 row["outcome"] = "timeout"
             row["seconds"] = round(time.perf_counter() - start, 1)
             rows.append(row)
-            print(f"{case.id}: {row.get('outcome')} {row.get('coverage_no_head_pct', '')} onnx={row.get('onnx')} {row.get('error', '')}",
-                  flush=True)
+            print(
+                f"{case.id}: {row.get('outcome')} {row.get('coverage_no_head_pct', '')} onnx={row.get('onnx')} {row.get('error', '')}",
+                flush=True,
+            )
     if not args.only:
         _write(rows, time.time() - started)
 
@@ -388,11 +607,13 @@ def _write(rows: list[dict[str, object]], seconds: float) -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        lines.append(f"| {r['pair']} | {r.get('outcome', '')} | {'yes' if r.get('partial') else ''} | "
-                     f"{r.get('coverage_no_head_pct', '')} | {r.get('selected_no_head_pct', '')} | "
-                     f"{r.get('grown_no_head_pct', '')} | {_left(r)} | {r.get('strict_load', '')} | {r.get('finite', '')} | "
-                     f"{r.get('onnx', '')} | "
-                     f"{r.get('seconds', '')} | {str(r.get('error', '')).replace('|', '/')} |")
+        lines.append(
+            f"| {r['pair']} | {r.get('outcome', '')} | {'yes' if r.get('partial') else ''} | "
+            f"{r.get('coverage_no_head_pct', '')} | {r.get('selected_no_head_pct', '')} | "
+            f"{r.get('grown_no_head_pct', '')} | {_left(r)} | {r.get('strict_load', '')} | {r.get('finite', '')} | "
+            f"{r.get('onnx', '')} | "
+            f"{r.get('seconds', '')} | {str(r.get('error', '')).replace('|', '/')} |"
+        )
     causes = Counter(_cause(str(r.get("error", ""))) for r in expected_init if r.get("outcome") != "initialized")
     if causes:
         lines += ["", "## Failures by cause", "", "| cause | pairs |", "| --- | --- |"]

@@ -49,16 +49,34 @@ MEMORY_FLOOR = 10**9
 
 SIZES = {
     "7b": {
-        "teacher": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                        intermediate_size=11008, vocab_size=32000),
-        "student": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
-                        intermediate_size=5504),
+        "teacher": dict(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=11008,
+            vocab_size=32000,
+        ),
+        "student": dict(
+            hidden_size=2048,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            intermediate_size=5504,
+        ),
     },
     "tiny": {
-        "teacher": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                        intermediate_size=1376, vocab_size=32000),
-        "student": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                        intermediate_size=688),
+        "teacher": dict(
+            hidden_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=1376,
+            vocab_size=32000,
+        ),
+        "student": dict(
+            hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, intermediate_size=688
+        ),
     },
 }
 
@@ -80,8 +98,9 @@ def generate_teacher(directory: Path, size: str) -> None:
     import transformers
     from safetensors.torch import save_file
 
-    config = transformers.LlamaConfig(**SIZES[size]["teacher"], max_position_embeddings=4096, dtype="bfloat16",
-                                      tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        **SIZES[size]["teacher"], max_position_embeddings=4096, dtype="bfloat16", tie_word_embeddings=False
+    )
     marker = directory / "complete"  # the config, written last: a complete earlier run is reused
     if marker.exists() and marker.read_text() == config.to_json_string():
         print(f"teacher exists: {directory}")
@@ -181,8 +200,13 @@ def worker(path: str, teacher_dir: Path, size: str, out: Path, manifest: Path) -
     baseline = _status("VmRSS")
     disk_start = _disk_read_bytes()
     teacher_spec, student_spec = specs(teacher_dir, size)
-    options = commands.InitOptions(teacher=teacher_spec, student=student_spec, out=str(out), force=True,
-                                   manifest=str(manifest) if path == "streamed" else None)
+    options = commands.InitOptions(
+        teacher=teacher_spec,
+        student=student_spec,
+        out=str(out),
+        force=True,
+        manifest=str(manifest) if path == "streamed" else None,
+    )
     row: dict[str, object] = {"path": path, "baseline_rss_gb": baseline / 1e9}
     watch = Stopwatch()
     watch.wrap(commands, "load_pair", "build_seconds")
@@ -215,8 +239,14 @@ def worker(path: str, teacher_dir: Path, size: str, out: Path, manifest: Path) -
         # is planned on meta and built for the values the plan keeps at its init, as run_init does.
         source = weights.DictSource(state)
         compiled = pipeline.compile(
-            teacher.module, student.module, teacher_inputs=teacher.inputs, student_inputs=student.inputs,
-            teacher_source=source, teacher_spec=teacher_spec, student_spec=student_spec, write=False,
+            teacher.module,
+            student.module,
+            teacher_inputs=teacher.inputs,
+            student_inputs=student.inputs,
+            teacher_source=source,
+            teacher_spec=teacher_spec,
+            student_spec=student_spec,
+            write=False,
         )
         student = commands.student_with_values(options, compiled.plan, student)
         selected = apply.apply_plan(compiled.plan, source, student.module.state_dict())
@@ -279,7 +309,10 @@ def run_worker(path: str, args: argparse.Namespace, teacher_dir: Path, out: Path
     threading.Thread(target=watch, daemon=True).start()
     stdout, _ = process.communicate()
     if starved.is_set():
-        return {"path": path, "error": f"stopped: the machine's available memory fell below {MEMORY_FLOOR / 1e9:.0f} GB"}
+        return {
+            "path": path,
+            "error": f"stopped: the machine's available memory fell below {MEMORY_FLOOR / 1e9:.0f} GB",
+        }
     if process.returncode != 0:
         return {"path": path, "error": f"exit status {process.returncode}"}
     row = json.loads(stdout.strip().splitlines()[-1])
@@ -342,10 +375,10 @@ def write_results(rows: list[dict[str, object]], args: argparse.Namespace, sizes
         "`VmHWM`.",
         "- **streamed**: `wscompile init` as the CLI runs it. **naive**: `safetensors.torch.load_file` of every "
         "shard into one state_dict, then the same pipeline with that in-memory teacher, `apply_plan` and "
-        "`save_safetensors`. safetensors returns tensors backed by a mapping of the file, so \"load teacher\" is "
+        '`save_safetensors`. safetensors returns tensors backed by a mapping of the file, so "load teacher" is '
         "quick: the pages are read when the plan indexes them (inside trace + plan) and stay resident while the "
         "state_dict lives, next to three copies of the student (module, state_dict, serialized bytes); its "
-        "\"teacher bytes read\" is the state_dict's size. "
+        '"teacher bytes read" is the state_dict\'s size. '
         "**disk**: `pread` of the byte ranges of every teacher tensor the plan reads, once (run twice, after the "
         "streamed and the naive runs).",
         "",
@@ -357,9 +390,20 @@ def write_results(rows: list[dict[str, object]], args: argparse.Namespace, sizes
         if row.get("error"):
             lines.append(f"| {row['path']} | {row['error']} |" + " |" * 9)
             continue
-        cells = [row["path"]] + [_cell(row.get(k)) for k in (
-            "seconds", "build_seconds", "load_teacher_seconds", "trace_plan_seconds", "write_seconds",
-            "peak_rss_gb", "baseline_rss_gb", "wscompile_read_gb", "disk_read_gb")]
+        cells = [row["path"]] + [
+            _cell(row.get(k))
+            for k in (
+                "seconds",
+                "build_seconds",
+                "load_teacher_seconds",
+                "trace_plan_seconds",
+                "write_seconds",
+                "peak_rss_gb",
+                "baseline_rss_gb",
+                "wscompile_read_gb",
+                "disk_read_gb",
+            )
+        ]
         lines.append("| " + " | ".join(cells) + f" | {str(row.get('output_sha256', ''))[:12]} |")
     lines += [
         "",
@@ -373,7 +417,8 @@ def write_results(rows: list[dict[str, object]], args: argparse.Namespace, sizes
         f"- peak RSS below student + largest teacher tensor + 1 GB = {sizes['student_gb']:.2f} + "
         f"{sizes['largest_teacher_tensor_gb']:.2f} + 1 = **{rss_target:.2f} GB**: streamed peak "
         f"{streamed['peak_rss_gb']:.2f} GB, **{'met' if streamed['peak_rss_gb'] < rss_target else 'not met'}**"
-        + (f" (naive: {naive['peak_rss_gb']:.2f} GB)" if naive.get("peak_rss_gb") else "") + ".",
+        + (f" (naive: {naive['peak_rss_gb']:.2f} GB)" if naive.get("peak_rss_gb") else "")
+        + ".",
         f"- read+select+write within 2x of reading the selected bytes once ({limit_seconds:.1f} s): "
         f"{streamed['write_seconds']:.1f} s = {write_ratio:.2f}x, **{'met' if write_ratio <= 2 else 'not met'}**.",
         f"- the whole run within 2x of the same limit: {streamed['seconds']:.1f} s = "
@@ -382,7 +427,8 @@ def write_results(rows: list[dict[str, object]], args: argparse.Namespace, sizes
         "with its own random init for the LM head it keeps) and tracing both with torch.export on the meta "
         "device, which do not depend on the teacher's size in bytes.",
         f"- streamed student byte-identical to the in-memory (naive) one: **{'yes' if identical else 'no'}**"
-        + ("" if naive.get("output_sha256") else " (the naive path did not finish; see its row)") + ".",
+        + ("" if naive.get("output_sha256") else " (the naive path did not finish; see its row)")
+        + ".",
         "",
         "## The student is built in memory",
         "",
@@ -443,8 +489,11 @@ def main() -> None:
     parser.add_argument("--size", choices=list(SIZES), default="7b")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/wscompile-scale"))
     parser.add_argument("--keep", action="store_true", help="keep the generated teacher for another run")
-    parser.add_argument("--paths", default="streamed,disk,naive,disk", help="paths to run, in order; "
-                        "streamed first (it writes the plan the disk path reads)")
+    parser.add_argument(
+        "--paths",
+        default="streamed,disk,naive,disk",
+        help="paths to run, in order; streamed first (it writes the plan the disk path reads)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     teacher_dir = args.workdir / f"teacher-{args.size}"

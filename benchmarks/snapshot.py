@@ -4,6 +4,7 @@ the paper pairs, write sha256 of the student .safetensors and of the manifest JS
     PYTHONPATH=<tree> python /work/ref/snapshot.py --out hashes.json [--only SUBSTR]
     python /work/ref/snapshot.py --compare /work/ref/main.json hashes.json
 """
+
 import argparse
 import hashlib
 import json
@@ -16,26 +17,50 @@ from pathlib import Path
 
 def run(out, only, hf_dir):
     import torch
+
     torch.set_num_threads(1)
     root = Path(os.environ.get("PYTHONPATH", ".").split(":")[0]).resolve()
     sys.path.insert(0, str(root))
     from tests.zoo.registry import PAIRS, PARTIAL, resolve, write_hf_configs
     from wscompile import cli
+
     tmp = Path(tempfile.mkdtemp())
     hf = Path(hf_dir)  # fixed: specs (hence manifests) name these directories
     hf.mkdir(parents=True, exist_ok=True)
     places = write_hf_configs(hf)
-    jobs = [(p.id, resolve(p.teacher, places), resolve(p.student, places), p.input_shape, p.kind == PARTIAL) for p in PAIRS]
-    jobs += [("paper-vit-s->t", "timm:vit_small_patch16_224?img_size=32", "timm:vit_tiny_patch16_224?img_size=32", None, False),
-             ("paper-convnext-t->f", "timm:convnext_tiny", "timm:convnext_femto", (1, 3, 64, 64), False)]
+    jobs = [
+        (p.id, resolve(p.teacher, places), resolve(p.student, places), p.input_shape, p.kind == PARTIAL) for p in PAIRS
+    ]
+    jobs += [
+        (
+            "paper-vit-s->t",
+            "timm:vit_small_patch16_224?img_size=32",
+            "timm:vit_tiny_patch16_224?img_size=32",
+            None,
+            False,
+        ),
+        ("paper-convnext-t->f", "timm:convnext_tiny", "timm:convnext_femto", (1, 3, 64, 64), False),
+    ]
     result = {}
     for name, t, s, shape, partial in jobs:
         if only and only not in name:
             continue
         d = tmp / name.replace("/", "_").replace(">", "")
         d.mkdir(parents=True)
-        argv = ["init", "--teacher", t, "--student", s, "--out", str(d / "s.safetensors"), "--manifest", str(d / "m.json"),
-                "--allow-random-teacher", "--seed", "0"]
+        argv = [
+            "init",
+            "--teacher",
+            t,
+            "--student",
+            s,
+            "--out",
+            str(d / "s.safetensors"),
+            "--manifest",
+            str(d / "m.json"),
+            "--allow-random-teacher",
+            "--seed",
+            "0",
+        ]
         if shape:
             argv += ["--input-shape", ",".join(map(str, shape))]
         if partial:
@@ -48,9 +73,12 @@ def run(out, only, hf_dir):
             code = e.code
         entry = {"exit": code, "s": round(time.time() - start, 1)}
         if (d / "m.json").exists():
-            entry["m.json"] = hashlib.sha256((d / "m.json").read_text().replace(str(root), "<ROOT>").encode()).hexdigest()
+            entry["m.json"] = hashlib.sha256(
+                (d / "m.json").read_text().replace(str(root), "<ROOT>").encode()
+            ).hexdigest()
         if (d / "s.safetensors").exists():
             from safetensors import safe_open
+
             h = hashlib.sha256()
             with safe_open(str(d / "s.safetensors"), "pt") as f:
                 h.update(json.dumps(f.metadata(), sort_keys=True).replace(str(root), "<ROOT>").encode())
@@ -62,6 +90,7 @@ def run(out, only, hf_dir):
         result[name] = entry
         print(name, entry, flush=True)
     Path(out).write_text(json.dumps(result, indent=1))
+
 
 def compare(a, b):
     A, B = json.loads(Path(a).read_text()), json.loads(Path(b).read_text())
@@ -76,12 +105,16 @@ def compare(a, b):
     print(f"{len(set(A) & set(B))} compared, {bad} differences")
     return 1 if bad else 0
 
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", help="hashes to write (JSON)")
     ap.add_argument("--only", help="pairs whose id contains this")
-    ap.add_argument("--hf-dir", default=str(Path(tempfile.gettempdir()) / "wscompile-snapshot-hf"),
-                    help="where the zoo's HF configs are written (the same for both trees)")
+    ap.add_argument(
+        "--hf-dir",
+        default=str(Path(tempfile.gettempdir()) / "wscompile-snapshot-hf"),
+        help="where the zoo's HF configs are written (the same for both trees)",
+    )
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two hash files")
     a = ap.parse_args()
     if not a.compare and not a.out:

@@ -60,11 +60,15 @@ PAIRS = [
     Pair("ViT-S -> ViT-T", "vit_small_patch16_224", "vit_tiny_patch16_224", target=1.0),
     # NOTE: timm's convnext_femto defaults to 1x1-conv MLPs where convnext_tiny has Linear ones; the
     # official loop needs same-rank tensors under the same names, as in the paper's own ConvNeXt-F.
-    Pair("ConvNeXt-T -> ConvNeXt-F", "convnext_tiny", "convnext_femto", student_kwargs=(("conv_mlp", False),),
-         target=0.9),
+    Pair(
+        "ConvNeXt-T -> ConvNeXt-F", "convnext_tiny", "convnext_femto", student_kwargs=(("conv_mlp", False),), target=0.9
+    ),
 ]
-SMOKE_PAIRS = [Pair("ViT-T -> ViT-T depth 2 (smoke)", "vit_tiny_patch16_224", "vit_tiny_patch16_224",
-                    student_kwargs=(("depth", 2),))]
+SMOKE_PAIRS = [
+    Pair(
+        "ViT-T -> ViT-T depth 2 (smoke)", "vit_tiny_patch16_224", "vit_tiny_patch16_224", student_kwargs=(("depth", 2),)
+    )
+]
 HELP_TARGET = 0.25  # wscompile --help / import torch, at most
 
 COLUMNS = ["case", "side", "run", "seconds"]
@@ -99,8 +103,9 @@ def official_loop(pair: Pair, teacher_weights: Path, out: Path) -> None:
     teacher.load_state_dict(load_file(teacher_weights))
     student = timm.create_model(pair.student, **dict(pair.student_kwargs))
     teacher_state = teacher.state_dict()
-    selected = {key: official_select(teacher_state[key], tuple(value.shape))
-                for key, value in student.state_dict().items()}
+    selected = {
+        key: official_select(teacher_state[key], tuple(value.shape)) for key, value in student.state_dict().items()
+    }
     save_file(selected, out)
 
 
@@ -108,8 +113,11 @@ def official_loop(pair: Pair, teacher_weights: Path, out: Path) -> None:
 
 
 def timed(command: list[str]) -> float:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -173,8 +181,8 @@ def write_results(rows: list[dict[str, object]], summary: list[str], out: Path, 
         "--select-head --out S.safetensors` against the official loop re-implemented in this script "
         "(`official_loop`: timm builds both models, loads the teacher, selects every student key from the "
         "same-named teacher tensor by the paper's uniform rule, saves safetensors). Whole processes, imports "
-        "included. \"same student\": the two outputs are equal tensor by tensor.",
-        "- **--help**: `python -m wscompile --help` against `python -c \"import torch\"`.",
+        'included. "same student": the two outputs are equal tensor by tensor.',
+        '- **--help**: `python -m wscompile --help` against `python -c "import torch"`.',
         "",
         "| case | wscompile median (s) | reference median (s) | ratio | target | met | same student |",
         "|---|---|---|---|---|---|---|",
@@ -186,10 +194,12 @@ def write_results(rows: list[dict[str, object]], summary: list[str], out: Path, 
 
 def _provenance() -> str:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "wscompile"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "wscompile"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "wscompile commit unknown"
     return f"wscompile at commit {commit}" + (" with uncommitted changes" if dirty else "")
@@ -198,8 +208,10 @@ def _provenance() -> str:
 def _summary_row(case: str, ours: list[float], reference: list[float], target: float | None, same: str) -> str:
     ratio = statistics.median(ours) / statistics.median(reference)
     met = "" if target is None else ("yes" if ratio <= target else "no")
-    return (f"| {case} | {statistics.median(ours):.2f} | {statistics.median(reference):.2f} | {ratio:.2f}x | "
-            f"{'' if target is None else f'<= {target}x'} | {met} | {same} |")
+    return (
+        f"| {case} | {statistics.median(ours):.2f} | {statistics.median(reference):.2f} | {ratio:.2f}x | "
+        f"{'' if target is None else f'<= {target}x'} | {met} | {same} |"
+    )
 
 
 def main() -> None:
@@ -223,22 +235,41 @@ def main() -> None:
         weights = args.workdir / f"{pair.teacher}.safetensors"
         write_teacher(pair, weights)
         ours_out, official_out = args.workdir / "wscompile.safetensors", args.workdir / "official.safetensors"
-        ours = [sys.executable, "-m", "wscompile", "init", "--teacher", f"timm:{pair.teacher}", "--teacher-weights",
-                str(weights), "--student", pair.student_spec(), "--select-head", "--out", str(ours_out), "--force"]
+        ours = [
+            sys.executable,
+            "-m",
+            "wscompile",
+            "init",
+            "--teacher",
+            f"timm:{pair.teacher}",
+            "--teacher-weights",
+            str(weights),
+            "--student",
+            pair.student_spec(),
+            "--select-head",
+            "--out",
+            str(ours_out),
+            "--force",
+        ]
         official = [sys.executable, __file__, "--official", pair.label, str(weights), str(official_out)]
         print(f"{pair.label}: {repeats} run(s) each ...", flush=True)
         ours_times, official_times = alternate(ours, official, repeats)
         same = "yes" if same_tensors(ours_out, official_out) else "no"
-        rows += [{"case": pair.label, "side": side, "run": i, "seconds": s}
-                 for side, times in (("wscompile", ours_times), ("official", official_times))
-                 for i, s in enumerate(times)]
+        rows += [
+            {"case": pair.label, "side": side, "run": i, "seconds": s}
+            for side, times in (("wscompile", ours_times), ("official", official_times))
+            for i, s in enumerate(times)
+        ]
         summary.append(_summary_row(f"init {pair.label}", ours_times, official_times, pair.target, same))
         print(summary[-1], flush=True)
-    help_times, torch_times = alternate([sys.executable, "-m", "wscompile", "--help"],
-                                        [sys.executable, "-c", "import torch"], repeats)
-    rows += [{"case": "--help", "side": side, "run": i, "seconds": s}
-             for side, times in (("wscompile --help", help_times), ("import torch", torch_times))
-             for i, s in enumerate(times)]
+    help_times, torch_times = alternate(
+        [sys.executable, "-m", "wscompile", "--help"], [sys.executable, "-c", "import torch"], repeats
+    )
+    rows += [
+        {"case": "--help", "side": side, "run": i, "seconds": s}
+        for side, times in (("wscompile --help", help_times), ("import torch", torch_times))
+        for i, s in enumerate(times)
+    ]
     summary.append(_summary_row("`--help` vs `import torch`", help_times, torch_times, HELP_TARGET, ""))
     print(summary[-1], flush=True)
     command = "python benchmarks/speed.py" + (" --smoke" if args.smoke else f" --repeats {repeats}")

@@ -38,8 +38,12 @@ __all__ = [
 ]
 
 # NOTE: imported on first use, so that `wscompile --help` and argument errors do not wait for torch.
-_LAZY = {"compile": "wscompile.pipeline", "initialize": "wscompile.pipeline", "save": "wscompile.commands",
-         "SelectionPlan": "wscompile.plan"}
+_LAZY = {
+    "compile": "wscompile.pipeline",
+    "initialize": "wscompile.pipeline",
+    "save": "wscompile.commands",
+    "SelectionPlan": "wscompile.plan",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -167,8 +167,9 @@ class _Narrow(_Node):
     def _inner_index(self, index):
         full = _full_index(index, len(self.shape))
         chosen = full[self.dim]
-        full[self.dim] = (range(self.start, self.start + self.length) if chosen is None
-                          else [self.start + i for i in chosen])
+        full[self.dim] = (
+            range(self.start, self.start + self.length) if chosen is None else [self.start + i for i in chosen]
+        )
         return full
 
     def read(self, index):
@@ -282,8 +283,13 @@ def _convert(converter, first_target: str, module: nn.Module) -> dict[str, _Node
     """Run ``converter``'s operations on expression nodes; returns full module keys -> nodes."""
     tensors: dict[str, list[_Node] | _Node] = {k: list(v) for k, v in converter.collected_tensors.items()}
     sources, targets = converter.source_patterns, converter.target_patterns
-    kwargs = dict(source_patterns=sources, target_patterns=targets, full_layer_name=first_target,
-                  model=module, config=module.config)
+    kwargs = dict(
+        source_patterns=sources,
+        target_patterns=targets,
+        full_layer_name=first_target,
+        model=module,
+        config=module.config,
+    )
     for op in converter.operations:
         tensors = _apply(op, tensors, kwargs)
     # As WeightConverter.convert: target patterns become full keys around the first target's name.
@@ -307,9 +313,12 @@ def _apply(op, tensors: dict[str, list[_Node] | _Node], kwargs: dict) -> dict[st
     sources, targets = kwargs["source_patterns"], kwargs["target_patterns"]
     kind = type(op)
     if kind is MergeModulelist:
-        return {op.get_target_pattern(len(tensors), pattern, targets):
-                (value if isinstance(value, _Node) else _Stack(value, op.dim))
-                for pattern, value in tensors.items()}
+        return {
+            op.get_target_pattern(len(tensors), pattern, targets): (
+                value if isinstance(value, _Node) else _Stack(value, op.dim)
+            )
+            for pattern, value in tensors.items()
+        }
     if kind is Concatenate:
         parts: list[_Node] = []
         for pattern in sources:
@@ -335,11 +344,14 @@ def _apply(op, tensors: dict[str, list[_Node] | _Node], kwargs: dict) -> dict[st
     # Anything else: transformers runs the op on real tensors when a target is read; run on meta
     # tensors here, it tells the targets and their shapes.
     meta = _run_op(op, tensors, kwargs, lambda node: torch.empty(node.shape, dtype=node.dtype, device="meta"))
-    return {target: _Eager(op, dict(tensors), target, kwargs, tuple(_single(out).shape), _single(out).dtype)
-            for target, out in meta.items()}
+    return {
+        target: _Eager(op, dict(tensors), target, kwargs, tuple(_single(out).shape), _single(out).dtype)
+        for target, out in meta.items()
+    }
 
 
 def _run_op(op, tensors: dict[str, list[_Node] | _Node], kwargs: dict, value) -> dict:
     """``op.convert`` on ``value(node)`` for every node of ``tensors`` (a fresh dict: ops pop their inputs)."""
-    return op.convert({k: [value(n) for n in v] if isinstance(v, list) else value(v) for k, v in tensors.items()},
-                      **kwargs)
+    return op.convert(
+        {k: [value(n) for n in v] if isinstance(v, list) else value(v) for k, v in tensors.items()}, **kwargs
+    )

@@ -25,8 +25,10 @@ BROKEN_PIPE = 128 + 13
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 SEED_MAX = 2**63 - 1  # torch.manual_seed's largest seed that is also a signed 64-bit integer
 
-SPEC_HELP = ("model spec: timm:NAME?k=v&..., torchvision:NAME?..., hf:DIR_OR_ID?..., py:pkg.module:factory?... "
-             "or path/to/file.py:factory?... (py: and file specs import and run that code: use only code you trust)")
+SPEC_HELP = (
+    "model spec: timm:NAME?k=v&..., torchvision:NAME?..., hf:DIR_OR_ID?..., py:pkg.module:factory?... "
+    "or path/to/file.py:factory?... (py: and file specs import and run that code: use only code you trust)"
+)
 
 
 EXAMPLES = {
@@ -61,8 +63,11 @@ class _Parser(argparse.ArgumentParser):
         self._argv = list(sys.argv[1:] if args is None else args)
         flags = self._flags()
         # Before argparse's own checks, which would first complain that the flag meant is missing.
-        unknown = [word for word in self._argv if word.startswith("--") and word != "--"
-                   and not any(flag.startswith(word.split("=")[0]) for flag in flags)]
+        unknown = [
+            word
+            for word in self._argv
+            if word.startswith("--") and word != "--" and not any(flag.startswith(word.split("=")[0]) for flag in flags)
+        ]
         if unknown:
             self.error(f"unrecognized arguments: {' '.join(unknown)}")
         parsed = super().parse_args(self._argv, namespace)
@@ -100,7 +105,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _did_you_mean(message: str, flags: list[str]) -> str:
-    """" (did you mean --teacher?)" for the mistyped flags or subcommand an argparse error names."""
+    """ " (did you mean --teacher?)" for the mistyped flags or subcommand an argparse error names."""
     choice = re.search(r"invalid choice: '?([^'\s]+)'? \(choose from (.*)\)", message)
     if choice:
         known = re.findall(r"[\w-]+", choice[2])
@@ -143,100 +148,179 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--seed", type=_seed, default=0, help="seed for the student's own init and example inputs")
     p.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224 (text: BATCH,SEQ)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let hf: specs run code from the model directory (off by default)")
-    p.add_argument("--unsafe-pickle", action="store_true",
-                   help="load .pt/.bin checkpoints that need code execution (only for files you trust)")
-    p.add_argument("--allow-outside-paths", action="store_true",
-                   help="let a model folder's shard index or weights link to files outside the folder (refused "
-                        "by default: an untrusted folder could copy any tensor file on the machine into the output)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="a status line on stderr for every stage (building, tracing, planning, export, parity check) "
-                        "and a bar while reading the teacher (default: when stderr is a terminal)")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress and nothing on stdout but diff's report: only warnings and errors (on stderr)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let hf: specs run code from the model directory (off by default)",
+    )
+    p.add_argument(
+        "--unsafe-pickle",
+        action="store_true",
+        help="load .pt/.bin checkpoints that need code execution (only for files you trust)",
+    )
+    p.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="let a model folder's shard index or weights link to files outside the folder (refused "
+        "by default: an untrusted folder could copy any tensor file on the machine into the output)",
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a status line on stderr for every stage (building, tracing, planning, export, parity check) "
+        "and a bar while reading the teacher (default: when stderr is a terminal)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress and nothing on stdout but diff's report: only warnings and errors (on stderr)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _selection_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="uniform", choices=list(METHODS),
-                   help="element selection per coupled dimension: uniform (the paper's rule, default), consecutive "
-                        "(first indices), random (--seed), magnitude (teacher weight norms), activation (teacher "
-                        "activations on --calib)")
-    p.add_argument("--layers", default="first", metavar="POLICY",
-                   help=f"layer selection per stage: {', '.join(LAYER_POLICIES)} (on --calib), or an explicit map "
-                        "'STAGE:BLOCK,...;...' of student stage index to teacher block indices, e.g. '0:0,2,4;1:0,1' "
-                        "(default: first, the paper's)")
-    p.add_argument("--heads", default="split", choices=list(HEAD_MODES),
-                   help="attention heads: split (heads and head dims shrink, default) or whole (each student head "
-                        "is a whole teacher head; head_dim must be equal)")
-    p.add_argument("--rescale", action="store_true",
-                   help="multiply weights whose input axis shrank by sqrt(teacher_in / student_in)")
-    p.add_argument("--calib", metavar="PATH",
-                   help="calibration inputs for --method activation and --layers importance: a .pt/.safetensors file "
-                        "of input tensors named like the forward arguments, a folder of images, or a text file "
-                        f"(one sample per line; hf: teachers); the first {CALIB_MAX_SAMPLES} samples are used at "
-                        f"most, run in batches of {CALIB_BATCH_SIZE}")
+    p.add_argument(
+        "--method",
+        default="uniform",
+        choices=list(METHODS),
+        help="element selection per coupled dimension: uniform (the paper's rule, default), consecutive "
+        "(first indices), random (--seed), magnitude (teacher weight norms), activation (teacher "
+        "activations on --calib)",
+    )
+    p.add_argument(
+        "--layers",
+        default="first",
+        metavar="POLICY",
+        help=f"layer selection per stage: {', '.join(LAYER_POLICIES)} (on --calib), or an explicit map "
+        "'STAGE:BLOCK,...;...' of student stage index to teacher block indices, e.g. '0:0,2,4;1:0,1' "
+        "(default: first, the paper's)",
+    )
+    p.add_argument(
+        "--heads",
+        default="split",
+        choices=list(HEAD_MODES),
+        help="attention heads: split (heads and head dims shrink, default) or whole (each student head "
+        "is a whole teacher head; head_dim must be equal)",
+    )
+    p.add_argument(
+        "--rescale",
+        action="store_true",
+        help="multiply weights whose input axis shrank by sqrt(teacher_in / student_in)",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="PATH",
+        help="calibration inputs for --method activation and --layers importance: a .pt/.safetensors file "
+        "of input tensors named like the forward arguments, a folder of images, or a text file "
+        f"(one sample per line; hf: teachers); the first {CALIB_MAX_SAMPLES} samples are used at "
+        f"most, run in batches of {CALIB_BATCH_SIZE}",
+    )
 
 
 def _onnx_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--fp16", action="store_true", help="also write an fp16 copy (<name>.fp16.onnx)")
     p.add_argument("--int8", action="store_true", help="also write a dynamically quantized int8 copy")
-    p.add_argument("--ort", action="store_true",
-                   help="also write the ONNX Runtime mobile format of every file (<name>.ort) and the "
-                        "reduced-operator config for a minimal build (<name>.required_operators.config)")
-    p.add_argument("--optimize", choices=["basic", "extended"],
-                   help="apply onnxruntime graph optimizations before saving (extended adds onnxruntime-only "
-                        "fused operators)")
-    p.add_argument("--device", choices=["cpu", "cuda"],
-                   help="onnxruntime device for the checks and latency (cuda needs onnxruntime-gpu; default: cuda "
-                        "when available)")
+    p.add_argument(
+        "--ort",
+        action="store_true",
+        help="also write the ONNX Runtime mobile format of every file (<name>.ort) and the "
+        "reduced-operator config for a minimal build (<name>.required_operators.config)",
+    )
+    p.add_argument(
+        "--optimize",
+        choices=["basic", "extended"],
+        help="apply onnxruntime graph optimizations before saving (extended adds onnxruntime-only fused operators)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        help="onnxruntime device for the checks and latency (cuda needs onnxruntime-gpu; default: cuda when available)",
+    )
     p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the parity check (default 1e-4)")
-    p.add_argument("--batch-size", type=int, metavar="N",
-                   help="batch of a static-shape export, used when the model fixes its batch (default: the example "
-                        "input's)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="batch of a static-shape export, used when the model fixes its batch (default: the example input's)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="wscompile", description="Initialize a small model from a larger pretrained one (weight selection).")
+        prog="wscompile", description="Initialize a small model from a larger pretrained one (weight selection)."
+    )
     parser.add_argument("--version", action="version", version=f"wscompile {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
-                              epilog=EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text[0].upper() + help_text[1:] + ".",
+            epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     init = command("init", "select the student's weights from the teacher and save them")
     init.add_argument("--teacher", required=True, help=SPEC_HELP)
     init.add_argument("--student", required=True, help=SPEC_HELP)
-    init.add_argument("--teacher-weights", help="teacher weights: .safetensors, .pt/.pth/.bin, or a Hugging Face directory")
-    init.add_argument("--out", required=True,
-                      help="student weights to write: a .safetensors file (full state_dict), or a directory "
-                           "(ending in /): a folder its library loads (hf: from_pretrained with config and the "
-                           "teacher's tokenizer files, sentence-transformers, timm local-dir:), sharded past "
-                           "--max-shard-size")
-    init.add_argument("--max-shard-size", type=_bytes, default=5 * 10**9, metavar="SIZE",
-                      help="largest shard of a directory --out, e.g. 5GB or 500MB (default 5GB)")
-    init.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
-                      help="write floating tensors in this dtype (integer buffers unchanged; default: the student's, "
-                           "which for hf: specs is the teacher config's dtype)")
+    init.add_argument(
+        "--teacher-weights", help="teacher weights: .safetensors, .pt/.pth/.bin, or a Hugging Face directory"
+    )
+    init.add_argument(
+        "--out",
+        required=True,
+        help="student weights to write: a .safetensors file (full state_dict), or a directory "
+        "(ending in /): a folder its library loads (hf: from_pretrained with config and the "
+        "teacher's tokenizer files, sentence-transformers, timm local-dir:), sharded past "
+        "--max-shard-size",
+    )
+    init.add_argument(
+        "--max-shard-size",
+        type=_bytes,
+        default=5 * 10**9,
+        metavar="SIZE",
+        help="largest shard of a directory --out, e.g. 5GB or 500MB (default 5GB)",
+    )
+    init.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16", "bf16"],
+        help="write floating tensors in this dtype (integer buffers unchanged; default: the student's, "
+        "which for hf: specs is the teacher config's dtype)",
+    )
     init.add_argument("--manifest", help="JSON manifest: the teacher source and index rule of every student tensor")
     init.add_argument("--report", help="report file; format from the extension (.txt, .md, .json, .html)")
     init.add_argument("--onnx", help="also export the initialized student to ONNX and verify it")
-    init.add_argument("--select-head", action="store_true", help="select the classifier head too (default: student init)")
-    init.add_argument("--allow-partial", action="store_true",
-                      help="keep the student's init where it is wider or deeper than the teacher instead of failing; "
-                           "a channel dimension the student is wider in is grown (see --grow)")
-    init.add_argument("--grow", choices=("widen", "init"), default="widen",
-                      help="with --allow-partial, the extra channels of a wider student dimension: widen (replicate "
-                           "teacher channels, readers divided: the teacher's function) or init (the student's own)")
-    init.add_argument("--allow-random-teacher", action="store_true",
-                      help="no warning when a timm, torchvision or hf teacher has no pretrained weights")
-    init.add_argument("--strict", action="store_true",
-                      help="make NaN or inf among the teacher values the student takes an error (exit 2, no output "
-                           "file) instead of a warning")
+    init.add_argument(
+        "--select-head", action="store_true", help="select the classifier head too (default: student init)"
+    )
+    init.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="keep the student's init where it is wider or deeper than the teacher instead of failing; "
+        "a channel dimension the student is wider in is grown (see --grow)",
+    )
+    init.add_argument(
+        "--grow",
+        choices=("widen", "init"),
+        default="widen",
+        help="with --allow-partial, the extra channels of a wider student dimension: widen (replicate "
+        "teacher channels, readers divided: the teacher's function) or init (the student's own)",
+    )
+    init.add_argument(
+        "--allow-random-teacher",
+        action="store_true",
+        help="no warning when a timm, torchvision or hf teacher has no pretrained weights",
+    )
+    init.add_argument(
+        "--strict",
+        action="store_true",
+        help="make NaN or inf among the teacher values the student takes an error (exit 2, no output "
+        "file) instead of a warning",
+    )
     _selection_options(init)
     _onnx_options(init)
     _common(init)
@@ -247,9 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--format", choices=["text", "md", "json", "html"], help="default: text, or from -o's extension")
     diff.add_argument("-o", "--output", help="write the report here instead of printing it")
     diff.add_argument("--select-head", action="store_true", help="report the head as selected")
-    diff.add_argument("--allow-random-teacher", action="store_true",
-                      help="no warning when --method magnitude/activation or --layers importance reads a teacher "
-                           "without pretrained weights")
+    diff.add_argument(
+        "--allow-random-teacher",
+        action="store_true",
+        help="no warning when --method magnitude/activation or --layers importance reads a teacher "
+        "without pretrained weights",
+    )
     _selection_options(diff)
     _common(diff)
 
@@ -257,27 +344,49 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--student", required=True, help=SPEC_HELP)
     export.add_argument("--weights", required=True, help="student weights (.safetensors from `wscompile init`)")
     export.add_argument("--onnx", required=True, help="ONNX file to write")
-    export.add_argument("--verify-only", action="store_true",
-                        help="only check an existing ONNX file against the PyTorch student (exit 1 if it differs)")
-    export.add_argument("--calib", metavar="PATH",
-                        help="with --int8: calibration inputs for static quantization (a .pt/.safetensors file, an "
-                             "image folder or a text file, as for init); default: dynamic quantization")
+    export.add_argument(
+        "--verify-only",
+        action="store_true",
+        help="only check an existing ONNX file against the PyTorch student (exit 1 if it differs)",
+    )
+    export.add_argument(
+        "--calib",
+        metavar="PATH",
+        help="with --int8: calibration inputs for static quantization (a .pt/.safetensors file, an "
+        "image folder or a text file, as for init); default: dynamic quantization",
+    )
     _onnx_options(export)
     _common(export)
 
     apply = command("apply", "rebuild the student a manifest records, without tracing either model")
     apply.add_argument("--manifest", required=True, help="JSON manifest written by `wscompile init --manifest`")
-    apply.add_argument("--teacher-weights",
-                       help="teacher weights: .safetensors, .pt/.pth/.bin, or a Hugging Face directory (needed unless "
-                            "the manifest's teacher spec names pretrained weights)")
-    apply.add_argument("--out", required=True,
-                       help="student weights to write: a .safetensors file, or a directory (ending in /), as for init")
-    apply.add_argument("--student", help="student spec (default: the manifest's; a py: or file spec in the manifest "
-                                         "is run only when given here too)")
-    apply.add_argument("--teacher", help="teacher spec, when the teacher must be built to read its weights (default: "
-                                         "the manifest's; a py: or file spec is run only when given here too)")
-    apply.add_argument("--max-shard-size", type=_bytes, default=5 * 10**9, metavar="SIZE",
-                       help="largest shard of a directory --out (default 5GB)")
+    apply.add_argument(
+        "--teacher-weights",
+        help="teacher weights: .safetensors, .pt/.pth/.bin, or a Hugging Face directory (needed unless "
+        "the manifest's teacher spec names pretrained weights)",
+    )
+    apply.add_argument(
+        "--out",
+        required=True,
+        help="student weights to write: a .safetensors file, or a directory (ending in /), as for init",
+    )
+    apply.add_argument(
+        "--student",
+        help="student spec (default: the manifest's; a py: or file spec in the manifest "
+        "is run only when given here too)",
+    )
+    apply.add_argument(
+        "--teacher",
+        help="teacher spec, when the teacher must be built to read its weights (default: "
+        "the manifest's; a py: or file spec is run only when given here too)",
+    )
+    apply.add_argument(
+        "--max-shard-size",
+        type=_bytes,
+        default=5 * 10**9,
+        metavar="SIZE",
+        help="largest shard of a directory --out (default 5GB)",
+    )
     apply.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="as for init (not in the manifest)")
     apply.add_argument("--strict", action="store_true", help="NaN or inf among the teacher values read is an error")
     _common(apply)
@@ -310,8 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        _say(f"{prefix}: error: internal error: {type(e).__name__}: {_one_line(e)} "
-             "(rerun with --debug for the traceback)")
+        _say(
+            f"{prefix}: error: internal error: {type(e).__name__}: {_one_line(e)} "
+            "(rerun with --debug for the traceback)"
+        )
         return INTERNAL_ERROR
 
 
@@ -366,31 +477,59 @@ def _run(args: argparse.Namespace) -> int:
     from wscompile import commands
 
     if args.command == "apply":
-        commands.run_apply(commands.ApplyOptions(
-            manifest=args.manifest, out=args.out, teacher_weights=args.teacher_weights, student=args.student,
-            teacher=args.teacher, seed=args.seed, force=args.force, input_shape=args.input_shape,
-            trust_remote_code=args.trust_remote_code, unsafe_pickle=args.unsafe_pickle,
-            allow_outside_paths=args.allow_outside_paths, progress=False if args.quiet else args.progress,
-            max_shard_size=args.max_shard_size,
-            dtype=args.dtype, strict=args.strict))
+        commands.run_apply(
+            commands.ApplyOptions(
+                manifest=args.manifest,
+                out=args.out,
+                teacher_weights=args.teacher_weights,
+                student=args.student,
+                teacher=args.teacher,
+                seed=args.seed,
+                force=args.force,
+                input_shape=args.input_shape,
+                trust_remote_code=args.trust_remote_code,
+                unsafe_pickle=args.unsafe_pickle,
+                allow_outside_paths=args.allow_outside_paths,
+                progress=False if args.quiet else args.progress,
+                max_shard_size=args.max_shard_size,
+                dtype=args.dtype,
+                strict=args.strict,
+            )
+        )
         return 0
 
     options = commands.InitOptions(
-        teacher=getattr(args, "teacher", ""), student=args.student, out=getattr(args, "out", None),
-        teacher_weights=getattr(args, "teacher_weights", None), manifest=getattr(args, "manifest", None),
-        report=getattr(args, "report", None), onnx=getattr(args, "onnx", None),
-        method=getattr(args, "method", "uniform"), layers=getattr(args, "layers", "first"),
-        heads=getattr(args, "heads", "split"), rescale=getattr(args, "rescale", False),
-        calib=getattr(args, "calib", None), select_head=getattr(args, "select_head", False),
-        allow_partial=getattr(args, "allow_partial", False), growth=getattr(args, "grow", "widen"),
-        force=args.force, seed=args.seed,
-        input_shape=args.input_shape, trust_remote_code=args.trust_remote_code, unsafe_pickle=args.unsafe_pickle,
+        teacher=getattr(args, "teacher", ""),
+        student=args.student,
+        out=getattr(args, "out", None),
+        teacher_weights=getattr(args, "teacher_weights", None),
+        manifest=getattr(args, "manifest", None),
+        report=getattr(args, "report", None),
+        onnx=getattr(args, "onnx", None),
+        method=getattr(args, "method", "uniform"),
+        layers=getattr(args, "layers", "first"),
+        heads=getattr(args, "heads", "split"),
+        rescale=getattr(args, "rescale", False),
+        calib=getattr(args, "calib", None),
+        select_head=getattr(args, "select_head", False),
+        allow_partial=getattr(args, "allow_partial", False),
+        growth=getattr(args, "grow", "widen"),
+        force=args.force,
+        seed=args.seed,
+        input_shape=args.input_shape,
+        trust_remote_code=args.trust_remote_code,
+        unsafe_pickle=args.unsafe_pickle,
         allow_outside_paths=args.allow_outside_paths,
-        opset=getattr(args, "opset", None), fp16=getattr(args, "fp16", False), int8=getattr(args, "int8", False),
+        opset=getattr(args, "opset", None),
+        fp16=getattr(args, "fp16", False),
+        int8=getattr(args, "int8", False),
         export=commands.ExportSettings.from_args(args),
-        progress=args.progress, quiet=args.quiet, max_shard_size=getattr(args, "max_shard_size", 5 * 10**9),
+        progress=args.progress,
+        quiet=args.quiet,
+        max_shard_size=getattr(args, "max_shard_size", 5 * 10**9),
         dtype=getattr(args, "dtype", None),
-        allow_random_teacher=getattr(args, "allow_random_teacher", False), strict=getattr(args, "strict", False),
+        allow_random_teacher=getattr(args, "allow_random_teacher", False),
+        strict=getattr(args, "strict", False),
     )
     if args.command == "init":
         commands.run_init(options)

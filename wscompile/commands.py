@@ -110,33 +110,48 @@ def _silent(line: str) -> None:
     """The log of --quiet."""
 
 
-def load_pair(options: InitOptions, *, need_values: bool,
-              progress: Progress | None = None) -> tuple[LoadedModel, LoadedModel]:
+def load_pair(
+    options: InitOptions, *, need_values: bool, progress: Progress | None = None
+) -> tuple[LoadedModel, LoadedModel]:
     """Teacher (on the meta device when its values come from a file and it never runs) and student."""
     progress = progress or Progress()
-    teacher_spec = resolve_hub(parse_spec(options.teacher), role="teacher",
-                               weights=options.teacher_weights is None)
+    teacher_spec = resolve_hub(parse_spec(options.teacher), role="teacher", weights=options.teacher_weights is None)
     has_file = options.teacher_weights is not None or (
         teacher_spec.scheme == "hf" and hf_weights_path(teacher_spec.name) is not None
     )
     teacher_device = "meta" if (has_file or not need_values) and not needs_calibration(options) else "cpu"
     with progress.stage("counting the memory the run needs"):
-        check_memory(options, teacher_in_memory=teacher_device == "cpu",
-                     student_copies=STUDENT_COPIES_INIT if need_values else 1)
+        check_memory(
+            options, teacher_in_memory=teacher_device == "cpu", student_copies=STUDENT_COPIES_INIT if need_values else 1
+        )
 
     def load_teacher(inputs_from: LoadedModel | None = None) -> LoadedModel:
         with progress.stage(f"building teacher {options.teacher}"):
-            return load_model(options.teacher, role="teacher", weights=options.teacher_weights, device=teacher_device,
-                              seed=options.seed, input_shape=options.input_shape,
-                              trust_remote_code=options.trust_remote_code, unsafe_pickle=options.unsafe_pickle,
-                              allow_outside_paths=options.allow_outside_paths, inputs_from=inputs_from)
+            return load_model(
+                options.teacher,
+                role="teacher",
+                weights=options.teacher_weights,
+                device=teacher_device,
+                seed=options.seed,
+                input_shape=options.input_shape,
+                trust_remote_code=options.trust_remote_code,
+                unsafe_pickle=options.unsafe_pickle,
+                allow_outside_paths=options.allow_outside_paths,
+                inputs_from=inputs_from,
+            )
 
     def load_student(inputs_from: LoadedModel | None = None) -> LoadedModel:
         # Shapes are all the plan needs of the student (its values: student_with_values, after planning)
         with progress.stage(f"building student {options.student}"):
-            student = load_model(options.student, role="student", seed=options.seed, input_shape=options.input_shape,
-                                 trust_remote_code=options.trust_remote_code, inputs_from=inputs_from,
-                                 device="cpu" if options.onnx else "meta")
+            student = load_model(
+                options.student,
+                role="student",
+                seed=options.seed,
+                input_shape=options.input_shape,
+                trust_remote_code=options.trust_remote_code,
+                inputs_from=inputs_from,
+                device="cpu" if options.onnx else "meta",
+            )
             if student.on_meta and has_tied_tensors(student.module):  # ties are told apart by their storage
                 return reload_student(options, student)
             return student
@@ -153,20 +168,28 @@ def load_pair(options: InitOptions, *, need_values: bool,
 
 def reload_student(options: InitOptions, student: LoadedModel) -> LoadedModel:
     """``student`` built again on the CPU with its library's init under ``options.seed``."""
-    return load_model(options.student, role="student", seed=options.seed, input_shape=options.input_shape,
-                      trust_remote_code=options.trust_remote_code, inputs_from=student)
+    return load_model(
+        options.student,
+        role="student",
+        seed=options.seed,
+        input_shape=options.input_shape,
+        trust_remote_code=options.trust_remote_code,
+        inputs_from=student,
+    )
 
 
-def student_with_values(options: InitOptions, plan: SelectionPlan, student: LoadedModel,
-                        progress: Progress | None = None) -> LoadedModel:
+def student_with_values(
+    options: InitOptions, plan: SelectionPlan, student: LoadedModel, progress: Progress | None = None
+) -> LoadedModel:
     """The student whose values are written where the plan keeps the student's own init.
 
     The student is planned on the meta device; only when the plan keeps some of its tensors at init
     is it built on the CPU, with its library's seeded init as always, for those values (a student
     whose every tensor comes from the teacher never computes its random init).
     """
-    keeps_init = (any(record.rule == RULE_STUDENT_INIT for record in plan.tensors)
-                  or any(group.growth == GROW_INIT for group in plan.groups))  # grown units kept at init
+    keeps_init = any(record.rule == RULE_STUDENT_INIT for record in plan.tensors) or any(
+        group.growth == GROW_INIT for group in plan.groups
+    )  # grown units kept at init
     if not student.on_meta or not keeps_init:
         return student
     with (progress or Progress()).stage(f"building student {options.student} with its own init"):
@@ -204,8 +227,10 @@ def check_memory(options: InitOptions, *, teacher_in_memory: bool, student_copie
             advice = "pass --teacher-weights so the teacher is read from disk instead of built in memory"
     if inputs + activations >= available / 100:
         shape = ",".join(map(str, options.input_shape)) if options.input_shape else "the default shape"
-        parts.append(f"{size_text(inputs + activations)} for the example inputs ({shape}) and the activations of a "
-                     "forward on them")
+        parts.append(
+            f"{size_text(inputs + activations)} for the example inputs ({shape}) and the activations of a "
+            "forward on them"
+        )
         if student_copies * student + teacher <= available:
             advice = "pass a smaller --input-shape"
     raise ResourceError(
@@ -255,8 +280,13 @@ def _measure(spec: str, role: str, options: InitOptions, available: int, where: 
     from wscompile.memory import construction_guard, nbytes, peak_activation_bytes
 
     with construction_guard(available, f"{role} {spec}", where):
-        module, inputs = build_on_meta(spec, role=role, seed=options.seed, input_shape=options.input_shape,
-                                       trust_remote_code=options.trust_remote_code)
+        module, inputs = build_on_meta(
+            spec,
+            role=role,
+            seed=options.seed,
+            input_shape=options.input_shape,
+            trust_remote_code=options.trust_remote_code,
+        )
     tensors = nbytes(list({id(t): t for t in module.state_dict(keep_vars=True).values()}.values()))
     if inputs is None:
         return tensors, 0, None
@@ -272,14 +302,25 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
     warn_random_teacher(options, teacher)
     # With --out the student's tensors go straight to the file, never all in memory.
     compiled = pipeline.compile(
-        teacher.module, student.module, teacher_inputs=teacher.inputs, student_inputs=student.inputs,
-        teacher_source=teacher.source, teacher_spec=options.teacher, student_spec=options.student,
-        select_head=options.select_head, allow_partial=options.allow_partial, growth=options.growth,
+        teacher.module,
+        student.module,
+        teacher_inputs=teacher.inputs,
+        student_inputs=student.inputs,
+        teacher_source=teacher.source,
+        teacher_spec=options.teacher,
+        student_spec=options.student,
+        select_head=options.select_head,
+        allow_partial=options.allow_partial,
+        growth=options.growth,
         write=not options.out,
-        outputs=init_outputs(options, student), teacher_origin=teacher_origin(teacher),
-        min_matched_share=pipeline.MIN_MATCHED_SHARE, log=_silent if options.quiet else log, warn=_warn,
+        outputs=init_outputs(options, student),
+        teacher_origin=teacher_origin(teacher),
+        min_matched_share=pipeline.MIN_MATCHED_SHARE,
+        log=_silent if options.quiet else log,
+        warn=_warn,
         student_values=lambda plan: student_with_values(options, plan, student, progress).module,
-        progress=progress, **selection_options(options, teacher, progress),
+        progress=progress,
+        **selection_options(options, teacher, progress),
     )
     return compiled.plan
 
@@ -288,10 +329,18 @@ def init_outputs(options: InitOptions, student: LoadedModel) -> pipeline.Outputs
     """What ``options`` asks ``init`` to write."""
     weights = None
     if options.out:
-        weights = WriteConfig(options.out, options.teacher, options.student, options.method,
-                              hub_weights=options.teacher_weights is None, dtype=options.dtype, force=options.force,
-                              progress=shown(options.progress, quiet=options.quiet),
-                              max_shard_size=options.max_shard_size, strict=options.strict)
+        weights = WriteConfig(
+            options.out,
+            options.teacher,
+            options.student,
+            options.method,
+            hub_weights=options.teacher_weights is None,
+            dtype=options.dtype,
+            force=options.force,
+            progress=shown(options.progress, quiet=options.quiet),
+            max_shard_size=options.max_shard_size,
+            strict=options.strict,
+        )
     export = export_config(options.onnx, options, student) if options.onnx else None
     return pipeline.Outputs(weights, options.manifest, options.report, export, force=options.force)
 
@@ -300,18 +349,31 @@ def export_config(onnx_path: str, options: InitOptions, student: LoadedModel) ->
     """The ONNX options of ``init --onnx`` and ``export``; --int8 with --calib calibrates on those inputs."""
     calibration = None
     if options.int8 and options.calib:
+
         def calibration() -> list[dict[str, torch.Tensor]]:
             # static int8: onnxruntime calibrates activation ranges on these inputs, a few batches at a time
             from wscompile.calib import load_calibration
 
             inputs, _ = load_calibration(options.calib, student)
             count = len(next(iter(inputs.values())))
-            return [{k: v[i:i + CALIB_BATCH] for k, v in inputs.items()} for i in range(0, count, CALIB_BATCH)]
+            return [{k: v[i : i + CALIB_BATCH] for k, v in inputs.items()} for i in range(0, count, CALIB_BATCH)]
+
     settings = options.export
     return pipeline.ExportConfig(
-        onnx_path, student.kind, student.make_inputs, opset=options.opset, fp16=options.fp16, int8=options.int8,
-        calibration=calibration, ort=settings.ort, optimize=settings.optimize, device=settings.device,
-        atol=settings.atol, batch_size=settings.batch_size, force=options.force)
+        onnx_path,
+        student.kind,
+        student.make_inputs,
+        opset=options.opset,
+        fp16=options.fp16,
+        int8=options.int8,
+        calibration=calibration,
+        ort=settings.ort,
+        optimize=settings.optimize,
+        device=settings.device,
+        atol=settings.atol,
+        batch_size=settings.batch_size,
+        force=options.force,
+    )
 
 
 def teacher_origin(teacher: LoadedModel) -> pipeline.TeacherOrigin:
@@ -326,8 +388,12 @@ def _warn(line: str) -> None:
 def check_init_outputs(options: InitOptions) -> None:
     """Fail on an output that would overwrite an input (even with --force), that exists (without --force)
     or whose report format is unknown, before any work."""
-    written = [("--out", options.out), ("--manifest", options.manifest), ("--report", options.report),
-               *onnx_outputs(options.onnx, options)]
+    written = [
+        ("--out", options.out),
+        ("--manifest", options.manifest),
+        ("--report", options.report),
+        *onnx_outputs(options.onnx, options),
+    ]
     check_not_inputs(written, run_inputs(options))
     out_dir = options.out is not None and is_directory_output(options.out)
     paths = [None if out_dir else options.out, options.manifest, options.report, options.onnx]
@@ -360,8 +426,16 @@ def onnx_outputs(onnx_path: str | None, options: InitOptions) -> list[tuple[str,
     return [("--onnx", onnx_path), *(("--onnx", variant_path(onnx_path, name)) for name in copies)]
 
 
-def save(plan: SelectionPlan, student: torch.nn.Module, out: str | None = None, *, manifest: str | None = None,
-         report: str | None = None, force: bool = False, max_shard_size: int = MAX_SHARD_SIZE) -> None:
+def save(
+    plan: SelectionPlan,
+    student: torch.nn.Module,
+    out: str | None = None,
+    *,
+    manifest: str | None = None,
+    report: str | None = None,
+    force: bool = False,
+    max_shard_size: int = MAX_SHARD_SIZE,
+) -> None:
     """Write a student initialized in Python, as ``wscompile init`` writes it.
 
     ``plan = wscompile.initialize(teacher, student)`` then ``wscompile.save(plan, student, "student.safetensors",
@@ -381,21 +455,38 @@ def save(plan: SelectionPlan, student: torch.nn.Module, out: str | None = None, 
         OutputError: an output exists without ``force`` or cannot be written.
         SpecError: the student lacks a tensor the plan names (it is not the plan's student).
     """
-    options = InitOptions(teacher=plan.teacher_spec, student=plan.student_spec, out=out, manifest=manifest,
-                          report=report, method=plan.method, force=force, progress=False,
-                          max_shard_size=max_shard_size)
+    options = InitOptions(
+        teacher=plan.teacher_spec,
+        student=plan.student_spec,
+        out=out,
+        manifest=manifest,
+        report=report,
+        method=plan.method,
+        force=force,
+        progress=False,
+        max_shard_size=max_shard_size,
+    )
     check_init_outputs(options)
     state = student.state_dict()
     missing = [r.student for r in plan.tensors if r.student not in state]
     if missing:
-        raise SpecError(f"the student has no {missing[0]!r} ({len(missing)} of the plan's tensors missing); "
-                        "pass the student module the plan was made for")
+        raise SpecError(
+            f"the student has no {missing[0]!r} ({len(missing)} of the plan's tensors missing); "
+            "pass the student module the plan was made for"
+        )
     if out:
         # The student already holds the selected values, so the weights writer is given a plan that keeps
         # every tensor as it is; the manifest and report describe the real plan.
         as_is = replace(plan, tensors=[replace(r, rule=RULE_STUDENT_INIT) for r in plan.tensors])
-        config = WriteConfig(out, plan.teacher_spec, plan.student_spec, plan.method, force=force, progress=False,
-                             max_shard_size=max_shard_size)
+        config = WriteConfig(
+            out,
+            plan.teacher_spec,
+            plan.student_spec,
+            plan.method,
+            force=force,
+            progress=False,
+            max_shard_size=max_shard_size,
+        )
         write_student(config, as_is, ModuleSource(student), student)
     pipeline.write_records(plan, pipeline.Outputs(manifest=manifest, report=report, force=force))
 
@@ -412,11 +503,15 @@ def warn_random_teacher(options: InitOptions, teacher: LoadedModel) -> None:
     """
     if teacher.pretrained is not False or options.allow_random_teacher:
         return
-    pretrained = {"timm": f"timm:{teacher.spec.name}?pretrained=True, ",
-                  "hf": "an hf: directory or hub id with weights, "}.get(teacher.spec.scheme, "")
-    print(f"warning: teacher {options.teacher} has no pretrained weights (random init); the student will inherit "
-          f"random numbers. Pass --teacher-weights FILE, {pretrained}or --allow-random-teacher to silence this.",
-          file=sys.stderr)
+    pretrained = {
+        "timm": f"timm:{teacher.spec.name}?pretrained=True, ",
+        "hf": "an hf: directory or hub id with weights, ",
+    }.get(teacher.spec.scheme, "")
+    print(
+        f"warning: teacher {options.teacher} has no pretrained weights (random init); the student will inherit "
+        f"random numbers. Pass --teacher-weights FILE, {pretrained}or --allow-random-teacher to silence this.",
+        file=sys.stderr,
+    )
 
 
 def needs_calibration(options: InitOptions) -> bool:
@@ -430,9 +525,12 @@ def check_selection(options: InitOptions) -> None:
     """Fail on a bad --layers or a missing --calib before any model is built."""
     from wscompile.matching.layers import parse_layer_policy
 
-    pipeline.require_calibration(options.method, parse_layer_policy(options.layers), bool(options.calib),
-                                 "pass --calib with a .pt/.safetensors file of input tensors, a folder of images "
-                                 "or a text file")
+    pipeline.require_calibration(
+        options.method,
+        parse_layer_policy(options.layers),
+        bool(options.calib),
+        "pass --calib with a .pt/.safetensors file of input tensors, a folder of images or a text file",
+    )
 
 
 def selection_options(options: InitOptions, teacher: LoadedModel, progress: Progress | None = None) -> dict:
@@ -443,8 +541,15 @@ def selection_options(options: InitOptions, teacher: LoadedModel, progress: Prog
 
         with (progress or Progress()).stage(f"reading the calibration inputs {options.calib}"):
             calibration, label = load_calibration(options.calib, teacher)
-    return dict(method=options.method, layer_policy=options.layers, heads=options.heads, rescale=options.rescale,
-                seed=options.seed, calibration=calibration, calibration_label=label)
+    return dict(
+        method=options.method,
+        layer_policy=options.layers,
+        heads=options.heads,
+        rescale=options.rescale,
+        seed=options.seed,
+        calibration=calibration,
+        calibration_label=label,
+    )
 
 
 def run_diff(options: InitOptions, fmt: str | None, output: str | None, log: Log = print) -> SelectionPlan:
@@ -461,10 +566,19 @@ def run_diff(options: InitOptions, fmt: str | None, output: str | None, log: Log
         # Only these selections read the teacher's values; the structure is the same for any values.
         warn_random_teacher(options, teacher)
     compiled = pipeline.compile(
-        teacher.module, student.module, teacher_inputs=teacher.inputs, student_inputs=student.inputs,
-        teacher_source=teacher.source, teacher_spec=options.teacher, student_spec=options.student,
-        select_head=options.select_head, allow_partial=True, write=False, teacher_origin=teacher_origin(teacher),
-        progress=progress, **selection_options(options, teacher, progress),
+        teacher.module,
+        student.module,
+        teacher_inputs=teacher.inputs,
+        student_inputs=student.inputs,
+        teacher_source=teacher.source,
+        teacher_spec=options.teacher,
+        student_spec=options.student,
+        select_head=options.select_head,
+        allow_partial=True,
+        write=False,
+        teacher_origin=teacher_origin(teacher),
+        progress=progress,
+        **selection_options(options, teacher, progress),
     )
     if output:
         reports.write_report(compiled.plan, output, fmt=fmt, force=options.force)
@@ -476,8 +590,15 @@ def run_diff(options: InitOptions, fmt: str | None, output: str | None, log: Log
     return compiled.plan
 
 
-def run_export(student_spec: str, weights: str, onnx_path: str, options: InitOptions, log: Log = print,
-               *, verify_only: bool = False):
+def run_export(
+    student_spec: str,
+    weights: str,
+    onnx_path: str,
+    options: InitOptions,
+    log: Log = print,
+    *,
+    verify_only: bool = False,
+):
     """Export the student with ``weights`` to ``onnx_path`` and verify it, or only verify an existing file."""
     if verify_only and not os.path.isfile(onnx_path):
         raise SpecError(f"'{onnx_path}' does not exist; drop --verify-only to export it")
@@ -487,26 +608,43 @@ def run_export(student_spec: str, weights: str, onnx_path: str, options: InitOpt
     progress = progress_of(options)
     log = progress.lines(_silent if options.quiet else log)
     with progress.stage(f"building student {student_spec}"):
-        student = load_model(student_spec, role="student", seed=options.seed, input_shape=options.input_shape,
-                             trust_remote_code=options.trust_remote_code)
+        student = load_model(
+            student_spec,
+            role="student",
+            seed=options.seed,
+            input_shape=options.input_shape,
+            trust_remote_code=options.trust_remote_code,
+        )
     source = open_weights(weights, unsafe_pickle=options.unsafe_pickle, allow_outside_paths=options.allow_outside_paths)
     expected = set(student.module.state_dict())
     missing = sorted(expected - set(source.keys()))
     if missing:
-        raise SpecError(f"'{weights}' lacks {len(missing)} tensor(s) of {student_spec}, e.g. {', '.join(missing[:3])}; "
-                        "was it written by `wscompile init` for this student spec?")
+        raise SpecError(
+            f"'{weights}' lacks {len(missing)} tensor(s) of {student_spec}, e.g. {', '.join(missing[:3])}; "
+            "was it written by `wscompile init` for this student spec?"
+        )
     with progress.stage(f"reading the student's weights {weights}"):
         state = {key: source.read(key) for key in expected}
         student.module.load_state_dict(state)
     if verify_only:
         from wscompile.backend import verify_onnx
 
-        with progress.holding(f"checking {onnx_path} against PyTorch with onnxruntime", log) as step_log, \
-                torch.no_grad():
-            return verify_onnx(onnx_path, student.module, student.make_inputs, kind=student.kind, log=step_log,
-                               atol=options.export.atol, device=options.export.device)
-    return pipeline.export_onnx(student.module, student.inputs, export_config(onnx_path, options, student), log,
-                                progress)
+        with (
+            progress.holding(f"checking {onnx_path} against PyTorch with onnxruntime", log) as step_log,
+            torch.no_grad(),
+        ):
+            return verify_onnx(
+                onnx_path,
+                student.module,
+                student.make_inputs,
+                kind=student.kind,
+                log=step_log,
+                atol=options.export.atol,
+                device=options.export.device,
+            )
+    return pipeline.export_onnx(
+        student.module, student.inputs, export_config(onnx_path, options, student), log, progress
+    )
 
 
 def summary(plan: SelectionPlan) -> str:
@@ -546,9 +684,15 @@ def run_apply(options: ApplyOptions, log: Log = print) -> SelectionPlan:
     student_spec = trusted_spec(options.student, plan.student_spec, "student")
     # NOTE: finding a py: spec's file imports its package; a manifest's code spec not named is never looked at.
     teacher_spec = options.teacher or (None if runs_code(plan.teacher_spec) else plan.teacher_spec)
-    check_not_inputs([("--out", options.out)], [
-        ("--manifest", options.manifest), ("--teacher-weights", options.teacher_weights),
-        *spec_files(student_spec, role="student"), *(spec_files(teacher_spec, role="teacher") if teacher_spec else [])])
+    check_not_inputs(
+        [("--out", options.out)],
+        [
+            ("--manifest", options.manifest),
+            ("--teacher-weights", options.teacher_weights),
+            *spec_files(student_spec, role="student"),
+            *(spec_files(teacher_spec, role="teacher") if teacher_spec else []),
+        ],
+    )
     if is_directory_output(options.out):
         check_output_dir(options.out, force=options.force)
     else:
@@ -559,8 +703,14 @@ def run_apply(options: ApplyOptions, log: Log = print) -> SelectionPlan:
     keeps_init = any(record.rule == RULE_STUDENT_INIT for record in plan.tensors)
 
     def build(device: str) -> torch.nn.Module:
-        return build_module(student_spec, role="student", device=device, seed=seed, input_shape=options.input_shape,
-                            trust_remote_code=options.trust_remote_code)
+        return build_module(
+            student_spec,
+            role="student",
+            device=device,
+            seed=seed,
+            input_shape=options.input_shape,
+            trust_remote_code=options.trust_remote_code,
+        )
 
     # As init: shapes only, unless the plan keeps some of the student's own init (or ties must be told apart).
     student = build("cpu" if keeps_init else "meta")
@@ -568,9 +718,18 @@ def run_apply(options: ApplyOptions, log: Log = print) -> SelectionPlan:
         student = build("cpu")
     source = apply_teacher_source(options, plan)
     check_plan(plan, source, student.state_dict())
-    config = WriteConfig(options.out, plan.teacher_spec, plan.student_spec, plan.method,
-                         hub_weights=options.teacher_weights is None, dtype=options.dtype, force=options.force,
-                         progress=options.progress, max_shard_size=options.max_shard_size, strict=options.strict)
+    config = WriteConfig(
+        options.out,
+        plan.teacher_spec,
+        plan.student_spec,
+        plan.method,
+        hub_weights=options.teacher_weights is None,
+        dtype=options.dtype,
+        force=options.force,
+        progress=options.progress,
+        max_shard_size=options.max_shard_size,
+        strict=options.strict,
+    )
     written = write_student(config, plan, source, student)
     pipeline.warn_nonfinite(plan, _warn)
     log(f"wrote {written.path} ({len(plan.tensors)} tensors, from {options.manifest})")
@@ -601,8 +760,10 @@ def trusted_spec(given: str | None, recorded: str, role: str) -> str:
     if given is not None:
         return given
     if runs_code(recorded):
-        raise SpecError(f"the manifest's {role} spec {recorded!r} runs code; pass --{role} {recorded!r} "
-                        f"if you trust it (a manifest's code specs are never run on its word)")
+        raise SpecError(
+            f"the manifest's {role} spec {recorded!r} runs code; pass --{role} {recorded!r} "
+            f"if you trust it (a manifest's code specs are never run on its word)"
+        )
     return recorded
 
 
@@ -622,23 +783,40 @@ def apply_teacher_source(options: ApplyOptions, plan: SelectionPlan) -> TensorSo
     Raises:
         SpecError: the teacher's weights are not given and its spec names none.
     """
-    read = {piece.teacher for record in plan.tensors if record.rule != RULE_STUDENT_INIT
-            for piece in (record.parts or [record])}
+    read = {
+        piece.teacher
+        for record in plan.tensors
+        if record.rule != RULE_STUDENT_INIT
+        for piece in (record.parts or [record])
+    }
     if options.teacher_weights is not None:
-        stored = open_weights(options.teacher_weights, unsafe_pickle=options.unsafe_pickle,
-                              allow_outside_paths=options.allow_outside_paths)
+        stored = open_weights(
+            options.teacher_weights,
+            unsafe_pickle=options.unsafe_pickle,
+            allow_outside_paths=options.allow_outside_paths,
+        )
         if read <= set(stored.keys()):
             return stored
     elif not names_pretrained_weights(options.teacher or plan.teacher_spec):
-        raise SpecError(f"teacher {plan.teacher_spec!r} names no pretrained weights; pass --teacher-weights with "
-                        "the teacher's weights file or folder (the one `wscompile init` read)")
+        raise SpecError(
+            f"teacher {plan.teacher_spec!r} names no pretrained weights; pass --teacher-weights with "
+            "the teacher's weights file or folder (the one `wscompile init` read)"
+        )
     teacher_spec = trusted_spec(options.teacher, plan.teacher_spec, "teacher")
     has_file = options.teacher_weights is not None or (
-        parse_spec(teacher_spec).scheme == "hf" and hf_weights_path(parse_spec(teacher_spec).name) is not None)
-    teacher = load_model(teacher_spec, role="teacher", weights=options.teacher_weights,
-                         device="meta" if has_file else "cpu", seed=plan.seed, input_shape=options.input_shape,
-                         trust_remote_code=options.trust_remote_code, unsafe_pickle=options.unsafe_pickle,
-                         allow_outside_paths=options.allow_outside_paths)
+        parse_spec(teacher_spec).scheme == "hf" and hf_weights_path(parse_spec(teacher_spec).name) is not None
+    )
+    teacher = load_model(
+        teacher_spec,
+        role="teacher",
+        weights=options.teacher_weights,
+        device="meta" if has_file else "cpu",
+        seed=plan.seed,
+        input_shape=options.input_shape,
+        trust_remote_code=options.trust_remote_code,
+        unsafe_pickle=options.unsafe_pickle,
+        allow_outside_paths=options.allow_outside_paths,
+    )
     if teacher.pretrained is not True:
         raise SpecError(f"teacher {teacher_spec!r} loaded no pretrained weights; pass --teacher-weights")
     return teacher.source

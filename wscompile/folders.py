@@ -63,8 +63,9 @@ class FolderPlan:
     convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
-def plan_folder(student: nn.Module, student_spec: ModelSpec, teacher_spec: ModelSpec,
-                dtype: torch.dtype | None) -> FolderPlan:
+def plan_folder(
+    student: nn.Module, student_spec: ModelSpec, teacher_spec: ModelSpec, dtype: torch.dtype | None
+) -> FolderPlan:
     """The output folder of ``student``: tensor names and files, for its library to load.
 
     Args:
@@ -88,8 +89,9 @@ def plan_folder(student: nn.Module, student_spec: ModelSpec, teacher_spec: Model
         if teacher_dir is not None:
             plan.files.update(teacher_files(teacher_dir))
             if (teacher_dir / "modules.json").is_file():
-                plan.files.update(sentence_transformers_files(teacher_dir,
-                                                              student.config.get_text_config().hidden_size))
+                plan.files.update(
+                    sentence_transformers_files(teacher_dir, student.config.get_text_config().hidden_size)
+                )
         return plan
     keys = list(student.state_dict())
     plan = FolderPlan({key: key for key in keys}, set(keys))
@@ -141,8 +143,10 @@ def transformers_names(student: nn.Module) -> FolderPlan:
             produced[saved] = tensor
     converted = set(kept) - set(saved_as)
     if produced and not converted:
-        raise OutputError(f"transformers saves {type(student).__name__} with tensors wscompile cannot account for "
-                          f"({', '.join(sorted(produced)[:3])}); write --out FILE.safetensors instead")
+        raise OutputError(
+            f"transformers saves {type(student).__name__} with tensors wscompile cannot account for "
+            f"({', '.join(sorted(produced)[:3])}); write --out FILE.safetensors instead"
+        )
 
     def convert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: value.contiguous() for key, value in revert_weight_conversion(student, dict(tensors)).items()}
@@ -153,9 +157,13 @@ def transformers_names(student: nn.Module) -> FolderPlan:
     for key, tensor in state.items():
         if key not in saved_as and _view_of(tensor) in twins:
             saved_as[key] = twins[_view_of(tensor)]
-    return FolderPlan(saved_as, set(kept) - converted, converted=converted,
-                      converted_layout={key: (tuple(t.shape), t.dtype) for key, t in meta.items()},
-                      convert=convert if converted else None)
+    return FolderPlan(
+        saved_as,
+        set(kept) - converted,
+        converted=converted,
+        converted_layout={key: (tuple(t.shape), t.dtype) for key, t in meta.items()},
+        convert=convert if converted else None,
+    )
 
 
 def _view_of(tensor: torch.Tensor) -> tuple:
@@ -189,8 +197,11 @@ def _saved_files(save: Callable[[str], object]) -> dict[str, bytes]:
     """The files ``save(directory)`` writes, read back: a library's own writer, kept atomic."""
     with tempfile.TemporaryDirectory(prefix="wscompile-") as scratch:
         save(scratch)
-        return {path.relative_to(scratch).as_posix(): path.read_bytes()
-                for path in sorted(Path(scratch).rglob("*")) if path.is_file()}
+        return {
+            path.relative_to(scratch).as_posix(): path.read_bytes()
+            for path in sorted(Path(scratch).rglob("*"))
+            if path.is_file()
+        }
 
 
 def teacher_files(teacher_dir: Path) -> dict[str, bytes]:
@@ -200,17 +211,21 @@ def teacher_files(teacher_dir: Path) -> dict[str, bytes]:
         OutputError: one of them is a symlink to a file outside the directory (a Hugging Face
             cache snapshot's links into its repository's ``blobs`` are followed).
     """
-    return {child.name: _read_inside(teacher_dir, child.name)
-            for child in sorted(teacher_dir.iterdir()) if PREPROCESSING_FILES.fullmatch(child.name)
-            and child.resolve().is_file()}
+    return {
+        child.name: _read_inside(teacher_dir, child.name)
+        for child in sorted(teacher_dir.iterdir())
+        if PREPROCESSING_FILES.fullmatch(child.name) and child.resolve().is_file()
+    }
 
 
 def _read_inside(teacher_dir: Path, name: str) -> bytes:
     """``teacher_dir / name``, refused when it resolves outside the directory."""
     path = (teacher_dir / name).resolve()
     if not inside_folder(str(path), str(teacher_dir)):
-        raise OutputError(f"teacher file '{teacher_dir / name}' links to '{path}', outside '{teacher_dir}'; "
-                          "wscompile copies only files inside the teacher directory: copy it in or remove the link")
+        raise OutputError(
+            f"teacher file '{teacher_dir / name}' links to '{path}', outside '{teacher_dir}'; "
+            "wscompile copies only files inside the teacher directory: copy it in or remove the link"
+        )
     return path.read_bytes()
 
 
@@ -233,8 +248,13 @@ def sentence_transformers_files(teacher_dir: Path, hidden_size: int) -> dict[str
     except json.JSONDecodeError as e:
         raise OutputError(f"'{teacher_dir / 'modules.json'}' is not valid JSON ({e})") from e
     files = {"modules.json": modules_text}
-    files.update({name: _read_inside(teacher_dir, name) for name in SENTENCE_TRANSFORMERS_FILES
-                  if (teacher_dir / name).is_file()})
+    files.update(
+        {
+            name: _read_inside(teacher_dir, name)
+            for name in SENTENCE_TRANSFORMERS_FILES
+            if (teacher_dir / name).is_file()
+        }
+    )
     for module in modules:
         kind = str(module.get("type", "")).rpartition(".")[2]
         path = str(module.get("path", ""))
@@ -246,8 +266,10 @@ def sentence_transformers_files(teacher_dir: Path, hidden_size: int) -> dict[str
             )
         if kind == TRANSFORMER_MODULE:
             if path:
-                raise OutputError(f"sentence-transformers transformer module of '{teacher_dir}' is in '{path}'; "
-                                  "wscompile writes it at the folder's root only")
+                raise OutputError(
+                    f"sentence-transformers transformer module of '{teacher_dir}' is in '{path}'; "
+                    "wscompile writes it at the folder's root only"
+                )
             continue
         if not (teacher_dir / path / "config.json").is_file():
             continue
@@ -265,8 +287,10 @@ def _pooling_config(config: bytes, hidden_size: int, where: str) -> bytes:
     # sentence-transformers 2-5 write word_embedding_dimension, 6 embedding_dimension.
     widths = [key for key in POOLING_WIDTH_KEYS if key in pooling]
     if not widths:
-        raise OutputError(f"pooling config '{where}' has none of {', '.join(POOLING_WIDTH_KEYS)}; "
-                          "cannot set the student's width in it")
+        raise OutputError(
+            f"pooling config '{where}' has none of {', '.join(POOLING_WIDTH_KEYS)}; "
+            "cannot set the student's width in it"
+        )
     pooling.update(dict.fromkeys(widths, hidden_size))
     return (json.dumps(pooling, indent=2) + "\n").encode()
 
@@ -276,5 +300,8 @@ def timm_config_files(student: nn.Module, student_spec: ModelSpec) -> dict[str, 
     spec's overrides in ``model_args``."""
     from timm.models._hub import save_config_for_hf
 
-    return _saved_files(lambda directory: save_config_for_hf(
-        student, os.path.join(directory, "config.json"), model_args=dict(student_spec.overrides)))
+    return _saved_files(
+        lambda directory: save_config_for_hf(
+            student, os.path.join(directory, "config.json"), model_args=dict(student_spec.overrides)
+        )
+    )

@@ -67,8 +67,9 @@ def is_offline() -> bool:
     return constants.is_offline_mode()
 
 
-def hub_snapshot(repo_id: str, *, revision: str | None = None, cache_dir: str | None = None,
-                 weights: bool = True) -> str:
+def hub_snapshot(
+    repo_id: str, *, revision: str | None = None, cache_dir: str | None = None, weights: bool = True
+) -> str:
     """The local snapshot directory of ``repo_id`` at ``revision``, downloaded into the cache if needed.
 
     Args:
@@ -99,19 +100,28 @@ def _snapshot(repo_id: str, revision: str | None, cache: str, weights: bool, off
     where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     patterns = [*CONFIG_PATTERNS, *TOKENIZER_PATTERNS]
     try:
-        path = snapshot_download(repo_id, revision=revision, cache_dir=cache,
-                                 allow_patterns=[*patterns, *SAFETENSORS_PATTERNS] if weights else patterns)
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache,
+            allow_patterns=[*patterns, *SAFETENSORS_PATTERNS] if weights else patterns,
+        )
         if weights and hf_weights_path(path) is None:
-            path = snapshot_download(repo_id, revision=revision, cache_dir=cache,
-                                     allow_patterns=[*patterns, *PICKLE_PATTERNS])
+            path = snapshot_download(
+                repo_id, revision=revision, cache_dir=cache, allow_patterns=[*patterns, *PICKLE_PATTERNS]
+            )
     except LocalEntryNotFoundError as e:
         raise SpecError(f"cannot load {where}: {unreachable(cache)}; {LOCAL_COPY_HINT}") from e
     except RevisionNotFoundError as e:
-        raise SpecError(f"the Hugging Face hub has no revision {revision!r} of {repo_id!r}; "
-                        "pass revision= a branch, tag or commit of that repo") from e
+        raise SpecError(
+            f"the Hugging Face hub has no revision {revision!r} of {repo_id!r}; "
+            "pass revision= a branch, tag or commit of that repo"
+        ) from e
     except RepositoryNotFoundError as e:
-        raise SpecError(f"no model {repo_id!r} on the Hugging Face hub (or it is private or gated: log in with "
-                        f"`hf auth login`); check the id, or {LOCAL_COPY_HINT}") from e
+        raise SpecError(
+            f"no model {repo_id!r} on the Hugging Face hub (or it is private or gated: log in with "
+            f"`hf auth login`); check the id, or {LOCAL_COPY_HINT}"
+        ) from e
     except HfHubHTTPError as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SpecError(f"the Hugging Face hub refused {where} ({first_line}); {LOCAL_COPY_HINT}") from e

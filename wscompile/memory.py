@@ -59,7 +59,6 @@ def construction_guard(limit: int, label: str, available: str) -> Iterator[None]
     counted = 0
     start: float | None = None  # the first registration: imports before it do not count
 
-
     def hook(module: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
         nonlocal counted, start
         if tensor is None or id(tensor) in seen:

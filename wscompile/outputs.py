@@ -88,8 +88,9 @@ def check_outputs(paths: Iterable[PathLike | None], *, force: bool) -> list[Path
     return checked
 
 
-def check_not_inputs(outputs: Iterable[tuple[str, PathLike | None]],
-                     inputs: Iterable[tuple[str, PathLike | None]]) -> None:
+def check_not_inputs(
+    outputs: Iterable[tuple[str, PathLike | None]], inputs: Iterable[tuple[str, PathLike | None]]
+) -> None:
     """Refuse outputs that would overwrite a file or folder the run reads, ``force`` or not.
 
     An output overlaps an input when it is the input, lies inside an input folder (a model folder, an
@@ -119,8 +120,9 @@ def check_not_inputs(outputs: Iterable[tuple[str, PathLike | None]],
             problems.append(f"{option} '{output}' {relation} {what} '{path}', which this run reads")
             break  # one input per output is enough to say why
     if problems:
-        raise OutputError("; ".join(problems) + "; an input is never overwritten, even with --force: "
-                          "choose another output path")
+        raise OutputError(
+            "; ".join(problems) + "; an input is never overwritten, even with --force: choose another output path"
+        )
 
 
 # A path's identity: its resolved form, and its (st_dev, st_ino) when it exists.
@@ -189,16 +191,22 @@ def _write_problem(error: BaseException, path: PathLike) -> OutputError | None:
     if not isinstance(error, OSError) or isinstance(error, OutputError):
         return None
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return OutputError(f"no space left on device writing '{path}'; free space or choose another output path "
-                           "(--out, --manifest, --report, --onnx)")
+        return OutputError(
+            f"no space left on device writing '{path}'; free space or choose another output path "
+            "(--out, --manifest, --report, --onnx)"
+        )
     if error.errno == errno.EROFS:
         return OutputError(f"'{path}' is on a read-only file system; choose another output path")
     if error.errno == errno.EFBIG:
-        return OutputError(f"'{path}' is larger than the file system allows; choose another output path "
-                           "(or, for --out, a folder ending in '/', written in shards)")
+        return OutputError(
+            f"'{path}' is larger than the file system allows; choose another output path "
+            "(or, for --out, a folder ending in '/', written in shards)"
+        )
     if isinstance(error, PermissionError):
-        return OutputError(f"cannot write or replace '{path}' ({error.strerror}); it or its folder is read-only or "
-                           "immutable (chattr +i): fix its permissions or choose another output path")
+        return OutputError(
+            f"cannot write or replace '{path}' ({error.strerror}); it or its folder is read-only or "
+            "immutable (chattr +i): fix its permissions or choose another output path"
+        )
     return None
 
 
@@ -214,7 +222,7 @@ def _remove_stale_temps(target: Path) -> None:
     """
     prefix = _temp_prefix(target)
     for name in os.listdir(target.parent):
-        pid = name[len(prefix):].partition("-")[0]
+        pid = name[len(prefix) :].partition("-")[0]
         if not name.startswith(prefix) or not pid.isdigit() or _process_running(int(pid)):
             continue
         stale = target.parent / name
@@ -328,8 +336,12 @@ MODULE_DIR = re.compile(r"\d+_[A-Za-z]\w*")
 
 
 def stream_safetensors(
-    path: PathLike, layout: Layout, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str],
-    *, force: bool,
+    path: PathLike,
+    layout: Layout,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str],
+    *,
+    force: bool,
 ) -> None:
     """Write tensors to one safetensors file as they are produced, atomically.
 
@@ -346,8 +358,14 @@ def stream_safetensors(
 
 
 def stream_safetensors_dir(
-    path: PathLike, layout: Layout, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str],
-    *, force: bool, max_shard_size: int, files: dict[str, bytes] | None = None,
+    path: PathLike,
+    layout: Layout,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str],
+    *,
+    force: bool,
+    max_shard_size: int,
+    files: dict[str, bytes] | None = None,
 ) -> list[str]:
     """Write a Hugging Face style weights directory as tensors are produced, atomically.
 
@@ -361,9 +379,11 @@ def stream_safetensors_dir(
         The file names written, shards first, then the index and ``files`` in sorted order.
     """
     shards = _split(layout, max_shard_size)
-    names = [SINGLE_FILE] if len(shards) == 1 else [
-        SHARD_FILE.format(index=i + 1, count=len(shards)) for i in range(len(shards))
-    ]
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [SHARD_FILE.format(index=i + 1, count=len(shards)) for i in range(len(shards))]
+    )
     with atomic_output_dir(path, force=force) as temp:
         _stream_files({temp / name: shard for name, shard in zip(names, shards, strict=True)}, tensors, metadata)
         if len(shards) > 1:
@@ -424,12 +444,15 @@ def check_output_dir(path: PathLike, *, force: bool) -> Path:
         return check_output(target, force=force)
     others = sorted(child.name for child in target.iterdir() if not _written_by_wscompile(child))
     if others:
-        raise OutputError(f"'{path}' holds files wscompile did not write ({', '.join(others[:3])}); "
-                          "give a new or empty directory")
+        raise OutputError(
+            f"'{path}' holds files wscompile did not write ({', '.join(others[:3])}); give a new or empty directory"
+        )
     if any(target.iterdir()) and not force:
         raise OutputError(f"'{path}' exists; pass --force to replace it")
     if not os.access(target.parent, os.W_OK | os.X_OK):
-        raise OutputError(f"directory '{target.parent}' is not writable; choose another output path or fix its permissions")
+        raise OutputError(
+            f"directory '{target.parent}' is not writable; choose another output path or fix its permissions"
+        )
     return target
 
 
@@ -438,7 +461,8 @@ def _written_by_wscompile(child: Path) -> bool:
     files copied from the teacher, sentence-transformers module folders holding only configs)."""
     if child.is_dir() and not child.is_symlink():
         return bool(MODULE_DIR.fullmatch(child.name)) and all(
-            grandchild.name == "config.json" and grandchild.is_file() for grandchild in child.iterdir())
+            grandchild.name == "config.json" and grandchild.is_file() for grandchild in child.iterdir()
+        )
     return child.is_file() and bool(WEIGHTS_FILES.fullmatch(child.name) or FOLDER_FILES.fullmatch(child.name))
 
 
@@ -478,8 +502,9 @@ def atomic_output_dir(path: PathLike, *, force: bool) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _stream_files(files: dict[Path, Layout], tensors: Iterable[tuple[str, torch.Tensor]],
-                  metadata: dict[str, str]) -> None:
+def _stream_files(
+    files: dict[Path, Layout], tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str]
+) -> None:
     """Write each file's header, then every tensor at its offset in its file, as they arrive."""
     where: dict[str, tuple[BinaryIO, int, tuple[tuple[int, ...], torch.dtype]]] = {}
     with ExitStack() as stack:
@@ -495,7 +520,9 @@ def _stream_files(files: dict[Path, Layout], tensors: Iterable[tuple[str, torch.
                 raise ValueError(f"tensor {key!r} is {'written twice' if key in written else 'not in the layout'}")
             fh, offset, (shape, dtype) = where[key]
             if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                raise ValueError(f"tensor {key!r} is {tuple(tensor.shape)} {tensor.dtype}, the layout says {shape} {dtype}")
+                raise ValueError(
+                    f"tensor {key!r} is {tuple(tensor.shape)} {tensor.dtype}, the layout says {shape} {dtype}"
+                )
             fh.seek(offset)
             fh.write(_as_bytes(tensor))
             written.add(key)

@@ -139,9 +139,18 @@ def compile(
     """
     source = teacher_source or ModuleSource(teacher)
     policy = parse_layer_policy(layer_policy)
-    config = SelectionConfig(teacher_spec=teacher_spec, student_spec=student_spec, method=method,
-                             layer_policy=policy.text, heads=heads, rescale=rescale, seed=seed,
-                             select_head=select_head, allow_partial=allow_partial, growth=growth)
+    config = SelectionConfig(
+        teacher_spec=teacher_spec,
+        student_spec=student_spec,
+        method=method,
+        layer_policy=policy.text,
+        heads=heads,
+        rescale=rescale,
+        seed=seed,
+        select_head=select_head,
+        allow_partial=allow_partial,
+        growth=growth,
+    )
     outputs = outputs or Outputs()
     progress = progress or Progress()
     log = progress.lines(log or _quiet)
@@ -152,14 +161,26 @@ def compile(
     calibrator = calibrate(teacher, traced.teacher, config, policy, calibration, calibration_label)
     with progress.stage(planning_label(calibrator)):
         # 3. align: stages and blocks (layer selection by the policy), then components inside blocks
-        alignment = align(traced.teacher, traced.student, layer_policy=policy,
-                          block_similarity=calibrator.block_similarity if calibrator else None,
-                          allow_partial=allow_partial)
+        alignment = align(
+            traced.teacher,
+            traced.student,
+            layer_policy=policy,
+            block_similarity=calibrator.block_similarity if calibrator else None,
+            allow_partial=allow_partial,
+        )
         # 4. plan: per coupled dimension, the teacher indices each student tensor keeps; enough must match
         student_state = student.state_dict()
         teacher_keys = {key: (source.shape(key), source.dtype(key)) for key in source.keys()}
-        plan = build_plan(alignment, traced.teacher, traced.student, student_state, teacher_keys, config,
-                          teacher_source=source, calibration=calibrator)
+        plan = build_plan(
+            alignment,
+            traced.teacher,
+            traced.student,
+            student_state,
+            teacher_keys,
+            config,
+            teacher_source=source,
+            calibration=calibrator,
+        )
     record_origin(plan, teacher_origin)
     check_coverage(plan, alignment, traced.student, min_share=min_matched_share, allow_partial=allow_partial)
     # 5. write: exactly the planned teacher elements, streamed to the output or into a state_dict
@@ -180,8 +201,9 @@ def compile(
     try:
         # 6. export: the initialized student to ONNX, checked against PyTorch with onnxruntime
         if outputs.export:
-            plan.export = export(student, student_inputs, outputs.export, _written_state(compiled, student), log,
-                                 progress)
+            plan.export = export(
+                student, student_inputs, outputs.export, _written_state(compiled, student), log, progress
+            )
     finally:
         # 7. record: manifest and report last, so they say what the export wrote (or that nothing was)
         compiled.recorded = write_records(plan, outputs)
@@ -190,14 +212,23 @@ def compile(
     return compiled
 
 
-def trace(teacher: nn.Module, student: nn.Module, teacher_inputs: Inputs, student_inputs: Inputs,
-          teacher_spec: str = "<module>", student_spec: str = "<module>", *,
-          progress: Progress | None = None) -> Traced:
+def trace(
+    teacher: nn.Module,
+    student: nn.Module,
+    teacher_inputs: Inputs,
+    student_inputs: Inputs,
+    teacher_spec: str = "<module>",
+    student_spec: str = "<module>",
+    *,
+    progress: Progress | None = None,
+) -> Traced:
     """Stage 1: both models traced into the IR on their example inputs."""
     progress = progress or Progress()
     graphs = []
-    for role, model, inputs, spec in (("teacher", teacher, teacher_inputs, teacher_spec),
-                                      ("student", student, student_inputs, student_spec)):
+    for role, model, inputs, spec in (
+        ("teacher", teacher, teacher_inputs, teacher_spec),
+        ("student", student, student_inputs, student_spec),
+    ):
         with progress.stage(f"tracing {role} {spec}"):
             graphs.append(frontend.trace(model, _on_device(inputs, model), label=f"{role} {spec}"))
     return Traced(*graphs)
@@ -225,11 +256,21 @@ def require_calibration(method: str, policy: LayerPolicy, given: bool, remedy: s
         raise SelectionError(f"{wants} ranks by the teacher's activations on real inputs: {remedy}")
 
 
-def calibrate(teacher: nn.Module, teacher_graph: nx.DiGraph, config: SelectionConfig, policy: LayerPolicy,
-              calibration: Inputs | None, label: str | None) -> Calibrator | None:
+def calibrate(
+    teacher: nn.Module,
+    teacher_graph: nx.DiGraph,
+    config: SelectionConfig,
+    policy: LayerPolicy,
+    calibration: Inputs | None,
+    label: str | None,
+) -> Calibrator | None:
     """Stage 2: the teacher observed on calibration inputs, when the method or layer policy ranks by them."""
-    require_calibration(config.method, policy, calibration is not None,
-                        "pass calibration inputs (--calib FILE_OR_DIR, or calibration= in Python)")
+    require_calibration(
+        config.method,
+        policy,
+        calibration is not None,
+        "pass calibration inputs (--calib FILE_OR_DIR, or calibration= in Python)",
+    )
     if calibration_wanted(config.method, policy) is None:
         return None
     batch = _on_device(calibration, teacher)
@@ -249,8 +290,9 @@ def record_origin(plan: SelectionPlan, origin: TeacherOrigin | None) -> None:
         plan.teacher_weights = "built by the factory" if origin.pretrained is None else "none (random init)"
 
 
-def check_coverage(plan: SelectionPlan, alignment: Alignment, student_graph: nx.DiGraph, *, min_share: float,
-                   allow_partial: bool) -> None:
+def check_coverage(
+    plan: SelectionPlan, alignment: Alignment, student_graph: nx.DiGraph, *, min_share: float, allow_partial: bool
+) -> None:
     """Refuse a student too little of which has a teacher counterpart.
 
     Less than ``min_share`` of its elements outside the head come from the teacher (a ResNet's
@@ -273,8 +315,14 @@ def check_coverage(plan: SelectionPlan, alignment: Alignment, student_graph: nx.
     )
 
 
-def export(student: nn.Module, student_inputs: Inputs, config: ExportConfig, state: dict[str, torch.Tensor],
-           log: Log, progress: Progress | None = None):
+def export(
+    student: nn.Module,
+    student_inputs: Inputs,
+    config: ExportConfig,
+    state: dict[str, torch.Tensor],
+    log: Log,
+    progress: Progress | None = None,
+):
     """Stage 6: ``student`` holding ``state`` exported to ONNX and verified; returns the manifest's ExportSummary."""
     from wscompile.backend.results import export_summary
 
@@ -282,17 +330,31 @@ def export(student: nn.Module, student_inputs: Inputs, config: ExportConfig, sta
     return export_summary(export_onnx(student, student_inputs, config, log, progress))
 
 
-def export_onnx(student: nn.Module, student_inputs: Inputs, config: ExportConfig, log: Log,
-                progress: Progress | None = None):
+def export_onnx(
+    student: nn.Module, student_inputs: Inputs, config: ExportConfig, log: Log, progress: Progress | None = None
+):
     """``backend.export_student`` with ``config``; returns its ExportResult."""
     from wscompile.backend.export import export_student
 
     with torch.no_grad():
         return export_student(
-            student, student_inputs, config.make_inputs, config.path, kind=config.kind, opset=config.opset,
-            fp16=config.fp16, int8=config.int8, calib=config.calibration() if config.calibration else None,
-            force=config.force, log=log, ort=config.ort, optimize=config.optimize, device=config.device,
-            atol=config.atol, batch_size=config.batch_size, progress=progress,
+            student,
+            student_inputs,
+            config.make_inputs,
+            config.path,
+            kind=config.kind,
+            opset=config.opset,
+            fp16=config.fp16,
+            int8=config.int8,
+            calib=config.calibration() if config.calibration else None,
+            force=config.force,
+            log=log,
+            ort=config.ort,
+            optimize=config.optimize,
+            device=config.device,
+            atol=config.atol,
+            batch_size=config.batch_size,
+            progress=progress,
         )
 
 
@@ -329,9 +391,11 @@ def warn_nonfinite(plan: SelectionPlan, warn: Log | None) -> None:
     if not found or warn is None:
         return
     names = ", ".join(f"{n.teacher} ({n.count})" for n in found[:5]) + (", ..." if len(found) > 5 else "")
-    warn(f"warning: {len(found)} teacher tensor(s) hold NaN or inf among the values the student took: {names}; "
-         "the student inherits them (listed in the manifest's nonfinite_teacher). Pass --strict to make this an "
-         "error.")
+    warn(
+        f"warning: {len(found)} teacher tensor(s) hold NaN or inf among the values the student took: {names}; "
+        "the student inherits them (listed in the manifest's nonfinite_teacher). Pass --strict to make this an "
+        "error."
+    )
 
 
 def _quiet(line: str) -> None:
@@ -389,10 +453,20 @@ def initialize(
     teacher_inputs, student_inputs = example_pair(teacher, student, example_inputs, student_inputs, seed=seed)
     label = "the example inputs" if calibration is None else None
     compiled = compile(
-        teacher, student, teacher_inputs=teacher_inputs, student_inputs=student_inputs,
-        method=method, layer_policy=layer_policy, heads=heads, rescale=rescale, seed=seed,
+        teacher,
+        student,
+        teacher_inputs=teacher_inputs,
+        student_inputs=student_inputs,
+        method=method,
+        layer_policy=layer_policy,
+        heads=heads,
+        rescale=rescale,
+        seed=seed,
         calibration=teacher_inputs if calibration is None else as_inputs(teacher, calibration),
-        calibration_label=label, select_head=select_head, allow_partial=allow_partial, growth=growth,
+        calibration_label=label,
+        select_head=select_head,
+        allow_partial=allow_partial,
+        growth=growth,
     )
     assert compiled.state_dict is not None
     student.load_state_dict(compiled.state_dict)

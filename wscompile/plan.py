@@ -95,7 +95,9 @@ class StagePair:
     teacher: str | None
     student_depth: int
     teacher_depth: int
-    policy: str  # layer policy: "first" (the paper's first-N), "uniform", "last", "drop-middle", "importance", "explicit"
+    policy: (
+        str  # layer policy: "first" (the paper's first-N), "uniform", "last", "drop-middle", "importance", "explicit"
+    )
     blocks: list[BlockPair] = field(default_factory=list)  # one per student block, in order
     teacher_blocks: list[str] = field(default_factory=list)  # every teacher block path, in order
     cost: float = 1.0  # 1 - summed block scores / their best, over every student block (0: a perfect fit)
@@ -200,18 +202,28 @@ class SelectionPlan:
         model = {role: manifest[role] for role in ("teacher", "student")}
         export = manifest.get("export")
         return cls(
-            **_known(cls, manifest, skip={"tensors", "stages", "groups", "unused_teacher", "coverage",
-                                          "nonfinite_teacher", "export"}),
-            teacher_spec=model["teacher"]["spec"], student_spec=model["student"]["spec"],
-            teacher_params=model["teacher"]["params"], student_params=model["student"]["params"],
+            **_known(
+                cls,
+                manifest,
+                skip={"tensors", "stages", "groups", "unused_teacher", "coverage", "nonfinite_teacher", "export"},
+            ),
+            teacher_spec=model["teacher"]["spec"],
+            student_spec=model["student"]["spec"],
+            teacher_params=model["teacher"]["params"],
+            student_params=model["student"]["params"],
             tensors=[_tensor_from_dict(t) for t in manifest["tensors"]],
-            stages=[StagePair(**_known(StagePair, s, skip={"blocks"}),
-                              blocks=[BlockPair(**_known(BlockPair, b)) for b in s.get("blocks", [])])
-                    for s in manifest["stages"]],
+            stages=[
+                StagePair(
+                    **_known(StagePair, s, skip={"blocks"}),
+                    blocks=[BlockPair(**_known(BlockPair, b)) for b in s.get("blocks", [])],
+                )
+                for s in manifest["stages"]
+            ],
             groups=[GroupRecord(**_known(GroupRecord, g)) for g in manifest["groups"]],
             unused_teacher=[UnusedTeacher(**_known(UnusedTeacher, u)) for u in manifest["unused_teacher"]],
             coverage=None if manifest.get("coverage") is None else Coverage(**_known(Coverage, manifest["coverage"])),
-            nonfinite_teacher=None if manifest.get("nonfinite_teacher") is None
+            nonfinite_teacher=None
+            if manifest.get("nonfinite_teacher") is None
             else [NonFinite(**_known(NonFinite, n)) for n in manifest["nonfinite_teacher"]],
             export=None if export is None else ExportSummary(**_known(ExportSummary, export)),
         )

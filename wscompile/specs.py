@@ -140,8 +140,18 @@ def parse_spec(text: str) -> ModelSpec:
 
 # Overrides of a library model that count layers, and the most layers one may ask for: a larger count
 # is a typo, and would spend minutes constructing the model before any memory check could refuse it.
-DEPTH_OVERRIDES = ("depth", "depths", "layers", "num_layers", "num_hidden_layers", "n_layer", "n_layers",
-                   "num_blocks", "encoder_layers", "decoder_layers")
+DEPTH_OVERRIDES = (
+    "depth",
+    "depths",
+    "layers",
+    "num_layers",
+    "num_hidden_layers",
+    "n_layer",
+    "n_layers",
+    "num_blocks",
+    "encoder_layers",
+    "decoder_layers",
+)
 MAX_DEPTH = 1000
 
 
@@ -151,8 +161,10 @@ def _check_depths(overrides: dict[str, Any], text: str) -> None:
         counts = value if isinstance(value, tuple) else (value,)
         too_deep = [n for n in counts if isinstance(n, int) and n > MAX_DEPTH]
         if too_deep:
-            raise SpecError(f"override {key}={too_deep[0]} in {text!r} asks for more than {MAX_DEPTH} layers; "
-                            "pass a smaller count (a model that deep would not fit in memory)")
+            raise SpecError(
+                f"override {key}={too_deep[0]} in {text!r} asks for more than {MAX_DEPTH} layers; "
+                "pass a smaller count (a model that deep would not fit in memory)"
+            )
 
 
 def _parse_overrides(query: str, text: str) -> dict[str, Any]:
@@ -196,14 +208,19 @@ def resolve_hub(spec: ModelSpec, *, role: str, weights: bool | None = None) -> M
         return spec
     if not is_hub_id(spec.name):
         if any(key in spec.overrides for key in HUB_OVERRIDES):
-            raise SpecError(f"revision= and cache_dir= in {spec.text!r} choose a Hugging Face hub snapshot, but "
-                            f"'{spec.name}' is a local path; remove them")
+            raise SpecError(
+                f"revision= and cache_dir= in {spec.text!r} choose a Hugging Face hub snapshot, but "
+                f"'{spec.name}' is a local path; remove them"
+            )
         return spec
     overrides = {key: value for key, value in spec.overrides.items() if key not in HUB_OVERRIDES}
     revision, cache_dir = (spec.overrides.get(key) for key in HUB_OVERRIDES)
-    path = hub_snapshot(spec.name, revision=None if revision is None else str(revision),
-                        cache_dir=None if cache_dir is None else str(cache_dir),
-                        weights=role == "teacher" if weights is None else weights)
+    path = hub_snapshot(
+        spec.name,
+        revision=None if revision is None else str(revision),
+        cache_dir=None if cache_dir is None else str(cache_dir),
+        weights=role == "teacher" if weights is None else weights,
+    )
     return replace(spec, name=path, overrides=overrides, origin=f"{spec.name}@{os.path.basename(path)}")
 
 
@@ -359,8 +376,15 @@ def _weights_origin(spec: ModelSpec, weights: str | None, recipe: _Recipe) -> tu
     return None, None if spec.scheme in ("py", "file") else False
 
 
-def build_module(text: str, *, role: str, device: str = "cpu", seed: int = 0,
-                 input_shape: tuple[int, ...] | None = None, trust_remote_code: bool = False) -> nn.Module:
+def build_module(
+    text: str,
+    *,
+    role: str,
+    device: str = "cpu",
+    seed: int = 0,
+    input_shape: tuple[int, ...] | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
     """The module a spec names, built as ``load_model`` builds it (same seed, same init) but with no
     weights loaded and no example inputs told: all ``wscompile apply`` needs of a student."""
     spec = resolve_hub(parse_spec(text), role=role, weights=False)
@@ -368,8 +392,9 @@ def build_module(text: str, *, role: str, device: str = "cpu", seed: int = 0,
     return _construct(recipe.build, spec, device=device, seed=seed).eval()
 
 
-def build_on_meta(text: str, *, role: str, seed: int = 0, input_shape: tuple[int, ...] | None = None,
-                  trust_remote_code: bool = False) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+def build_on_meta(
+    text: str, *, role: str, seed: int = 0, input_shape: tuple[int, ...] | None = None, trust_remote_code: bool = False
+) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
     """The module a spec names on the meta device (CPU if it cannot be built there), with meta example inputs.
 
     The inputs are those ``load_model`` would make (``input_shape`` replacing the main one's), as
@@ -513,8 +538,10 @@ def _timm_weights(spec: ModelSpec) -> tuple[dict[str, Any], str | None]:
         return kwargs, f"timm pretrained hf hub {found['hf_hub_id']}"
     if found.get("url"):
         return kwargs, f"timm pretrained url {found['url']}"
-    raise SpecError(f"timm registers no pretrained weights for {spec.name!r} ({spec.text!r}); pass "
-                    "pretrained_file=PATH or --teacher-weights FILE")
+    raise SpecError(
+        f"timm registers no pretrained weights for {spec.name!r} ({spec.text!r}); pass "
+        "pretrained_file=PATH or --teacher-weights FILE"
+    )
 
 
 def _timm_create(spec: ModelSpec, kwargs: dict[str, Any], builtin_weights: str | None) -> nn.Module:
@@ -541,13 +568,20 @@ def _dict_call(text: str, spec: ModelSpec) -> dict[str, Any]:
     """``dict(key=literal, ...)`` -> that dict, without evaluating anything but the literals."""
     try:
         node = ast.parse(text, mode="eval").body
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict"
-                and not node.args and all(k.arg for k in node.keywords)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "dict"
+            and not node.args
+            and all(k.arg for k in node.keywords)
+        ):
             return {k.arg: ast.literal_eval(k.value) for k in node.keywords}
     except (SyntaxError, ValueError):
         pass
-    raise SpecError(f"pretrained_cfg_overlay in {spec.text!r} must be dict(key=literal, ...) or "
-                    f"{{'key': literal}}, got {text!r}; e.g. pretrained_cfg_overlay=dict(file='/x.pth')")
+    raise SpecError(
+        f"pretrained_cfg_overlay in {spec.text!r} must be dict(key=literal, ...) or "
+        f"{{'key': literal}}, got {text!r}; e.g. pretrained_cfg_overlay=dict(file='/x.pth')"
+    )
 
 
 def _torchvision_recipe(spec: ModelSpec, input_shape: tuple[int, ...] | None) -> _Recipe:
@@ -708,8 +742,9 @@ def _hf_config_inputs(
     text = config.get_text_config()
     inputs: list[_Input] = []
     if "pixel_values" in params:
-        inputs.append(_Input("pixel_values", (1, getattr(vision, "num_channels", 3), *_image_size(vision, processor)),
-                             "float"))
+        inputs.append(
+            _Input("pixel_values", (1, getattr(vision, "num_channels", 3), *_image_size(vision, processor)), "float")
+        )
     if "input_features" in params and hasattr(config, "num_mel_bins"):
         inputs.append(_Input("input_features", _spectrogram_shape(config, processor), "float"))
     if "input_values" in params:
@@ -945,8 +980,9 @@ def _module_device(module: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def _fit_hf_weights(module: nn.Module, source: ConvertedSource, spec: ModelSpec, path: str, *,
-                    seed: int) -> TensorSource:
+def _fit_hf_weights(
+    module: nn.Module, source: ConvertedSource, spec: ModelSpec, path: str, *, seed: int
+) -> TensorSource:
     """A transformers checkpoint, already under the module's keys, checked as ``from_pretrained`` checks it.
 
     Checkpoint keys the model has no place for are dropped with a warning, as transformers does. Missing
@@ -954,20 +990,28 @@ def _fit_hf_weights(module: nn.Module, source: ConvertedSource, spec: ModelSpec,
     (``BertModel`` weights into ``BertForMaskedLM``): those tensors get the model's fresh init.
     """
     if source.unexpected:
-        _warn(f"{len(source.unexpected)} tensor(s) in '{path}' have no place in {type(module).__name__} and are "
-              f"not used ({_first(source.unexpected)})")
+        _warn(
+            f"{len(source.unexpected)} tensor(s) in '{path}' have no place in {type(module).__name__} and are "
+            f"not used ({_first(source.unexpected)})"
+        )
     known = set(source.keys())
     tied = _tied_names(module.state_dict(keep_vars=True))
     missing = [key for key, names in tied.items() if not known.intersection(names)]  # a tied twin counts
     prefix = f"{module.base_model_prefix}." if module.base_model_prefix else None
     head = [key for key in missing if prefix and not key.startswith(prefix)]
-    base_only = prefix is not None and hasattr(module, module.base_model_prefix) and not any(
-        not key.startswith(prefix) for key in known) and head == missing
+    base_only = (
+        prefix is not None
+        and hasattr(module, module.base_model_prefix)
+        and not any(not key.startswith(prefix) for key in known)
+        and head == missing
+    )
     if missing and not base_only:
         return _fit_weights(module, source, spec, path)  # the full error message
     if head:
-        _warn(f"'{path}' holds the base model only: the teacher's head ({_first(head)}) is not in it and keeps a "
-              "fresh init, as from_pretrained does")
+        _warn(
+            f"'{path}' holds the base model only: the teacher's head ({_first(head)}) is not in it and keeps a "
+            "fresh init, as from_pretrained does"
+        )
         fresh = _fresh_tensors(module, head, seed=seed)
         owners = {key: "checkpoint" for key in source.keys()} | {key: "fresh" for key in head}
         source = ShardedSource(owners, {"checkpoint": source, "fresh": DictSource(fresh)}.__getitem__)
@@ -984,7 +1028,9 @@ def _warn(message: str) -> None:
 
 def has_tied_tensors(module: nn.Module) -> bool:
     """Whether two state_dict keys of ``module`` name one parameter or buffer (tied embeddings, say)."""
-    named = itertools.chain(module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False))
+    named = itertools.chain(
+        module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
+    )
     tensors = [id(tensor) for _, tensor in named]
     return len(tensors) != len(set(tensors))
 

@@ -449,8 +449,7 @@ def open_weights(path: str, *, unsafe_pickle: bool = False, allow_outside_paths:
         found = hf_weights_path(path)
         if found is None:
             raise SpecError(f"directory '{path}' has no weights (looked for {', '.join(HF_WEIGHT_FILES)})")
-        path = confined(os.path.basename(found), path, what=f"model folder '{path}'",
-                        allow_outside=allow_outside_paths)
+        path = confined(os.path.basename(found), path, what=f"model folder '{path}'", allow_outside=allow_outside_paths)
     if not os.path.exists(path):
         raise SpecError(f"weights file '{path}' does not exist")
     if path.endswith(".index.json"):
@@ -478,8 +477,9 @@ def _open_sharded(index_path: str, *, unsafe_pickle: bool, allow_outside_paths: 
         raise SpecError(invalid)
     directory = os.path.dirname(index_path)
     what = f"shard index '{index_path}'"
-    shard_paths = {key: confined(name, directory, what=what, allow_outside=allow_outside_paths)
-                   for key, name in weight_map.items()}
+    shard_paths = {
+        key: confined(name, directory, what=what, allow_outside=allow_outside_paths) for key, name in weight_map.items()
+    }
     missing = sorted({p for p in shard_paths.values() if not os.path.isfile(p)})
     if missing:
         raise SpecError(f"shard index '{index_path}' names missing files: {', '.join(missing[:5])}")
@@ -489,8 +489,10 @@ def _open_sharded(index_path: str, *, unsafe_pickle: bool, allow_outside_paths: 
         held = set(opened.keys())
         lacking = sorted(key for key, path in shard_paths.items() if path == shard and key not in held)
         if lacking:
-            raise SpecError(f"shard '{shard}' lacks {len(lacking)} tensor(s) its index '{index_path}' names "
-                            f"({', '.join(lacking[:3])}); the folder is incomplete: re-download or re-save it")
+            raise SpecError(
+                f"shard '{shard}' lacks {len(lacking)} tensor(s) its index '{index_path}' names "
+                f"({', '.join(lacking[:3])}); the folder is incomplete: re-download or re-save it"
+            )
         return opened
 
     return ShardedSource(shard_paths, open_shard)

@@ -56,12 +56,15 @@ class Written:
 
 def metadata(teacher_spec: str, student_spec: str, method: str) -> dict[str, str]:
     """The ``__metadata__`` of the student's safetensors file: where its weights came from."""
-    return {"format": "pt", "wscompile.teacher": teacher_spec, "wscompile.student": student_spec,
-            "wscompile.method": method}
+    return {
+        "format": "pt",
+        "wscompile.teacher": teacher_spec,
+        "wscompile.student": student_spec,
+        "wscompile.method": method,
+    }
 
 
-def write_student(config: WriteConfig, plan: SelectionPlan, teacher: TensorSource,
-                  student: torch.nn.Module) -> Written:
+def write_student(config: WriteConfig, plan: SelectionPlan, teacher: TensorSource, student: torch.nn.Module) -> Written:
     """Stream the student's tensors to ``config.out``: read, select, write and drop one at a time.
 
     Teacher reads holding NaN/inf are listed in ``plan.nonfinite_teacher`` (an error with ``strict``).
@@ -69,8 +72,10 @@ def write_student(config: WriteConfig, plan: SelectionPlan, teacher: TensorSourc
     student_state = student.state_dict()
     dtype = DTYPES[config.dtype] if config.dtype else None
     info = metadata(config.teacher_spec, config.student_spec, config.method)
-    layout = {key: (shape, _written_dtype(stored, dtype)) for key, (shape, stored) in
-              student_layout(plan, student_state).items()}
+    layout = {
+        key: (shape, _written_dtype(stored, dtype))
+        for key, (shape, stored) in student_layout(plan, student_state).items()
+    }
     if is_directory_output(config.out):
         # a hub teacher's tokenizer files are in its snapshot (already fetched: hub.py remembers it)
         teacher_spec = resolve_hub(parse_spec(config.teacher_spec), role="teacher", weights=config.hub_weights)
@@ -94,8 +99,15 @@ def write_student(config: WriteConfig, plan: SelectionPlan, teacher: TensorSourc
 
     tensors = _with_progress(saved_tensors(), len(layout), teacher, show=show)
     if is_directory_output(config.out):
-        stream_safetensors_dir(config.out, layout, tensors, info, force=config.force,
-                               max_shard_size=config.max_shard_size, files=folder.files)
+        stream_safetensors_dir(
+            config.out,
+            layout,
+            tensors,
+            info,
+            force=config.force,
+            max_shard_size=config.max_shard_size,
+            files=folder.files,
+        )
     else:
         stream_safetensors(config.out, layout, tensors, info, force=config.force)
     return Written(config.out, folder)
@@ -115,11 +127,12 @@ def _with_progress(items: Iterator[T], total: int, teacher: TensorSource, *, sho
     """``items``, with a progress bar on stderr counting them and the teacher bytes read so far."""
     from tqdm import tqdm
 
-    teacher_bytes = sum(math.prod(teacher.shape(key)) * teacher.dtype(key).itemsize
-                        for key in teacher.keys())  # noqa: SIM118 - a source, not a dict
+    teacher_bytes = sum(math.prod(teacher.shape(key)) * teacher.dtype(key).itemsize for key in teacher.keys())  # noqa: SIM118 - a source, not a dict
     with tqdm(total=total, unit="tensor", desc="writing student", file=sys.stderr, disable=not show) as bar:
         for item in items:
             yield item
-            bar.set_postfix_str(f"teacher read {size_text(getattr(teacher, 'bytes_read', 0))} of "
-                                f"{size_text(teacher_bytes)}", refresh=False)
+            bar.set_postfix_str(
+                f"teacher read {size_text(getattr(teacher, 'bytes_read', 0))} of {size_text(teacher_bytes)}",
+                refresh=False,
+            )
             bar.update()

@@ -49,13 +49,31 @@ def code_flags(pair: Pair, places: dict[str, str]) -> list[str]:
     return flags
 
 
-def init_then_apply(tmp_path: Path, teacher: str, student: str, weights: Path | None, extra: list[str],
-                    apply_extra: list[str] = ()) -> tuple[Path, Path, Path]:
+def init_then_apply(
+    tmp_path: Path, teacher: str, student: str, weights: Path | None, extra: list[str], apply_extra: list[str] = ()
+) -> tuple[Path, Path, Path]:
     """Run init (writing the manifest), then apply on that manifest; returns (init's, apply's, manifest)."""
     by_init, by_apply, manifest = tmp_path / "init.safetensors", tmp_path / "apply.safetensors", tmp_path / "m.json"
     given = ["--teacher-weights", str(weights)] if weights else []
-    assert main(["init", "--teacher", teacher, "--student", student, *given, "--out", str(by_init),
-                 "--manifest", str(manifest), "--allow-random-teacher", *extra]) == 0
+    assert (
+        main(
+            [
+                "init",
+                "--teacher",
+                teacher,
+                "--student",
+                student,
+                *given,
+                "--out",
+                str(by_init),
+                "--manifest",
+                str(manifest),
+                "--allow-random-teacher",
+                *extra,
+            ]
+        )
+        == 0
+    )
     assert main(["apply", "--manifest", str(manifest), *given, "--out", str(by_apply), *apply_extra]) == 0
     return by_init, by_apply, manifest
 
@@ -74,8 +92,9 @@ def apply_oracle(pair: Pair, places: dict[str, str], tmp_path: Path) -> None:
     # A teacher folder holding weights is read by both from its spec; every other teacher from a file.
     has_weights = "{ckpt_" in pair.teacher or "{minilm}" in pair.teacher
     weights = None if has_weights else teacher_file(teacher, tmp_path / "teacher.safetensors", pair.input_shape)
-    by_init, by_apply, manifest = init_then_apply(tmp_path, teacher, student, weights, shape,
-                                                  [*shape, *code_flags(pair, places)])
+    by_init, by_apply, manifest = init_then_apply(
+        tmp_path, teacher, student, weights, shape, [*shape, *code_flags(pair, places)]
+    )
     assert by_init.read_bytes() == by_apply.read_bytes()
     plan = read_manifest(manifest.read_text())
     assert sum(r.rule != RULE_STUDENT_INIT for r in plan.tensors) > 0  # the teacher fed the student
@@ -93,8 +112,12 @@ def test_unit_pairs_are_representatives() -> None:
 def test_apply_reproduces_magnitude_and_a_layer_map(tmp_path: Path) -> None:
     weights = teacher_file("timm:vit_small_patch16_224?img_size=32&depth=4", tmp_path / "teacher.safetensors")
     by_init, by_apply, manifest = init_then_apply(
-        tmp_path, "timm:vit_small_patch16_224?img_size=32&depth=4", STUDENT, weights,
-        ["--method", "magnitude", "--layers", "0:1,3", "--seed", "5"])
+        tmp_path,
+        "timm:vit_small_patch16_224?img_size=32&depth=4",
+        STUDENT,
+        weights,
+        ["--method", "magnitude", "--layers", "0:1,3", "--seed", "5"],
+    )
     assert by_init.read_bytes() == by_apply.read_bytes()
     document = json.loads(manifest.read_text())
     assert document["method"] == "magnitude" and document["seed"] == 5
@@ -114,8 +137,24 @@ def test_apply_fits_renamed_teacher_keys_and_writes_a_folder(tmp_path: Path) -> 
     weights = tmp_path / "teacher.safetensors"
     save_file({f"module.{k}": v.detach().clone() for k, v in teacher.state_dict().items()}, str(weights))
     common = ["--teacher-weights", str(weights), "--dtype", "fp16"]
-    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, *common, "--out", f"{tmp_path}/a/",
-                 "--manifest", str(tmp_path / "m.json"), "--allow-random-teacher"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                "--teacher",
+                TEACHER,
+                "--student",
+                STUDENT,
+                *common,
+                "--out",
+                f"{tmp_path}/a/",
+                "--manifest",
+                str(tmp_path / "m.json"),
+                "--allow-random-teacher",
+            ]
+        )
+        == 0
+    )
     assert main(["apply", "--manifest", str(tmp_path / "m.json"), *common, "--out", f"{tmp_path}/b/"]) == 0
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and "model.safetensors" in names
@@ -141,9 +180,25 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A teacher weights file and the manifest init wrote with it."""
     root = tmp_path_factory.mktemp("made")
     weights = teacher_file(TEACHER, root / "teacher.safetensors")
-    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, "--teacher-weights", str(weights),
-                 "--out", str(root / "s.safetensors"), "--manifest", str(root / "m.json"),
-                 "--allow-random-teacher"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                "--teacher",
+                TEACHER,
+                "--student",
+                STUDENT,
+                "--teacher-weights",
+                str(weights),
+                "--out",
+                str(root / "s.safetensors"),
+                "--manifest",
+                str(root / "m.json"),
+                "--allow-random-teacher",
+            ]
+        )
+        == 0
+    )
     return weights, json.loads((root / "m.json").read_text())
 
 
@@ -156,8 +211,14 @@ def _missing_field(d: dict) -> None:
 
 
 def _out_of_range(d: dict) -> None:
-    record = next(t for t in d["tensors"] if t["rule"] == RULE_SELECT and t["axes"] and t["reshape"] is None
-                  and t["axes"][0]["student_size"] < t["axes"][0]["teacher_size"])
+    record = next(
+        t
+        for t in d["tensors"]
+        if t["rule"] == RULE_SELECT
+        and t["axes"]
+        and t["reshape"] is None
+        and t["axes"][0]["student_size"] < t["axes"][0]["teacher_size"]
+    )
     axis = record["axes"][0]  # made a local axis with its own (explicit) indices, the last out of range
     within = axis["student_size"] // axis["blocks"]
     axis.update(group=None, step=None, rule="magnitude", indices=[*range(within - 1), record["teacher_shape"][0] + 5])
@@ -205,8 +266,9 @@ def run_apply(manifest: Path, weights: Path, out: Path, capsys: pytest.CaptureFi
 
 
 @pytest.mark.parametrize("name", list(BROKEN))
-def test_invalid_manifest_is_one_line_exit_2(name: str, made: tuple[Path, dict], tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_invalid_manifest_is_one_line_exit_2(
+    name: str, made: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     weights, document = made
     breaks, expected = BROKEN[name]
     broken = json.loads(json.dumps(document))
@@ -217,9 +279,9 @@ def test_invalid_manifest_is_one_line_exit_2(name: str, made: tuple[Path, dict],
     assert re.search(expected, line), line
 
 
-def test_code_specs_in_a_manifest_are_never_imported(made: tuple[Path, dict], tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_code_specs_in_a_manifest_are_never_imported(
+    made: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     # A package that leaves a mark when imported, named by the manifest's teacher and student specs.
     package = tmp_path / "lib" / "marking_pkg"
     package.mkdir(parents=True)
@@ -230,12 +292,16 @@ def test_code_specs_in_a_manifest_are_never_imported(made: tuple[Path, dict], tm
     weights, document = made
     manifest = tmp_path / "m.json"
     # The teacher's tensors come from the file, so its (code) spec is never needed: apply writes the student.
-    manifest.write_text(json.dumps(dict(document, teacher=dict(document["teacher"], spec="py:marking_pkg.models:factory"))))
+    manifest.write_text(
+        json.dumps(dict(document, teacher=dict(document["teacher"], spec="py:marking_pkg.models:factory")))
+    )
     out = tmp_path / "out.safetensors"
     assert main(["apply", "--manifest", str(manifest), "--teacher-weights", str(weights), "--out", str(out)]) == 0
     assert out.exists() and not mark.exists()
     # A code student spec is refused before anything is looked up.
-    manifest.write_text(json.dumps(dict(document, student=dict(document["student"], spec="py:marking_pkg.models:factory"))))
+    manifest.write_text(
+        json.dumps(dict(document, student=dict(document["student"], spec="py:marking_pkg.models:factory")))
+    )
     assert "runs code" in run_apply(manifest, weights, tmp_path / "other.safetensors", capsys)
     assert not mark.exists()
 
@@ -246,8 +312,9 @@ def test_not_json_is_one_line(made: tuple[Path, dict], tmp_path: Path, capsys: p
     assert "is not JSON" in run_apply(manifest, made[0], tmp_path / "out.safetensors", capsys)
 
 
-def test_teacher_without_weights_asks_for_them(made: tuple[Path, dict], tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_teacher_without_weights_asks_for_them(
+    made: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     manifest = tmp_path / "m.json"
     manifest.write_text(json.dumps(made[1]))
     out = tmp_path / "out.safetensors"
@@ -264,11 +331,17 @@ def test_output_rules_as_init(made: tuple[Path, dict], tmp_path: Path, capsys: p
     out.write_bytes(b"keep")
     assert main(["apply", "--manifest", str(manifest), "--teacher-weights", str(weights), "--out", str(out)]) == 2
     assert out.read_bytes() == b"keep"  # no overwrite without --force
-    assert main(["apply", "--manifest", str(manifest), "--teacher-weights", str(weights), "--out", str(weights),
-                 "--force"]) == 2  # never an input, even with --force
+    assert (
+        main(
+            ["apply", "--manifest", str(manifest), "--teacher-weights", str(weights), "--out", str(weights), "--force"]
+        )
+        == 2
+    )  # never an input, even with --force
     assert "--out" in capsys.readouterr().err
-    assert main(["apply", "--manifest", str(manifest), "--teacher-weights", str(weights), "--out", str(out),
-                 "--force"]) == 0
+    assert (
+        main(["apply", "--manifest", str(manifest), "--teacher-weights", str(weights), "--out", str(out), "--force"])
+        == 0
+    )
     assert out.read_bytes() != b"keep"
 
 

@@ -44,15 +44,19 @@ def test_smoke_run_writes_tables_and_plot(script, stem, tmp_path, monkeypatch):
 
 
 def test_speed_smoke_times_both_sides_and_the_students_agree(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["speed.py", "--smoke", "--workdir", str(tmp_path / "work"),
-                                      "--out", str(tmp_path / "results")])
+    monkeypatch.setattr(
+        sys, "argv", ["speed.py", "--smoke", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "results")]
+    )
     runpy.run_path(str(BENCHMARKS / "speed.py"), run_name="__main__")
 
     with (tmp_path / "results" / "speed.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert {(row["case"], row["side"]) for row in rows} == {
-        ("ViT-T -> ViT-T depth 2 (smoke)", "wscompile"), ("ViT-T -> ViT-T depth 2 (smoke)", "official"),
-        ("--help", "wscompile --help"), ("--help", "import torch")}
+        ("ViT-T -> ViT-T depth 2 (smoke)", "wscompile"),
+        ("ViT-T -> ViT-T depth 2 (smoke)", "official"),
+        ("--help", "wscompile --help"),
+        ("--help", "import torch"),
+    }
     assert all(float(row["seconds"]) > 0 for row in rows)
     table = (tmp_path / "results" / "speed.md").read_text()
     # wscompile --select-head and the official loop wrote equal students (compared tensor by tensor)

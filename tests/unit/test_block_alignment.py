@@ -157,9 +157,12 @@ class Mixed(nn.Module):
 
 def test_poor_alignment_is_refused_with_the_best_matched_blocks():
     teacher = Stages([[P] * 3])
-    with pytest.raises(MatchError, match=r"^only 33% of the student's layers outside the head align with the teacher "
-                                         r"\(under 50%\); best matched: student conv <- teacher stages\.0\.0 "
-                                         r"\(cost 0\.00\); .* pass --allow-partial"):
+    with pytest.raises(
+        MatchError,
+        match=r"^only 33% of the student's layers outside the head align with the teacher "
+        r"\(under 50%\); best matched: student conv <- teacher stages\.0\.0 "
+        r"\(cost 0\.00\); .* pass --allow-partial",
+    ):
         _init(teacher, Mixed())
     plan = _init(teacher, Mixed(), allow_partial=True)
     assert _pairs(plan)[0] == ["stages.0.0"] and plan.stages[0].cost == 0.0
@@ -174,10 +177,16 @@ def test_mobilenetv3_large_to_small_pairs_stages_by_structure():
     plan = wscompile.initialize(teacher, student, torch.randn(1, 3, 64, 64), allow_partial=True)
     # the small model's squeeze-excite stages (blocks.3, blocks.4) take the large one's (blocks.4, blocks.5),
     # skipping its plain blocks.3; by position they took blocks.3 and lost a third of the student
-    by_stage = {s.blocks[0].student.rsplit(".", 1)[0]: {b.teacher.rsplit(".", 1)[0] for b in s.blocks if b.teacher}
-                for s in plan.stages}
-    assert by_stage == {"blocks.1": {"blocks.1"}, "blocks.2": {"blocks.2"}, "blocks.3": {"blocks.4"},
-                        "blocks.4": {"blocks.5"}}
+    by_stage = {
+        s.blocks[0].student.rsplit(".", 1)[0]: {b.teacher.rsplit(".", 1)[0] for b in s.blocks if b.teacher}
+        for s in plan.stages
+    }
+    assert by_stage == {
+        "blocks.1": {"blocks.1"},
+        "blocks.2": {"blocks.2"},
+        "blocks.3": {"blocks.4"},
+        "blocks.4": {"blocks.5"},
+    }
     assert all(b.components_matched == b.components_total for s in plan.stages for b in s.blocks)
     assert plan.coverage.fraction_no_head >= 0.90
 
@@ -199,8 +208,7 @@ def stage_changing_pair(draw) -> tuple[list[list[tuple]], list[list[tuple]]]:
     return teacher, student
 
 
-@settings(max_examples=15, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pair=stage_changing_pair())
 def test_stage_changing_students_pair_blocks_of_their_own_structure_in_order(pair):
     """Property: whatever blocks each run loses, each student block takes a teacher block of its own
@@ -215,7 +223,10 @@ def test_stage_changing_students_pair_blocks_of_their_own_structure_in_order(pai
         for block in stage.blocks:
             assert block.teacher is not None, (block.student, _pairs(plan))
             # a one-block stage may be named by its container: compare the blocks inside
-            s_kinds, t_kinds = _kinds(student.get_submodule(block.student)), _kinds(teacher.get_submodule(block.teacher))
+            s_kinds, t_kinds = (
+                _kinds(student.get_submodule(block.student)),
+                _kinds(teacher.get_submodule(block.teacher)),
+            )
             assert s_kinds == t_kinds, (block.student, block.teacher, _pairs(plan))
             taken.append(order.index(block.teacher))
     assert taken == sorted(taken) and len(set(taken)) == len(taken)
@@ -226,9 +237,12 @@ def _kinds(module: nn.Module) -> list[type]:
     return [type(m) for m in module.modules() if type(m) in (Plain, Gated)]
 
 
-@pytest.mark.xfail(strict=True, raises=SelectionError,
-                   reason="known gap: a student run of plain blocks longer than each teacher run of them "
-                          "([P P G P P] -> [P P P]) pairs its first block with the gated block (issue 13)")
+@pytest.mark.xfail(
+    strict=True,
+    raises=SelectionError,
+    reason="known gap: a student run of plain blocks longer than each teacher run of them "
+    "([P P G P P] -> [P P P]) pairs its first block with the gated block (issue 13)",
+)
 def test_a_student_run_across_a_dropped_teacher_run():
     plan = _init(Stages([[P, P, G, P, P]]), Stages([[P, P, P]]))
     # once fixed: the plain student blocks take plain teacher blocks in order (0, 1, 3 or so), never the gated one

@@ -48,12 +48,14 @@ def test_every_tensor_reads_as_from_pretrained_loads_it(family: str, checkpoints
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2-moe", "gpt-neox", "dinov2", "segformer", "t5"])
-def test_init_from_a_save_pretrained_directory_without_hints(family: str, checkpoints: dict[str, str],
-                                                            tmp_path) -> None:
+def test_init_from_a_save_pretrained_directory_without_hints(
+    family: str, checkpoints: dict[str, str], tmp_path
+) -> None:
     teacher = checkpoints[family]
     out = tmp_path / "student.safetensors"
-    options = InitOptions(teacher=f"hf:{teacher}", student=f"hf:{teacher}?{FAMILIES[family][2]}", out=str(out),
-                          progress=False)
+    options = InitOptions(
+        teacher=f"hf:{teacher}", student=f"hf:{teacher}?{FAMILIES[family][2]}", out=str(out), progress=False
+    )
     plan = run_init(options, log=lambda line: None)
     assert plan.coverage.fraction_no_head >= 0.95
     # Every selected tensor is the from_pretrained teacher's tensor at the indices the plan reports.
@@ -71,8 +73,10 @@ def test_init_from_a_save_pretrained_directory_without_hints(family: str, checkp
 
     # The same student as a folder: from_pretrained loads it with nothing missing and the same tensors.
     folder = tmp_path / "folder"
-    run_init(InitOptions(teacher=options.teacher, student=options.student, out=f"{folder}/", progress=False),
-             log=lambda line: None)
+    run_init(
+        InitOptions(teacher=options.teacher, student=options.student, out=f"{folder}/", progress=False),
+        log=lambda line: None,
+    )
     model_class = getattr(transformers, json.loads((folder / "config.json").read_text())["architectures"][0])
     model, info = model_class.from_pretrained(folder, output_loading_info=True)
     assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set())
@@ -95,14 +99,22 @@ def test_fused_experts_read_only_the_selected_experts(checkpoints: dict[str, str
 
 
 @pytest.mark.parametrize("method", ["uniform", "magnitude"])
-def test_fused_experts_keep_gate_up_and_down_channels_together(checkpoints: dict[str, str], tmp_path,
-                                                               method: str) -> None:
+def test_fused_experts_keep_gate_up_and_down_channels_together(
+    checkpoints: dict[str, str], tmp_path, method: str
+) -> None:
     # 128 -> 48 intermediate channels: not a divisor, so a rule over the fused 256 rows would mix gate and
     # up rows; the grouped matmul's chunk(2) makes them two blocks coupled with down_proj's input.
-    student = ("num_hidden_layers=1&hidden_size=48&intermediate_size=48&num_attention_heads=2"
-               "&num_key_value_heads=1&num_local_experts=3")
-    options = InitOptions(teacher=f"hf:{checkpoints['mixtral']}", student=f"hf:{checkpoints['mixtral']}?{student}",
-                          out=str(tmp_path / "s.safetensors"), progress=False, method=method)
+    student = (
+        "num_hidden_layers=1&hidden_size=48&intermediate_size=48&num_attention_heads=2"
+        "&num_key_value_heads=1&num_local_experts=3"
+    )
+    options = InitOptions(
+        teacher=f"hf:{checkpoints['mixtral']}",
+        student=f"hf:{checkpoints['mixtral']}?{student}",
+        out=str(tmp_path / "s.safetensors"),
+        progress=False,
+        method=method,
+    )
     plan = run_init(options, log=lambda line: None)
     groups = {group.id: group.indices for group in plan.groups}
     index = {r.student: teacher_index(r, groups) for r in plan.tensors if r.teacher is not None}
@@ -146,11 +158,20 @@ def test_tied_embeddings_and_a_legacy_bin_checkpoint(tmp_path) -> None:
     assert all(torch.equal(teacher.source.read(k), v) for k, v in expected.items())
 
 
-def test_a_checkpoint_of_another_model_still_fails_with_the_keys(checkpoints: dict[str, str], tmp_path,
-                                                                 capsys) -> None:
-    code = main(["init", "--out", str(tmp_path / "s.safetensors"), "--teacher", f"hf:{checkpoints['llama']}",
-                 "--teacher-weights", f"{checkpoints['bert']}/model.safetensors",
-                 "--student", f"hf:{checkpoints['llama']}?{FAMILIES['llama'][2]}"])
+def test_a_checkpoint_of_another_model_still_fails_with_the_keys(checkpoints: dict[str, str], tmp_path, capsys) -> None:
+    code = main(
+        [
+            "init",
+            "--out",
+            str(tmp_path / "s.safetensors"),
+            "--teacher",
+            f"hf:{checkpoints['llama']}",
+            "--teacher-weights",
+            f"{checkpoints['bert']}/model.safetensors",
+            "--student",
+            f"hf:{checkpoints['llama']}?{FAMILIES['llama'][2]}",
+        ]
+    )
     assert code != 0 and not list(tmp_path.iterdir())
     err = capsys.readouterr().err.strip().splitlines()
     assert "missing keys" in err[-1] and "model.embed_tokens.weight" in err[-1]

@@ -18,7 +18,9 @@ STUDENT = "timm:vit_tiny_patch16_224?img_size=32&patch_size=8&depth=2&embed_dim=
 
 def test_init_writes_student_and_manifest_matching_the_python_api(tmp_path):
     out, manifest = tmp_path / "s.safetensors", tmp_path / "s.json"
-    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(out), "--manifest", str(manifest)]) == 0
+    assert (
+        main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(out), "--manifest", str(manifest)]) == 0
+    )
 
     saved = load_file(out)
     torch.manual_seed(0)
@@ -99,8 +101,13 @@ def test_the_student_is_planned_on_meta_and_built_only_for_the_values_it_keeps(t
     teacher = load_model(TEACHER, role="teacher", seed=0)
     student = load_model(STUDENT, role="student", seed=0)
     assert not student.on_meta
-    compiled = pipeline.compile(teacher.module, student.module, teacher_inputs=teacher.inputs,
-                                student_inputs=student.inputs, select_head=bool(extra))
+    compiled = pipeline.compile(
+        teacher.module,
+        student.module,
+        teacher_inputs=teacher.inputs,
+        student_inputs=student.inputs,
+        select_head=bool(extra),
+    )
     saved = load_file(out)
     assert saved.keys() == compiled.state_dict.keys()
     for key, value in compiled.state_dict.items():
@@ -133,15 +140,26 @@ print(code, sorted(name for name in ("torch", "networkx", "timm", "transformers"
         (["apply", "--manifest", "absent.json", "--out", "s.safetensors"], 2),  # no such manifest
         (["diff", "--teacher", "timm:a", "--student", "timm:b", "--quiet", "--progress"], 2),  # contradiction
     ],
-    ids=["help", "init-help", "version", "missing-flag", "misspelt-flag", "ambiguous-out", "unknown-command",
-         "apply-help", "apply-no-manifest", "quiet-and-progress"],
+    ids=[
+        "help",
+        "init-help",
+        "version",
+        "missing-flag",
+        "misspelt-flag",
+        "ambiguous-out",
+        "unknown-command",
+        "apply-help",
+        "apply-no-manifest",
+        "quiet-and-progress",
+    ],
 )
 def test_help_and_argument_errors_import_no_torch(argv, status, tmp_path):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-c", _IMPORTED_AFTER_CLI, *argv], capture_output=True, text=True,
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORTED_AFTER_CLI, *argv], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.stdout.splitlines()[-1] == f"{status} []", result.stderr
 
 
@@ -151,8 +169,9 @@ def test_the_import_probe_sees_torch_when_a_command_runs(tmp_path):
 
     # the same probe, on a command that does build models: it must report torch (the probe can fail)
     argv = ["diff", "--teacher", TEACHER, "--student", STUDENT]
-    result = subprocess.run([sys.executable, "-c", _IMPORTED_AFTER_CLI, *argv], capture_output=True, text=True,
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORTED_AFTER_CLI, *argv], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.stdout.splitlines()[-1].startswith("0 [") and "'torch'" in result.stdout.splitlines()[-1]
 
 
@@ -162,14 +181,30 @@ def test_export_verifies_and_a_corrupted_onnx_fails_with_per_output_differences(
     from onnx import numpy_helper
 
     weights, model = tmp_path / "s.safetensors", tmp_path / "s.onnx"
-    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(weights), "--onnx", str(model),
-                 "--progress"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                "--teacher",
+                TEACHER,
+                "--student",
+                STUDENT,
+                "--out",
+                str(weights),
+                "--onnx",
+                str(model),
+                "--progress",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert "parity logits" in out
     # the export and its parity check each say what they do, then their time, on one stderr line
     assert re.search(rf"^exporting the student to ONNX \({re.escape(str(model))}\)\.\.\. done in \d+\.\d s$", err, re.M)
-    assert re.search(rf"^checking {re.escape(str(model))} against PyTorch with onnxruntime\.\.\. done in \d+\.\d s$",
-                     err, re.M)
+    assert re.search(
+        rf"^checking {re.escape(str(model))} against PyTorch with onnxruntime\.\.\. done in \d+\.\d s$", err, re.M
+    )
     verify = ["export", "--student", STUDENT, "--weights", str(weights), "--onnx", str(model), "--verify-only"]
     assert main(verify) == 0
     plain = capsys.readouterr()
@@ -177,8 +212,9 @@ def test_export_verifies_and_a_corrupted_onnx_fails_with_per_output_differences(
     shown = capsys.readouterr()
     assert shown.out == plain.out and "parity logits" in plain.out and plain.err == ""
     assert re.search(r"^building student .*\.\.\. done in \d+\.\d s$", shown.err, re.M)
-    assert re.search(rf"^checking {re.escape(str(model))} against PyTorch with onnxruntime\.\.\. done in", shown.err,
-                     re.M)
+    assert re.search(
+        rf"^checking {re.escape(str(model))} against PyTorch with onnxruntime\.\.\. done in", shown.err, re.M
+    )
 
     proto = onnx.load(str(model))
     biggest = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
@@ -207,9 +243,27 @@ def test_init_onnx_records_the_export_in_the_manifest_and_report(tmp_path):
     from wscompile.reports import validate_manifest
 
     manifest, report = tmp_path / "m.json", tmp_path / "r.md"
-    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(tmp_path / "s.safetensors"),
-                 "--manifest", str(manifest), "--report", str(report), "--onnx", str(tmp_path / "s.onnx"),
-                 "--allow-random-teacher"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                "--teacher",
+                TEACHER,
+                "--student",
+                STUDENT,
+                "--out",
+                str(tmp_path / "s.safetensors"),
+                "--manifest",
+                str(manifest),
+                "--report",
+                str(report),
+                "--onnx",
+                str(tmp_path / "s.onnx"),
+                "--allow-random-teacher",
+            ]
+        )
+        == 0
+    )
     written = json.loads(manifest.read_text())
     validate_manifest(written)
     export = written["export"]
@@ -218,8 +272,20 @@ def test_init_onnx_records_the_export_in_the_manifest_and_report(tmp_path):
     assert export["max_abs_diff"] < 1e-4
     assert "**onnx export**: s.onnx (dynamo); dynamic axes x: batch" in report.read_text()
     # Without --onnx the field is there, and null.
-    main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(tmp_path / "t.safetensors"),
-          "--manifest", str(tmp_path / "t.json"), "--allow-random-teacher"])
+    main(
+        [
+            "init",
+            "--teacher",
+            TEACHER,
+            "--student",
+            STUDENT,
+            "--out",
+            str(tmp_path / "t.safetensors"),
+            "--manifest",
+            str(tmp_path / "t.json"),
+            "--allow-random-teacher",
+        ]
+    )
     assert json.loads((tmp_path / "t.json").read_text())["export"] is None
 
 

@@ -13,9 +13,17 @@ from wscompile.passes.uniform import uniform_indices
 
 
 def _llama(hidden, heads, kv_heads, layers=2, head_dim=None):
-    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                                   num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=200,
-                                   max_position_embeddings=64, head_dim=head_dim, use_cache=False)
+    cfg = transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=200,
+        max_position_embeddings=64,
+        head_dim=head_dim,
+        use_cache=False,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -32,7 +40,7 @@ def test_gqa_student_query_heads_stay_inside_their_kv_groups():
     cols = uniform_indices(128, 64)
 
     def heads(weight, chosen):
-        return torch.cat([weight[h * d:(h + 1) * d] for h in chosen])[:, cols]
+        return torch.cat([weight[h * d : (h + 1) * d] for h in chosen])[:, cols]
 
     assert torch.equal(s_attn.k_proj.weight, heads(t_attn.k_proj.weight, kv))
     assert torch.equal(s_attn.v_proj.weight, heads(t_attn.v_proj.weight, kv))
@@ -61,12 +69,22 @@ def test_identity_oracle_llama():
 @pytest.mark.parametrize("task", ["bert-mlm", "gpt2"])
 def test_tied_output_embedding_follows_the_selected_input_embedding(task):
     if task == "gpt2":
-        make = lambda w, n: transformers.GPT2LMHeadModel(transformers.GPT2Config(  # noqa: E731
-            n_embd=w, n_layer=n, n_head=2, vocab_size=200, n_positions=32, bos_token_id=0, eos_token_id=0))
+
+        def make(w, n):
+            config = transformers.GPT2Config(
+                n_embd=w, n_layer=n, n_head=2, vocab_size=200, n_positions=32, bos_token_id=0, eos_token_id=0
+            )
+            return transformers.GPT2LMHeadModel(config)
+
         emb, out = "transformer.wte.weight", "lm_head.weight"
     else:
-        make = lambda w, n: transformers.BertForMaskedLM(transformers.BertConfig(  # noqa: E731
-            hidden_size=w, num_hidden_layers=n, num_attention_heads=2, intermediate_size=2 * w, vocab_size=200))
+
+        def make(w, n):
+            config = transformers.BertConfig(
+                hidden_size=w, num_hidden_layers=n, num_attention_heads=2, intermediate_size=2 * w, vocab_size=200
+            )
+            return transformers.BertForMaskedLM(config)
+
         emb, out = "bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"
     teacher, student = make(64, 2).eval(), make(32, 1).eval()
     plan = wscompile.initialize(teacher, student, IDS)
@@ -90,9 +108,16 @@ def test_position_grid_is_resampled_like_timm():
 
 def test_text_position_table_keeps_the_first_positions():
     def bert(width, positions):
-        return transformers.BertModel(transformers.BertConfig(
-            hidden_size=width, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * width,
-            vocab_size=200, max_position_embeddings=positions)).eval()
+        return transformers.BertModel(
+            transformers.BertConfig(
+                hidden_size=width,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=2 * width,
+                vocab_size=200,
+                max_position_embeddings=positions,
+            )
+        ).eval()
 
     teacher, student = bert(64, 64), bert(32, 32)
     wscompile.initialize(teacher, student, IDS)
@@ -102,8 +127,15 @@ def test_text_position_table_keeps_the_first_positions():
 
 def test_timm_vit_into_hf_vit_with_separate_qkv_is_the_same_function():
     teacher = timm.create_model("vit_small_patch16_224", img_size=64).eval()
-    config = transformers.ViTConfig(image_size=64, hidden_size=384, num_attention_heads=6, intermediate_size=1536,
-                                    num_hidden_layers=12, layer_norm_eps=1e-6, qkv_bias=True)
+    config = transformers.ViTConfig(
+        image_size=64,
+        hidden_size=384,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        num_hidden_layers=12,
+        layer_norm_eps=1e-6,
+        qkv_bias=True,
+    )
     student = transformers.ViTModel(config, add_pooling_layer=False).eval()
     x = torch.randn(2, 3, 64, 64)
     plan = wscompile.initialize(teacher, student, x, student_inputs={"pixel_values": x})

@@ -22,10 +22,14 @@ def _pair(teacher_name, student_name, **student_kwargs):
     return teacher, student, copy.deepcopy(student.state_dict())
 
 
-@pytest.mark.parametrize(("teacher_name", "student_name", "kwargs"), [
-    ("vit_small_patch16_224", "vit_tiny_patch16_224", {}),
-    ("convnext_tiny", "convnext_femto", {"conv_mlp": False}),
-], ids=["vit_small->vit_tiny", "convnext_tiny->convnext_femto(conv_mlp=False)"])
+@pytest.mark.parametrize(
+    ("teacher_name", "student_name", "kwargs"),
+    [
+        ("vit_small_patch16_224", "vit_tiny_patch16_224", {}),
+        ("convnext_tiny", "convnext_femto", {"conv_mlp": False}),
+    ],
+    ids=["vit_small->vit_tiny", "convnext_tiny->convnext_femto(conv_mlp=False)"],
+)
 def test_equals_paper_uniform_selection_of_same_named_tensors(teacher_name, student_name, kwargs):
     teacher, student, before = _pair(teacher_name, student_name, **kwargs)
     plan = wscompile.initialize(teacher, student)
@@ -178,14 +182,20 @@ def _renamed_key(key: str) -> str:
     parts = key.split(".")
     if parts[0] == "blocks":
         i, rest = parts[1], ".".join(parts[2:])
-        sub = {"norm1": "pre_attention_norm", "attn.qkv": "mixer.in_proj", "attn.proj": "mixer.out",
-               "norm2": "pre_ffn_norm", "mlp.0": "up", "mlp.2": "down"}
+        sub = {
+            "norm1": "pre_attention_norm",
+            "attn.qkv": "mixer.in_proj",
+            "attn.proj": "mixer.out",
+            "norm2": "pre_ffn_norm",
+            "mlp.0": "up",
+            "mlp.2": "down",
+        }
         for old, new in sub.items():
             if rest.startswith(old + "."):
-                return f"backbone.layers.{i}.{new}{rest[len(old):]}"
+                return f"backbone.layers.{i}.{new}{rest[len(old) :]}"
     for old, new in table.items():
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     raise KeyError(key)
 
 
@@ -213,8 +223,11 @@ def test_fused_qkv_selected_per_logical_block_when_width_does_not_divide():
     qkv = next(r for r in plan.tensors if r.student == "blocks.0.attn.qkv.weight")
     assert qkv.axes[0].blocks == 3
     from wscompile.passes.uniform import uniform_indices
+
     idx = uniform_indices(96, 80)
     expected = teacher.blocks[0].attn.qkv.weight[[b * 96 + i for b in range(3) for i in idx]][:, idx]
     assert torch.equal(student.blocks[0].attn.qkv.weight, expected)
     # the official rule on the fused width would mis-align q/k/v here
-    assert not torch.equal(student.blocks[0].attn.qkv.weight, paper_uniform(teacher.blocks[0].attn.qkv.weight, (240, 80)))
+    assert not torch.equal(
+        student.blocks[0].attn.qkv.weight, paper_uniform(teacher.blocks[0].attn.qkv.weight, (240, 80))
+    )

@@ -26,15 +26,30 @@ IMAGE = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 def _hf_vit(hidden: int, heads: int) -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.ViTConfig(hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden,
-                                    num_hidden_layers=2, image_size=32, patch_size=8, layer_norm_eps=1e-6)
+    config = transformers.ViTConfig(
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=2,
+        image_size=32,
+        patch_size=8,
+        layer_norm_eps=1e-6,
+    )
     return transformers.ViTModel(config, add_pooling_layer=False).eval()
 
 
 def _timm_vit(hidden: int, heads: int) -> nn.Module:
     torch.manual_seed(1)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=hidden,
-                             num_heads=heads, num_classes=0, global_pool="").eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=hidden,
+        num_heads=heads,
+        num_classes=0,
+        global_pool="",
+    ).eval()
 
 
 def _assembled(plan: SelectionPlan) -> dict[str, TensorRecord]:
@@ -57,7 +72,8 @@ def test_hf_vit_into_timm_vit_computes_the_teacher():
         block = name.split(".")[1]
         role = name.rsplit(".", 1)[1]
         assert [p.teacher for p in record.parts] == [
-            f"layers.{block}.attention.{proj}.{role}" for proj in ("q_proj", "k_proj", "v_proj")]
+            f"layers.{block}.attention.{proj}.{role}" for proj in ("q_proj", "k_proj", "v_proj")
+        ]
         assert record.parts_axis == 0
     assert plan.coverage.fraction_no_head == 1.0
     with torch.no_grad():
@@ -65,8 +81,16 @@ def test_hf_vit_into_timm_vit_computes_the_teacher():
         torch.testing.assert_close(student.forward_features(IMAGE), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method, heads", [("uniform", "split"), ("magnitude", "split"), ("random", "split"),
-                                           ("activation", "split"), ("magnitude", "whole")])
+@pytest.mark.parametrize(
+    "method, heads",
+    [
+        ("uniform", "split"),
+        ("magnitude", "split"),
+        ("random", "split"),
+        ("activation", "split"),
+        ("magnitude", "whole"),
+    ],
+)
 def test_smaller_fused_rows_are_the_teacher_projections_at_the_plan_indices(method, heads):
     teacher, student = _hf_vit(128, 4), _timm_vit(64, 2)
     plan = initialize(teacher, student, IMAGE, method=method, heads=heads)
@@ -98,8 +122,7 @@ def test_uniform_parts_match_the_fused_teacher_rule():
     t_state, s_state = teacher.state_dict(), student.state_dict()
     keep = list(range(0, 128, 2))
     for block in range(2):
-        parts = [t_state[f"layers.{block}.attention.{p}.weight"][keep][:, keep]
-                 for p in ("q_proj", "k_proj", "v_proj")]
+        parts = [t_state[f"layers.{block}.attention.{p}.weight"][keep][:, keep] for p in ("q_proj", "k_proj", "v_proj")]
         assert torch.equal(s_state[f"blocks.{block}.attn.qkv.weight"], torch.cat(parts))
 
 
@@ -131,9 +154,11 @@ def _module_rms(width: int) -> nn.Module:
     return norm
 
 
-@pytest.mark.parametrize("teacher_norm, student_norm", [(_TensorOpRMSNorm, _module_rms),
-                                                        (_module_rms, _TensorOpRMSNorm)],
-                         ids=["tensor-ops->nn.RMSNorm", "nn.RMSNorm->tensor-ops"])
+@pytest.mark.parametrize(
+    "teacher_norm, student_norm",
+    [(_TensorOpRMSNorm, _module_rms), (_module_rms, _TensorOpRMSNorm)],
+    ids=["tensor-ops->nn.RMSNorm", "nn.RMSNorm->tensor-ops"],
+)
 def test_rms_norm_forms_pair(teacher_norm, student_norm):
     torch.manual_seed(0)
     teacher, student = _Net(16, teacher_norm), _Net(16, student_norm)
@@ -157,10 +182,18 @@ def test_rms_norm_of_a_shifted_weight_stays_a_loose_parameter():
 
 def _swin_pair() -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    teacher = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4],
-                                                 window_size=[4, 4], num_classes=10).eval()
-    student = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, embed_dim=32, depths=(2, 2),
-                                num_heads=(2, 4), window_size=4, num_classes=10).eval()
+    teacher = torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=10
+    ).eval()
+    student = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=32,
+        embed_dim=32,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        window_size=4,
+        num_classes=10,
+    ).eval()
     return teacher, student
 
 
@@ -183,4 +216,6 @@ def test_a_wider_fused_student_keeps_its_init_and_says_why():
     plan = initialize(teacher, student, IMAGE, allow_partial=True)
     record = next(r for r in plan.tensors if r.student == "blocks.0.attn.qkv.weight")
     assert record.teacher is None and not record.parts
-    assert record.reason.startswith("a part [128, 128] is larger than its teacher match layers.0.attention.q_proj.weight")
+    assert record.reason.startswith(
+        "a part [128, 128] is larger than its teacher match layers.0.attention.q_proj.weight"
+    )

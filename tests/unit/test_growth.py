@@ -120,7 +120,9 @@ class Deep(nn.Module):
     def __init__(self, depth: int) -> None:
         super().__init__()
         self.stem = nn.Linear(8, 6)
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6)) for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6)) for _ in range(depth)]
+        )
         self.head = nn.Linear(6, 3)
 
     def forward(self, x):
@@ -137,8 +139,9 @@ def test_a_deeper_student_stage_repeats_the_teacher_stages_last_block():
     plan = wscompile.initialize(teacher, student, X, allow_partial=True)
     for i in (2, 3):
         for name in ("0.weight", "0.bias", "2.weight", "2.bias"):
-            assert torch.equal(student.get_submodule(f"blocks.{i}").state_dict()[name],
-                               teacher.blocks[1].state_dict()[name]), (i, name)
+            assert torch.equal(
+                student.get_submodule(f"blocks.{i}").state_dict()[name], teacher.blocks[1].state_dict()[name]
+            ), (i, name)
     repeated = [r for r in plan.tensors if r.repeats]
     assert {r.repeats for r in repeated} == {"blocks.1"} and len(repeated) == 8
     assert plan.coverage.grown_params == sum(r.numel for r in repeated)
@@ -168,8 +171,10 @@ def test_widening_timm_models_preserves_their_function():
 
     # a ViT wider in its MLP only (GELU between), a ConvNeXt twice as wide everywhere (layer norms over the
     # stream, layer scale, depthwise convolutions: every channel replicated equally)
-    for teacher, student in ((vit(4).eval(), vit(8).eval()),
-                             (convnext((16, 32, 64, 128)), convnext((32, 64, 128, 256)))):
+    for teacher, student in (
+        (vit(4).eval(), vit(8).eval()),
+        (convnext((16, 32, 64, 128)), convnext((32, 64, 128, 256))),
+    ):
         plan = wscompile.initialize(teacher, student, image, allow_partial=True, select_head=True)
         assert [g.growth for g in plan.groups if g.growth] and all(g.growth == "widen" for g in plan.groups if g.growth)
         with torch.no_grad():
@@ -182,8 +187,13 @@ def test_widening_timm_models_preserves_their_function():
 
 def test_a_grouped_convolution_over_the_grown_channels_keeps_them_at_init():
     def grouped(width):
-        return nn.Sequential(nn.Conv2d(3, width, 1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, groups=2),
-                             nn.ReLU(), nn.Conv2d(width, 4, 1)).eval()
+        return nn.Sequential(
+            nn.Conv2d(3, width, 1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1, groups=2),
+            nn.ReLU(),
+            nn.Conv2d(width, 4, 1),
+        ).eval()
 
     plan = wscompile.initialize(grouped(4), grouped(8), IMAGE, allow_partial=True)
     grown = [g for g in plan.groups if g.growth]

@@ -27,8 +27,14 @@ TINY_VIT = "vit_tiny_patch16_224?depth=2&img_size=32"
 VIT_STUDENT = "timm:vit_tiny_patch16_224?depth=1&img_size=32&embed_dim=96&num_heads=3"
 # The hub repo timm's pretrained cfg for vit_tiny_patch16_224 names (hf_hub_id).
 TIMM_VIT_REPO = timm.models.get_pretrained_cfg("vit_tiny_patch16_224").hf_hub_id
-BERT = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 64, "max_position_embeddings": 32}
+BERT = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 32,
+}
 BERT_STUDENT = "num_hidden_layers=1&hidden_size=16&num_attention_heads=2&intermediate_size=32"
 
 
@@ -86,8 +92,20 @@ def tiny_vit_state(path: Path | None = None, **overrides: int) -> dict[str, torc
 
 
 def init(tmp_path: Path, teacher: str, student: str, *extra: str) -> int:
-    return main(["init", "--teacher", teacher, "--student", student, "--out", str(tmp_path / "student.safetensors"),
-                 "--manifest", str(tmp_path / "manifest.json"), *extra])
+    return main(
+        [
+            "init",
+            "--teacher",
+            teacher,
+            "--student",
+            student,
+            "--out",
+            str(tmp_path / "student.safetensors"),
+            "--manifest",
+            str(tmp_path / "manifest.json"),
+            *extra,
+        ]
+    )
 
 
 def manifest(tmp_path: Path) -> dict:
@@ -194,22 +212,45 @@ def test_hub_fetches_only_the_files_it_reads(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     cache = str(tmp_path / "cache")
-    repo = ["config.json", "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
-            "pytorch_model.bin", "onnx/model.safetensors", "tf_model.h5", "flax_model.msgpack", "tokenizer.json",
-            "vocab.txt", "README.md", "modeling_custom.py"]
+    repo = [
+        "config.json",
+        "model.safetensors",
+        "model-00001-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "onnx/model.safetensors",
+        "tf_model.h5",
+        "flax_model.msgpack",
+        "tokenizer.json",
+        "vocab.txt",
+        "README.md",
+        "modeling_custom.py",
+    ]
 
     assert hub.hub_snapshot("org/bin-only", cache_dir=cache) == str(snapshot)
     assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "pytorch_model.bin"]
     safetensors_first, pickle_fallback = requested
     assert sorted(filter_repo_objects(repo, allow_patterns=safetensors_first)) == [
-        "config.json", "model-00001-of-00002.safetensors", "model.safetensors", "model.safetensors.index.json",
-        "modeling_custom.py", "tokenizer.json", "vocab.txt"]
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "modeling_custom.py",
+        "tokenizer.json",
+        "vocab.txt",
+    ]
     assert sorted(filter_repo_objects(repo, allow_patterns=pickle_fallback)) == [
-        "config.json", "modeling_custom.py", "pytorch_model.bin", "tokenizer.json", "vocab.txt"]
+        "config.json",
+        "modeling_custom.py",
+        "pytorch_model.bin",
+        "tokenizer.json",
+        "vocab.txt",
+    ]
     requested.clear()
     hub.hub_snapshot("org/student-only", cache_dir=cache, weights=False)
     assert [sorted(filter_repo_objects(repo, allow_patterns=p)) for p in requested] == [
-        ["config.json", "modeling_custom.py", "tokenizer.json", "vocab.txt"]]
+        ["config.json", "modeling_custom.py", "tokenizer.json", "vocab.txt"]
+    ]
     with pytest.raises(SpecError, match=r"'org/unreachable': the Hugging Face hub cannot be reached and it is not"):
         hub.hub_snapshot("org/unreachable", cache_dir=cache)
     # A teacher whose weights come from --teacher-weights fetches no hub weights.
@@ -218,7 +259,8 @@ def test_hub_fetches_only_the_files_it_reads(tmp_path, monkeypatch):
     requested.clear()
     resolve_hub(parse_spec(f"hf:org/given-weights?cache_dir={cache}"), role="teacher", weights=False)
     assert [sorted(filter_repo_objects(repo, allow_patterns=p)) for p in requested] == [
-        ["config.json", "modeling_custom.py", "tokenizer.json", "vocab.txt"]]
+        ["config.json", "modeling_custom.py", "tokenizer.json", "vocab.txt"]
+    ]
 
 
 # ---- timm: pretrained=True through the hub cache, pretrained_file, pretrained_cfg_overlay ----------
@@ -327,8 +369,20 @@ def test_hf_hub_teacher_folder_output_takes_the_snapshot_tokenizer(tmp_path, hub
     lay_out_repo(hub_cache, "org/tiny-bert", tmp_path / "bert")
 
     out = tmp_path / "student"
-    assert main(["init", "--teacher", "hf:org/tiny-bert", "--student", f"hf:org/tiny-bert?{BERT_STUDENT}",
-                 "--out", f"{out}/"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                "--teacher",
+                "hf:org/tiny-bert",
+                "--student",
+                f"hf:org/tiny-bert?{BERT_STUDENT}",
+                "--out",
+                f"{out}/",
+            ]
+        )
+        == 0
+    )
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer("the cat")["input_ids"] == [2, 5, 6, 3]
     model, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)

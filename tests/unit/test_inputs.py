@@ -22,8 +22,14 @@ from wscompile.specs import example_inputs, load_model
 
 LAYERS = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 32, "intermediate_size": 64}
 TOKENS = {"vocab_size": 100, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-WAVE = {"conv_dim": (16, 16), "conv_kernel": (10, 3), "conv_stride": (5, 2), "num_conv_pos_embeddings": 16,
-        "num_conv_pos_embedding_groups": 2, "vocab_size": 10}
+WAVE = {
+    "conv_dim": (16, 16),
+    "conv_kernel": (10, 3),
+    "conv_stride": (5, 2),
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 2,
+    "vocab_size": 10,
+}
 VIT = {**LAYERS, "image_size": 32, "patch_size": 8}
 TOWER_TEXT = {**LAYERS, **TOKENS, "max_position_embeddings": 32}
 HALF_ENCODER = "num_hidden_layers=1&hidden_size=16&intermediate_size=32"
@@ -32,56 +38,126 @@ HALF_STAGES = "depths=1,1"
 
 def _whisper():
     return transformers.WhisperConfig(
-        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16, max_target_positions=32,
-        decoder_start_token_id=1, **TOKENS,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_mel_bins=16,
+        max_source_positions=16,
+        max_target_positions=32,
+        decoder_start_token_id=1,
+        **TOKENS,
     )
 
 
 def _bart():
     return transformers.BartConfig(
-        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, **TOKENS,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        **TOKENS,
     )
 
 
 # family -> (teacher config, model class, student overrides, inputs the student is traced with).
 FAMILIES = {
-    "whisper": (_whisper, transformers.WhisperModel,
-                "encoder_layers=1&decoder_layers=1&d_model=16&encoder_ffn_dim=32&decoder_ffn_dim=32",
-                {"input_features": (1, 16, 32), "decoder_input_ids": (1, 16)}),
-    "wav2vec2": (lambda: transformers.Wav2Vec2Config(**LAYERS, **WAVE), transformers.Wav2Vec2Model, HALF_ENCODER,
-                 {"input_values": (1, 170)}),
-    "hubert": (lambda: transformers.HubertConfig(**LAYERS, **WAVE), transformers.HubertModel, HALF_ENCODER,
-               {"input_values": (1, 170)}),
-    "wavlm": (lambda: transformers.WavLMConfig(**LAYERS, **WAVE), transformers.WavLMModel, HALF_ENCODER,
-              {"input_values": (1, 170)}),
-    "resnet": (lambda: transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[2, 2],
-                                                 layer_type="basic"), transformers.ResNetModel, HALF_STAGES,
-               {"pixel_values": (1, 3, 224, 224)}),
-    "swin": (lambda: transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
-                                             num_heads=[2, 2], window_size=4), transformers.SwinModel, HALF_STAGES,
-             {"pixel_values": (1, 3, 32, 32)}),
-    "convnext": (lambda: transformers.ConvNextConfig(hidden_sizes=[16, 32], depths=[2, 2], num_stages=2,
-                                                     image_size=64), transformers.ConvNextModel, HALF_STAGES,
-                 {"pixel_values": (1, 3, 64, 64)}),
-    "dinov2": (lambda: transformers.Dinov2Config(**VIT), transformers.Dinov2Model, "num_hidden_layers=1&hidden_size=16",
-               {"pixel_values": (1, 3, 32, 32)}),
-    "segformer": (lambda: transformers.SegformerConfig(num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1],
-                                                       hidden_sizes=[16, 32], num_attention_heads=[1, 2],
-                                                       patch_sizes=[7, 3], strides=[4, 2], decoder_hidden_size=32),
-                  transformers.SegformerModel, HALF_STAGES, {"pixel_values": (1, 3, 224, 224)}),
-    "clip": (lambda: transformers.CLIPConfig(text_config=TOWER_TEXT, vision_config=VIT, projection_dim=16),
-             transformers.CLIPModel, None,
-             {"pixel_values": (1, 3, 32, 32), "input_ids": (1, 16), "attention_mask": (1, 16)}),
-    "siglip": (lambda: transformers.SiglipConfig(text_config=TOWER_TEXT, vision_config=VIT),
-               transformers.SiglipModel, None,
-               {"pixel_values": (1, 3, 32, 32), "input_ids": (1, 16), "attention_mask": (1, 16)}),
-    "t5": (lambda: transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=100),
-           transformers.T5Model, "num_layers=1&num_decoder_layers=1",
-           {"input_ids": (1, 16), "attention_mask": (1, 16), "decoder_input_ids": (1, 16)}),
-    "bart": (_bart, transformers.BartModel, "encoder_layers=1&decoder_layers=1",
-             {"input_ids": (1, 16), "attention_mask": (1, 16), "decoder_input_ids": (1, 16)}),
+    "whisper": (
+        _whisper,
+        transformers.WhisperModel,
+        "encoder_layers=1&decoder_layers=1&d_model=16&encoder_ffn_dim=32&decoder_ffn_dim=32",
+        {"input_features": (1, 16, 32), "decoder_input_ids": (1, 16)},
+    ),
+    "wav2vec2": (
+        lambda: transformers.Wav2Vec2Config(**LAYERS, **WAVE),
+        transformers.Wav2Vec2Model,
+        HALF_ENCODER,
+        {"input_values": (1, 170)},
+    ),
+    "hubert": (
+        lambda: transformers.HubertConfig(**LAYERS, **WAVE),
+        transformers.HubertModel,
+        HALF_ENCODER,
+        {"input_values": (1, 170)},
+    ),
+    "wavlm": (
+        lambda: transformers.WavLMConfig(**LAYERS, **WAVE),
+        transformers.WavLMModel,
+        HALF_ENCODER,
+        {"input_values": (1, 170)},
+    ),
+    "resnet": (
+        lambda: transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[2, 2], layer_type="basic"),
+        transformers.ResNetModel,
+        HALF_STAGES,
+        {"pixel_values": (1, 3, 224, 224)},
+    ),
+    "swin": (
+        lambda: transformers.SwinConfig(
+            image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4
+        ),
+        transformers.SwinModel,
+        HALF_STAGES,
+        {"pixel_values": (1, 3, 32, 32)},
+    ),
+    "convnext": (
+        lambda: transformers.ConvNextConfig(hidden_sizes=[16, 32], depths=[2, 2], num_stages=2, image_size=64),
+        transformers.ConvNextModel,
+        HALF_STAGES,
+        {"pixel_values": (1, 3, 64, 64)},
+    ),
+    "dinov2": (
+        lambda: transformers.Dinov2Config(**VIT),
+        transformers.Dinov2Model,
+        "num_hidden_layers=1&hidden_size=16",
+        {"pixel_values": (1, 3, 32, 32)},
+    ),
+    "segformer": (
+        lambda: transformers.SegformerConfig(
+            num_encoder_blocks=2,
+            depths=[2, 2],
+            sr_ratios=[2, 1],
+            hidden_sizes=[16, 32],
+            num_attention_heads=[1, 2],
+            patch_sizes=[7, 3],
+            strides=[4, 2],
+            decoder_hidden_size=32,
+        ),
+        transformers.SegformerModel,
+        HALF_STAGES,
+        {"pixel_values": (1, 3, 224, 224)},
+    ),
+    "clip": (
+        lambda: transformers.CLIPConfig(text_config=TOWER_TEXT, vision_config=VIT, projection_dim=16),
+        transformers.CLIPModel,
+        None,
+        {"pixel_values": (1, 3, 32, 32), "input_ids": (1, 16), "attention_mask": (1, 16)},
+    ),
+    "siglip": (
+        lambda: transformers.SiglipConfig(text_config=TOWER_TEXT, vision_config=VIT),
+        transformers.SiglipModel,
+        None,
+        {"pixel_values": (1, 3, 32, 32), "input_ids": (1, 16), "attention_mask": (1, 16)},
+    ),
+    "t5": (
+        lambda: transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=100),
+        transformers.T5Model,
+        "num_layers=1&num_decoder_layers=1",
+        {"input_ids": (1, 16), "attention_mask": (1, 16), "decoder_input_ids": (1, 16)},
+    ),
+    "bart": (
+        _bart,
+        transformers.BartModel,
+        "encoder_layers=1&decoder_layers=1",
+        {"input_ids": (1, 16), "attention_mask": (1, 16), "decoder_input_ids": (1, 16)},
+    ),
 }
 # The teacher directory holds only config.json: transformers 5 saves these families' attention
 # under checkpoint names their modules do not have (e.g. DINOv2 `attention.attention.query` vs
@@ -90,6 +166,7 @@ CONFIG_ONLY = {"swin", "dinov2", "segformer"}
 # The wav2vec2 family's positional conv is weight-normed; its two parametrization tensors (g, v)
 # are matched crosswise, so --allow-partial keeps that one tensor at the student's init.
 PARTIAL = {"wav2vec2", "hubert", "wavlm"}
+
 
 def _teacher_dir(family: str, tmp_path) -> str:
     config, model_class, _, _ = FAMILIES[family]
@@ -121,8 +198,17 @@ def test_init_without_input_shape(family, tmp_path) -> None:
     # CLIP and SigLIP students are the teacher's own config: spec overrides do not reach the towers' configs.
     directory = _teacher_dir(family, tmp_path)
     out, manifest = tmp_path / "student.safetensors", tmp_path / "student.json"
-    args = ["init", "--teacher", f"hf:{directory}", "--student", _student_spec(family, directory),
-            "--out", str(out), "--manifest", str(manifest)]
+    args = [
+        "init",
+        "--teacher",
+        f"hf:{directory}",
+        "--student",
+        _student_spec(family, directory),
+        "--out",
+        str(out),
+        "--manifest",
+        str(manifest),
+    ]
     assert main(args + (["--allow-partial"] if family in PARTIAL else [])) == 0
     coverage = json.loads(manifest.read_text())["coverage"]
     assert coverage["fraction_no_head"] >= (0.6 if family in PARTIAL else 0.99), coverage
@@ -131,7 +217,9 @@ def test_init_without_input_shape(family, tmp_path) -> None:
 
 def test_processor_config_gives_the_image_size(tmp_path) -> None:
     directory = _teacher_dir("resnet", tmp_path)
-    (tmp_path / "resnet" / "preprocessor_config.json").write_text(json.dumps({"crop_size": {"height": 64, "width": 48}}))
+    (tmp_path / "resnet" / "preprocessor_config.json").write_text(
+        json.dumps({"crop_size": {"height": 64, "width": 48}})
+    )
     loaded = load_model(f"hf:{directory}", role="student", device="meta")
     assert loaded.inputs["pixel_values"].shape == (1, 3, 64, 48)
 
@@ -140,11 +228,28 @@ def test_audio_input_shape_overrides_the_main_input(tmp_path) -> None:
     wav2vec2, whisper = _teacher_dir("wav2vec2", tmp_path), _teacher_dir("whisper", tmp_path)
     # The teacher is built on meta (its weights come from the file) but keeps one legacy-made CPU
     # tensor; this used to fail with "Cannot copy out of meta tensor".
-    assert main(["init", "--teacher", f"hf:{wav2vec2}", "--student", _student_spec("wav2vec2", wav2vec2),
-                 "--out", str(tmp_path / "w.safetensors"), "--input-shape", "1,400", "--allow-partial"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                "--teacher",
+                f"hf:{wav2vec2}",
+                "--student",
+                _student_spec("wav2vec2", wav2vec2),
+                "--out",
+                str(tmp_path / "w.safetensors"),
+                "--input-shape",
+                "1,400",
+                "--allow-partial",
+            ]
+        )
+        == 0
+    )
     loaded = load_model(f"hf:{whisper}", role="student", device="meta", input_shape=(2, 16, 32))
-    assert {k: tuple(v.shape) for k, v in loaded.inputs.items()} == {"input_features": (2, 16, 32),
-                                                                      "decoder_input_ids": (2, 16)}
+    assert {k: tuple(v.shape) for k, v in loaded.inputs.items()} == {
+        "input_features": (2, 16, 32),
+        "decoder_input_ids": (2, 16),
+    }
     with pytest.raises(SpecError, match=r"takes input_values of shape \(1, 170\): pass --input-shape with 2"):
         load_model(f"hf:{wav2vec2}", role="student", device="meta", input_shape=(1, 3, 32, 32))
 
@@ -180,23 +285,55 @@ def test_py_model_takes_the_other_models_inputs(teacher, student, tmp_path) -> N
     path = tmp_path / "nets.py"
     path.write_text(textwrap.dedent(NETS_PY))
     out, manifest = tmp_path / "s.safetensors", tmp_path / "s.json"
-    assert main(["init", "--teacher", f"{path}:{teacher}?width=8", "--student", f"{path}:{student}?width=4",
-                 "--out", str(out), "--manifest", str(manifest)]) == 0
+    assert (
+        main(
+            [
+                "init",
+                "--teacher",
+                f"{path}:{teacher}?width=8",
+                "--student",
+                f"{path}:{student}?width=4",
+                "--out",
+                str(out),
+                "--manifest",
+                str(manifest),
+            ]
+        )
+        == 0
+    )
     assert json.loads(manifest.read_text())["coverage"]["fraction_no_head"] == 1.0
 
 
 def test_neither_inputs_told_is_one_error(tmp_path, capsys) -> None:
     path = tmp_path / "nets.py"
     path.write_text(textwrap.dedent(NETS_PY))
-    assert main(["init", "--teacher", f"{path}:untold?width=8", "--student", f"{path}:untold?width=4",
-                 "--out", str(tmp_path / "s.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "init",
+                "--teacher",
+                f"{path}:untold?width=8",
+                "--student",
+                f"{path}:untold?width=4",
+                "--out",
+                str(tmp_path / "s.safetensors"),
+            ]
+        )
+        == 2
+    )
     assert "cannot tell the inputs of" in capsys.readouterr().err
     assert not (tmp_path / "s.safetensors").exists()
 
 
 def _bert(layers: int, width: int) -> transformers.BertModel:
-    config = transformers.BertConfig(num_hidden_layers=layers, hidden_size=width, num_attention_heads=2,
-                                     intermediate_size=2 * width, vocab_size=100, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        num_hidden_layers=layers,
+        hidden_size=width,
+        num_attention_heads=2,
+        intermediate_size=2 * width,
+        vocab_size=100,
+        max_position_embeddings=32,
+    )
     return transformers.BertModel(config).eval()
 
 

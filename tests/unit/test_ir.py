@@ -15,8 +15,10 @@ def _graph(edges: list[tuple[int, int]]) -> nx.DiGraph:
     graph = nx.DiGraph()
     for node in range(3):
         slot = ir.TensorSlot(role="weight", name=f"layer{node}.weight", shape=(4, 4), out_axis=0, in_axis=1)
-        graph.add_node(node, **{ir.KIND: ir.KIND_LINEAR, ir.OP: "linear", ir.TENSORS: [slot],
-                                ir.MODULE: f"layer{node}", ir.ORDER: node})
+        graph.add_node(
+            node,
+            **{ir.KIND: ir.KIND_LINEAR, ir.OP: "linear", ir.TENSORS: [slot], ir.MODULE: f"layer{node}", ir.ORDER: node},
+        )
     graph.add_edges_from(edges, **{ir.ARG: frozenset({0})})
     graph.graph.update({ir.MODULES: {}, ir.INPUT_NODES: [0], ir.OUTPUT_NODES: [2], ir.FRONTEND: "test"})
     return graph

@@ -17,18 +17,22 @@ from wscompile.reports import plan_to_dict
 
 
 def _blocks(policy: str, n_teacher: int, n_student: int, *, entry: bool = False, similarity=None) -> list[int]:
-    name, chosen = teacher_blocks(parse_layer_policy(policy), 0, "stage 0", n_teacher, n_student, entry=entry,
-                                  similarity=lambda: similarity)
+    name, chosen = teacher_blocks(
+        parse_layer_policy(policy), 0, "stage 0", n_teacher, n_student, entry=entry, similarity=lambda: similarity
+    )
     assert name == ("explicit" if ":" in policy else policy)
     return chosen
 
 
-@pytest.mark.parametrize(("policy", "expected"), [
-    ("first", [0, 1, 2, 3, 4, 5]),
-    ("uniform", [0, 2, 4, 6, 8, 10]),  # DistilBERT: every other layer
-    ("last", [6, 7, 8, 9, 10, 11]),
-    ("drop-middle", [0, 1, 2, 9, 10, 11]),
-])
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ("first", [0, 1, 2, 3, 4, 5]),
+        ("uniform", [0, 2, 4, 6, 8, 10]),  # DistilBERT: every other layer
+        ("last", [6, 7, 8, 9, 10, 11]),
+        ("drop-middle", [0, 1, 2, 9, 10, 11]),
+    ],
+)
 def test_policies_pick_the_documented_blocks(policy, expected):
     assert _blocks(policy, 12, 6) == expected
     assert _blocks(policy, 3, 3) == [0, 1, 2] and _blocks(policy, 3, 5) == [0, 1, 2]  # not shallower: all
@@ -49,15 +53,18 @@ def test_entry_block_is_pinned():
     assert _blocks("first", 4, 2, entry=True) == [0, 1]
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("fastest", "unknown layer policy 'fastest'; use one of first, uniform, last, drop-middle, importance"),
-    ("0:a,b", r"bad layer map entry '0:a,b'"),
-    ("0:2,1", r"must be distinct and ascending, e.g. 0:1,2"),
-    ("0:1,1", r"must be distinct and ascending"),
-    ("0:0;0:1", r"names stage 0 twice"),
-    ("-1:0", r"indices are >= 0"),
-    ("0:", r"bad layer map entry '0:'"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("fastest", "unknown layer policy 'fastest'; use one of first, uniform, last, drop-middle, importance"),
+        ("0:a,b", r"bad layer map entry '0:a,b'"),
+        ("0:2,1", r"must be distinct and ascending, e.g. 0:1,2"),
+        ("0:1,1", r"must be distinct and ascending"),
+        ("0:0;0:1", r"names stage 0 twice"),
+        ("-1:0", r"indices are >= 0"),
+        ("0:", r"bad layer map entry '0:'"),
+    ],
+)
 def test_explicit_map_syntax_errors(text, message):
     with pytest.raises(MatchError, match=message):
         parse_layer_policy(text)
@@ -67,7 +74,9 @@ def test_explicit_map():
     policy = parse_layer_policy(" 0:0,2,4; 1:0,1 ")
     assert policy.explicit == {0: [0, 2, 4], 1: [0, 1]}
     assert _blocks("0:0,2,4", 6, 3) == [0, 2, 4]
-    with pytest.raises(MatchError, match=r"gives 2 teacher block\(s\) for student stage 0, which has 3; list exactly 3"):
+    with pytest.raises(
+        MatchError, match=r"gives 2 teacher block\(s\) for student stage 0, which has 3; list exactly 3"
+    ):
         _blocks("0:0,2", 6, 3)
     with pytest.raises(MatchError, match=r"names teacher block 7 .* has 6 blocks \(0..5\)"):
         _blocks("0:0,2,7", 6, 3)
@@ -110,9 +119,15 @@ def _kept(teacher: nn.Module, blocks: list[int]) -> nn.Module:
     return kept
 
 
-@pytest.mark.parametrize(("policy", "expected"), [
-    ("uniform", [0, 2, 4]), ("last", [3, 4, 5]), ("drop-middle", [0, 1, 5]), ("0:1,3,4", [1, 3, 4]),
-])
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ("uniform", [0, 2, 4]),
+        ("last", [3, 4, 5]),
+        ("drop-middle", [0, 1, 5]),
+        ("0:1,3,4", [1, 3, 4]),
+    ],
+)
 def test_student_computes_the_teacher_with_only_the_chosen_blocks(policy, expected):
     torch.manual_seed(0)
     teacher, student = Net(6).eval(), Net(3).eval()
@@ -187,8 +202,10 @@ def test_entry_blocks_stay_first_in_hierarchical_models():
     teacher, student = TinyResNet((3, 5)).eval(), TinyResNet((2, 3)).eval()
     x = torch.randn(2, 3, 16, 16)
     plan = wscompile.initialize(teacher, student, x, layer_policy="last", select_head=True)
-    assert [[b.teacher for b in s.blocks] for s in plan.stages] == [["stage1.1", "stage1.2"],
-                                                                     ["stage2.0", "stage2.3", "stage2.4"]]
+    assert [[b.teacher for b in s.blocks] for s in plan.stages] == [
+        ["stage1.1", "stage1.2"],
+        ["stage2.0", "stage2.3", "stage2.4"],
+    ]
     kept = copy.deepcopy(teacher)
     kept.stage1 = nn.Sequential(*[teacher.stage1[i] for i in (1, 2)])
     kept.stage2 = nn.Sequential(*[teacher.stage2[i] for i in (0, 3, 4)])
@@ -196,6 +213,9 @@ def test_entry_blocks_stay_first_in_hierarchical_models():
         assert torch.equal(student(x), kept(x))
     with pytest.raises(MatchError, match=r"student stage 1 .* opens with an entry block .* start the map with 1:0"):
         wscompile.initialize(teacher, student, x, layer_policy="1:1,2,3")
-    with pytest.raises(MatchError, match=r"names student stage\(s\) \[5\], but the student's stages with a teacher "
-                                         r"stage are \[0, 1\]"):
+    with pytest.raises(
+        MatchError,
+        match=r"names student stage\(s\) \[5\], but the student's stages with a teacher "
+        r"stage are \[0, 1\]",
+    ):
         wscompile.initialize(teacher, student, x, layer_policy="0:0,1;5:0,1")

@@ -26,15 +26,24 @@ IDS = {"input_ids": torch.randint(0, 100, (2, 8), generator=torch.Generator().ma
 
 def _llama(hidden, heads, kv_heads, head_dim, layers=2):
     config = transformers.LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=100, max_position_embeddings=32,
-        use_cache=False, tie_word_embeddings=True)
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=100,
+        max_position_embeddings=32,
+        use_cache=False,
+        tie_word_embeddings=True,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
 def _vit(width, heads, depth=2):
-    return VisionTransformer(img_size=16, patch_size=4, embed_dim=width, depth=depth, num_heads=heads,
-                             num_classes=10).eval()
+    return VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=width, depth=depth, num_heads=heads, num_classes=10
+    ).eval()
 
 
 def _convnext(dims, depths):
@@ -99,8 +108,12 @@ def test_llama_gqa_glu_tied_dimensions_share_indices(method):
     reads = [("model.norm.weight", 0)]
     for i in range(2):
         layer = f"model.layers.{i}"
-        reads += [(f"{layer}.input_layernorm.weight", 0), (f"{layer}.post_attention_layernorm.weight", 0),
-                  (f"{layer}.self_attn.o_proj.weight", 0), (f"{layer}.mlp.down_proj.weight", 0)]
+        reads += [
+            (f"{layer}.input_layernorm.weight", 0),
+            (f"{layer}.post_attention_layernorm.weight", 0),
+            (f"{layer}.self_attn.o_proj.weight", 0),
+            (f"{layer}.mlp.down_proj.weight", 0),
+        ]
         reads += [(f"{layer}.self_attn.{p}_proj.weight", 1) for p in "qkv"]
         reads += [(f"{layer}.mlp.{p}_proj.weight", 1) for p in ("gate", "up")]
         # GLU: gate and up rows and down columns are one dimension
@@ -119,7 +132,7 @@ def _heads(indices: list[int], d_t: int, d_s: int) -> list[tuple[int, list[int]]
     """(teacher head, teacher dims) of each student head; asserts each reads one teacher head."""
     out = []
     for h in range(len(indices) // d_s):
-        chunk = indices[h * d_s:(h + 1) * d_s]
+        chunk = indices[h * d_s : (h + 1) * d_s]
         teacher_heads = {i // d_t for i in chunk}
         assert len(teacher_heads) == 1, f"student head {h} reads teacher heads {teacher_heads}"
         out.append((teacher_heads.pop(), [i % d_t for i in chunk]))
@@ -138,7 +151,7 @@ def _assert_heads_consistent(plan, layer, *, d_t, d_s, r_t, r_s):
         assert head // r_t == kv_head  # a student query head stays in the kv group it reads
         assert dims == kv_dims  # q and k dims match (a dot product)
         half = d_t // 2
-        assert dims[d_s // 2:] == [half + i for i in dims[: d_s // 2]]  # rotary pairs stay pairs
+        assert dims[d_s // 2 :] == [half + i for i in dims[: d_s // 2]]  # rotary pairs stay pairs
     assert [head for head, _ in v] == [head for head, _ in k]
 
 
@@ -151,10 +164,16 @@ def test_vit_residual_fused_qkv_and_projection_share_indices(method):
     reads = [("cls_token", 2), ("pos_embed", 2), ("norm.weight", 0)]
     for i in range(2):
         block = f"blocks.{i}"
-        reads += [(f"{block}.norm1.weight", 0), (f"{block}.norm2.weight", 0), (f"{block}.attn.qkv.weight", 1),
-                  (f"{block}.attn.proj.weight", 0), (f"{block}.mlp.fc1.weight", 1), (f"{block}.mlp.fc2.weight", 0)]
+        reads += [
+            (f"{block}.norm1.weight", 0),
+            (f"{block}.norm2.weight", 0),
+            (f"{block}.attn.qkv.weight", 1),
+            (f"{block}.attn.proj.weight", 0),
+            (f"{block}.mlp.fc1.weight", 1),
+            (f"{block}.mlp.fc2.weight", 0),
+        ]
         qkv = _taken(plan, f"{block}.attn.qkv.weight", 0)
-        q, k, v = (qkv[p * 32:(p + 1) * 32] for p in range(3))
+        q, k, v = (qkv[p * 32 : (p + 1) * 32] for p in range(3))
         assert [i - 64 for i in k] == q and [i - 128 for i in v] == q  # one index set for q, k and v
         assert _taken(plan, f"{block}.attn.proj.weight", 1) == q  # ... and the output projection
         assert _taken(plan, f"{block}.mlp.fc2.weight", 1) == _taken(plan, f"{block}.mlp.fc1.weight", 0)
@@ -171,10 +190,19 @@ def test_convnext_depthwise_channels_share_indices(method):
     plan = _plan(method, teacher, student, torch.randn(2, 3, 32, 32))
     for stage in range(4):
         channels = _taken(plan, f"stages.{stage}.blocks.0.conv_dw.weight", 0)  # depthwise: out == in channels
-        reads = [(f"stages.{stage}.blocks.0.{name}", axis) for name, axis in
-                 [("conv_dw.bias", 0), ("norm.weight", 0), ("mlp.fc1.weight", 1), ("mlp.fc2.weight", 0), ("gamma", 0)]]
-        reads += [("stem.0.weight", 0), ("stem.1.weight", 0)] if stage == 0 else [
-            (f"stages.{stage}.downsample.1.weight", 0)]
+        reads = [
+            (f"stages.{stage}.blocks.0.{name}", axis)
+            for name, axis in [
+                ("conv_dw.bias", 0),
+                ("norm.weight", 0),
+                ("mlp.fc1.weight", 1),
+                ("mlp.fc2.weight", 0),
+                ("gamma", 0),
+            ]
+        ]
+        reads += (
+            [("stem.0.weight", 0), ("stem.1.weight", 0)] if stage == 0 else [(f"stages.{stage}.downsample.1.weight", 0)]
+        )
         if stage < 3:
             reads += [(f"stages.{stage + 1}.downsample.0.weight", 0), (f"stages.{stage + 1}.downsample.1.weight", 1)]
         for name, axis in reads:
@@ -198,8 +226,9 @@ def test_activation_keeps_the_units_most_active_on_calibration_inputs():
     teacher = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 6))
     student = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 6))
     calibration = torch.randn(64, 6)
-    plan = wscompile.initialize(teacher, student, torch.randn(3, 6), method="activation", calibration=calibration,
-                                select_head=True)
+    plan = wscompile.initialize(
+        teacher, student, torch.randn(3, 6), method="activation", calibration=calibration, select_head=True
+    )
     with torch.no_grad():
         pre = teacher[0](calibration)
     scores = pre.abs().mean(0) + pre.relu().abs().mean(0)  # fc1's output + fc2's input
@@ -217,7 +246,8 @@ def test_consecutive_keeps_the_first_units_and_heads():
     assert _taken(plan, "model.layers.0.mlp.up_proj.weight", 0) == list(range(64))
     # kv heads 0, 1; their first query heads 0, 1 and 2, 3; rotary pairs (0, 4) and (1, 5)
     assert _taken(plan, "model.layers.0.self_attn.q_proj.weight", 0) == [
-        h * 8 + i for h in (0, 1, 2, 3) for i in (0, 1, 4, 5)]
+        h * 8 + i for h in (0, 1, 2, 3) for i in (0, 1, 4, 5)
+    ]
 
 
 def test_random_is_seeded_and_reproducible():
@@ -244,9 +274,15 @@ def test_whole_heads_are_teacher_heads_gqa():
     def teacher_head(s_weight, t_weight, h, rows=True):
         """The teacher head a student head's weight slice equals exactly (rows: out axis; else in axis)."""
         if rows:
-            part, heads = s_weight[h * 8:(h + 1) * 8], [t_weight[t * 8:(t + 1) * 8][:, residual] for t in range(len(t_weight) // 8)]
+            part, heads = (
+                s_weight[h * 8 : (h + 1) * 8],
+                [t_weight[t * 8 : (t + 1) * 8][:, residual] for t in range(len(t_weight) // 8)],
+            )
         else:
-            part, heads = s_weight[:, h * 8:(h + 1) * 8], [t_weight[residual][:, t * 8:(t + 1) * 8] for t in range(t_weight.shape[1] // 8)]
+            part, heads = (
+                s_weight[:, h * 8 : (h + 1) * 8],
+                [t_weight[residual][:, t * 8 : (t + 1) * 8] for t in range(t_weight.shape[1] // 8)],
+            )
         found = [t for t, head in enumerate(heads) if torch.equal(part, head)]
         assert len(found) == 1, (h, found)
         return found[0]
@@ -270,7 +306,7 @@ def test_whole_heads_are_teacher_heads_fused_qkv():
     qkv = _taken(plan, "blocks.0.attn.qkv.weight", 0)
     for part in range(3):
         for h in range(2):
-            chunk = qkv[part * 32 + h * 16: part * 32 + (h + 1) * 16]
+            chunk = qkv[part * 32 + h * 16 : part * 32 + (h + 1) * 16]
             assert chunk == list(range(chunk[0], chunk[0] + 16)) and chunk[0] % 16 == 0  # one whole head
     assert _taken(plan, "blocks.0.attn.proj.weight", 1) == qkv[:32]
 
@@ -302,16 +338,29 @@ def _plan_from_manifest(manifest: dict) -> SelectionPlan:
         fields = dict(entry)
         fields["axes"] = None if entry["axes"] is None else [AxisRule(**a) for a in entry["axes"]]
         tensors.append(TensorRecord(**fields))
-    return SelectionPlan(manifest["teacher"]["spec"], manifest["student"]["spec"], manifest["method"],
-                         manifest["layer_policy"], manifest["frontend"], tensors, [],
-                         [GroupRecord(**g) for g in manifest["groups"]], [], 0, 0)
+    return SelectionPlan(
+        manifest["teacher"]["spec"],
+        manifest["student"]["spec"],
+        manifest["method"],
+        manifest["layer_policy"],
+        manifest["frontend"],
+        tensors,
+        [],
+        [GroupRecord(**g) for g in manifest["groups"]],
+        [],
+        0,
+        0,
+    )
 
 
-@pytest.mark.parametrize(("method", "options"), [
-    ("magnitude", {"heads": "whole", "rescale": True, "layer_policy": "last"}),
-    ("activation", {"layer_policy": "importance"}),
-    ("random", {"layer_policy": "0:0,2"}),
-])
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("magnitude", {"heads": "whole", "rescale": True, "layer_policy": "last"}),
+        ("activation", {"layer_policy": "importance"}),
+        ("random", {"layer_policy": "0:0,2"}),
+    ],
+)
 def test_manifest_alone_reproduces_the_student(method, options):
     torch.manual_seed(0)
     teacher, student = _llama(64, 8, 4, head_dim=8, layers=3), _llama(32, 4, 2, head_dim=8)
@@ -322,7 +371,7 @@ def test_manifest_alone_reproduces_the_student(method, options):
     assert manifest["method"] == method and all(g["rule"].startswith((method, "full")) for g in manifest["groups"])
 
 
-TINY_MODEL = '''
+TINY_MODEL = """
 import torch
 from torch import nn
 
@@ -344,7 +393,7 @@ class Tiny(nn.Module):
 
 def tiny(**kwargs):
     return Tiny(**kwargs)
-'''
+"""
 
 
 def test_cli_options_reach_the_plan(tmp_path):
@@ -353,9 +402,16 @@ def test_cli_options_reach_the_plan(tmp_path):
     calib = tmp_path / "calib.pt"
     torch.save({"x": torch.randn(16, 5, 8)}, calib)
     options = InitOptions(
-        teacher=f"{model}:tiny?depth=4", student=f"{model}:tiny?width=16&depth=2", out=str(tmp_path / "s.safetensors"),
-        manifest=str(tmp_path / "s.json"), method="activation", layers="drop-middle", rescale=True,
-        calib=str(calib), progress=False)
+        teacher=f"{model}:tiny?depth=4",
+        student=f"{model}:tiny?width=16&depth=2",
+        out=str(tmp_path / "s.safetensors"),
+        manifest=str(tmp_path / "s.json"),
+        method="activation",
+        layers="drop-middle",
+        rescale=True,
+        calib=str(calib),
+        progress=False,
+    )
     plan = run_init(options, log=lambda line: None)
     manifest = json.loads((tmp_path / "s.json").read_text())
     validate_manifest(manifest)
@@ -371,8 +427,9 @@ def test_activation_without_calibration_inputs_is_refused(tmp_path):
     from wscompile.commands import check_selection
 
     with pytest.raises(SelectionError, match="--method activation .* pass --calib"):
-        check_selection(InitOptions(teacher="timm:vit_tiny_patch16_224", student="timm:vit_tiny_patch16_224",
-                                    method="activation"))
+        check_selection(
+            InitOptions(teacher="timm:vit_tiny_patch16_224", student="timm:vit_tiny_patch16_224", method="activation")
+        )
     teacher = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 6))
     student = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 6))
     x = {"input": torch.randn(2, 6)}
@@ -381,5 +438,12 @@ def test_activation_without_calibration_inputs_is_refused(tmp_path):
     with torch.device("meta"):
         on_meta = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 6))
     with pytest.raises(SelectionError, match="meta device"):
-        wscompile.compile(on_meta, student, teacher_inputs=x, student_inputs=x, method="activation",
-                          teacher_source=DictSource(teacher.state_dict()), calibration=x)
+        wscompile.compile(
+            on_meta,
+            student,
+            teacher_inputs=x,
+            student_inputs=x,
+            method="activation",
+            teacher_source=DictSource(teacher.state_dict()),
+            calibration=x,
+        )

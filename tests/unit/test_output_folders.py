@@ -17,40 +17,99 @@ from safetensors.torch import load_file
 from wscompile.cli import main
 from wscompile.specs import load_model
 
-BERT = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, vocab_size=40,
-            max_position_embeddings=32)
+BERT = dict(
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=40,
+    max_position_embeddings=32,
+)
 BERT_STUDENT = "num_hidden_layers=2&hidden_size=32&num_attention_heads=2&intermediate_size=64"
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz", "the", "cat", "sat", "on"]
 
 # id -> (config, class saving the teacher, task, student overrides, auto class loading the folder)
 FAMILIES = {
     "bert": (transformers.BertConfig(**BERT), "BertModel", "base", BERT_STUDENT, "AutoModel"),
-    "bert-masked-lm": (transformers.BertConfig(**BERT), "BertForMaskedLM", "masked-lm", BERT_STUDENT,
-                       "AutoModelForMaskedLM"),
-    "llama-causal-lm": (transformers.LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                                 num_key_value_heads=2, intermediate_size=128, vocab_size=40,
-                                                 max_position_embeddings=32, tie_word_embeddings=True),
-                        "LlamaForCausalLM", "causal-lm", "num_hidden_layers=2&hidden_size=32&intermediate_size=64",
-                        "AutoModelForCausalLM"),
-    "t5-seq2seq-lm": (transformers.T5Config(d_model=64, num_layers=4, num_decoder_layers=4, num_heads=4, d_kv=16,
-                                            d_ff=128, vocab_size=40),
-                      "T5ForConditionalGeneration", "seq2seq-lm",
-                      "num_layers=2&num_decoder_layers=2&d_model=32&d_kv=8&d_ff=64", "AutoModelForSeq2SeqLM"),
-    "vit": (transformers.ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
-                                   image_size=32, patch_size=8), "ViTModel", "base", BERT_STUDENT, "AutoModel"),
-    "vit-image-classification": (transformers.ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                                        intermediate_size=128, image_size=32, patch_size=8,
-                                                        num_labels=5),
-                                 "ViTForImageClassification", "image-classification", BERT_STUDENT,
-                                 "AutoModelForImageClassification"),
+    "bert-masked-lm": (
+        transformers.BertConfig(**BERT),
+        "BertForMaskedLM",
+        "masked-lm",
+        BERT_STUDENT,
+        "AutoModelForMaskedLM",
+    ),
+    "llama-causal-lm": (
+        transformers.LlamaConfig(
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            vocab_size=40,
+            max_position_embeddings=32,
+            tie_word_embeddings=True,
+        ),
+        "LlamaForCausalLM",
+        "causal-lm",
+        "num_hidden_layers=2&hidden_size=32&intermediate_size=64",
+        "AutoModelForCausalLM",
+    ),
+    "t5-seq2seq-lm": (
+        transformers.T5Config(
+            d_model=64, num_layers=4, num_decoder_layers=4, num_heads=4, d_kv=16, d_ff=128, vocab_size=40
+        ),
+        "T5ForConditionalGeneration",
+        "seq2seq-lm",
+        "num_layers=2&num_decoder_layers=2&d_model=32&d_kv=8&d_ff=64",
+        "AutoModelForSeq2SeqLM",
+    ),
+    "vit": (
+        transformers.ViTConfig(
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=128,
+            image_size=32,
+            patch_size=8,
+        ),
+        "ViTModel",
+        "base",
+        BERT_STUDENT,
+        "AutoModel",
+    ),
+    "vit-image-classification": (
+        transformers.ViTConfig(
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=128,
+            image_size=32,
+            patch_size=8,
+            num_labels=5,
+        ),
+        "ViTForImageClassification",
+        "image-classification",
+        BERT_STUDENT,
+        "AutoModelForImageClassification",
+    ),
     # fused experts: transformers saves them split per expert, and wscompile writes them so
-    "mixtral-causal-lm": (transformers.MixtralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                     num_key_value_heads=2, intermediate_size=128, vocab_size=40,
-                                                     max_position_embeddings=32, num_local_experts=4,
-                                                     num_experts_per_tok=2),
-                          "MixtralForCausalLM", "causal-lm",
-                          "num_hidden_layers=1&hidden_size=32&intermediate_size=64&num_local_experts=2"
-                          "&num_experts_per_tok=1", "AutoModelForCausalLM"),
+    "mixtral-causal-lm": (
+        transformers.MixtralConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            vocab_size=40,
+            max_position_embeddings=32,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        ),
+        "MixtralForCausalLM",
+        "causal-lm",
+        "num_hidden_layers=1&hidden_size=32&intermediate_size=64&num_local_experts=2&num_experts_per_tok=1",
+        "AutoModelForCausalLM",
+    ),
 }
 
 
@@ -110,8 +169,11 @@ def test_hf_folder_loads_with_from_pretrained(tmp_path, teachers, family) -> Non
     reference.module.save_pretrained(tmp_path / "saved")
     assert folder_keys(folder) == folder_keys(tmp_path / "saved")
     with torch.no_grad():
-        expected = reference.module(**reference.inputs, use_cache=False)[0] if "use_cache" in config else \
-            reference.module(**reference.inputs)[0]
+        expected = (
+            reference.module(**reference.inputs, use_cache=False)[0]
+            if "use_cache" in config
+            else reference.module(**reference.inputs)[0]
+        )
         got = model.eval()(**reference.inputs)[0]
     # NOTE: from_pretrained may pick another attention implementation: equal tensors, outputs to rounding.
     torch.testing.assert_close(got, expected)
@@ -121,8 +183,17 @@ def test_hf_folder_loads_with_from_pretrained(tmp_path, teachers, family) -> Non
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
         assert tokenizer("the cat sat")["input_ids"] == [2, 31, 32, 33, 3]
     if family == "bert":  # the folder is a spec too: a teacher for the next, smaller student
-        assert init("--teacher", f"hf:{folder}", "--student", f"hf:{folder}?num_hidden_layers=1",
-                    "--out", f"{tmp_path}/next.safetensors") == 0
+        assert (
+            init(
+                "--teacher",
+                f"hf:{folder}",
+                "--student",
+                f"hf:{folder}?num_hidden_layers=1",
+                "--out",
+                f"{tmp_path}/next.safetensors",
+            )
+            == 0
+        )
     if family.startswith("vit"):
         processor = transformers.AutoImageProcessor.from_pretrained(folder)
         assert processor.size == {"height": 32, "width": 32}
@@ -141,8 +212,10 @@ def test_bf16_folder_is_the_fp32_folder_cast(tmp_path, teachers) -> None:
     assert fp32.keys() == bf16.keys()
     for key, tensor in fp32.items():
         assert torch.equal(bf16[key], tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor), key
-    assert init("--teacher", teacher, "--student", student, "--out", f"{tmp_path}/fp16.safetensors",
-                "--dtype", "fp16") == 0
+    assert (
+        init("--teacher", teacher, "--student", student, "--out", f"{tmp_path}/fp16.safetensors", "--dtype", "fp16")
+        == 0
+    )
     assert {t.dtype for t in load_file(tmp_path / "fp16.safetensors").values()} == {torch.float16}
 
 
@@ -202,12 +275,16 @@ def test_sentence_transformers_6_folder(tmp_path, teachers, monkeypatch) -> None
 def test_sentence_transformers_module_with_weights_is_refused(tmp_path, teachers, capsys) -> None:
     teacher = tmp_path / "teacher"
     save_teacher("bert", teacher)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-               {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+    ]
     (teacher / "modules.json").write_text(json.dumps(modules))
-    assert init("--teacher", f"hf:{teacher}", "--student", f"hf:{teacher}?{BERT_STUDENT}",
-                "--out", f"{tmp_path}/student/") == 2
+    assert (
+        init("--teacher", f"hf:{teacher}", "--student", f"hf:{teacher}?{BERT_STUDENT}", "--out", f"{tmp_path}/student/")
+        == 2
+    )
     assert "module '2_Dense' (sentence_transformers.models.Dense)" in capsys.readouterr().err
     assert not (tmp_path / "student").exists()
 
@@ -218,8 +295,10 @@ def test_teacher_file_linking_outside_is_refused(tmp_path, capsys) -> None:
     (tmp_path / "secret.txt").write_text("not a vocabulary")
     (teacher / "vocab.txt").unlink()
     (teacher / "vocab.txt").symlink_to(tmp_path / "secret.txt")
-    assert init("--teacher", f"hf:{teacher}", "--student", f"hf:{teacher}?{BERT_STUDENT}",
-                "--out", f"{tmp_path}/student/") == 2
+    assert (
+        init("--teacher", f"hf:{teacher}", "--student", f"hf:{teacher}?{BERT_STUDENT}", "--out", f"{tmp_path}/student/")
+        == 2
+    )
     assert "outside" in capsys.readouterr().err
     assert not (tmp_path / "student").exists()
 
@@ -275,4 +354,3 @@ def test_failure_mid_write_leaves_no_folder(tmp_path, teachers, monkeypatch) -> 
     with pytest.raises(RuntimeError, match="disk full"):  # --debug: unexpected errors propagate
         init("--teacher", teacher, "--student", f"{teacher}?{BERT_STUDENT}", "--out", f"{tmp_path}/student/", "--debug")
     assert list(tmp_path.iterdir()) == []
-

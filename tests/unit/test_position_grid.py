@@ -63,9 +63,17 @@ def test_token_grid_reads_the_patch_embedding_output():
 
 def test_hf_vit_position_table_at_another_image_size_is_resampled():
     def vit(width, image):
-        return transformers.ViTModel(transformers.ViTConfig(
-            hidden_size=width, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * width,
-            image_size=image, patch_size=16), add_pooling_layer=False).eval()
+        return transformers.ViTModel(
+            transformers.ViTConfig(
+                hidden_size=width,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=2 * width,
+                image_size=image,
+                patch_size=16,
+            ),
+            add_pooling_layer=False,
+        ).eval()
 
     teacher, student = vit(64, 96), vit(32, 64)
     plan = wscompile.initialize(teacher, student, torch.randn(1, 3, 96, 96), student_inputs=torch.randn(1, 3, 64, 64))

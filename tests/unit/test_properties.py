@@ -27,8 +27,13 @@ from wscompile.plan import AXIS_FULL, RULE_COPY, RULE_SELECT, RULE_STUDENT_INIT,
 
 
 def _settings(examples: int):
-    return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 
 
 # ---- models: each family is built from a config, in a "plain" or a "renamed" style ----------------
@@ -191,8 +196,7 @@ def no_larger(draw, teacher_size: int, low: int = 1) -> int:
 def mlp_pair(draw) -> tuple[dict, dict]:
     widths = draw(st.lists(sizes, min_size=1, max_size=4))
     teacher = {"d_in": draw(st.integers(1, 6)), "widths": widths, "classes": draw(st.integers(2, 6))}
-    student = dict(teacher, widths=[draw(no_larger(w)) for w in widths],
-                   classes=draw(no_larger(teacher["classes"], 2)))
+    student = dict(teacher, widths=[draw(no_larger(w)) for w in widths], classes=draw(no_larger(teacher["classes"], 2)))
     return teacher, student
 
 
@@ -201,18 +205,32 @@ def cnn_pair(draw) -> tuple[dict, dict]:
     channels = [draw(st.integers(1, 6)) for _ in range(2)]
     depths = [draw(st.integers(1, 3)) for _ in range(2)]
     teacher = {"channels": channels, "depths": depths, "classes": draw(st.integers(2, 5))}
-    student = {"channels": [draw(no_larger(c)) for c in channels], "depths": [draw(no_larger(d)) for d in depths],
-               "classes": draw(no_larger(teacher["classes"], 2))}
+    student = {
+        "channels": [draw(no_larger(c)) for c in channels],
+        "depths": [draw(no_larger(d)) for d in depths],
+        "classes": draw(no_larger(teacher["classes"], 2)),
+    }
     return teacher, student
 
 
 @st.composite
 def transformer_pair(draw) -> tuple[dict, dict]:
-    teacher = {"heads": draw(st.integers(1, 3)), "head_dim": draw(st.integers(1, 4)), "hidden": draw(st.integers(1, 16)),
-               "depth": draw(st.integers(1, 3)), "vocab": draw(st.integers(2, 12)), "classes": draw(st.integers(2, 5))}
-    student = dict(teacher, heads=draw(no_larger(teacher["heads"])), head_dim=draw(no_larger(teacher["head_dim"])),
-                   hidden=draw(no_larger(teacher["hidden"])), depth=draw(no_larger(teacher["depth"])),
-                   classes=draw(no_larger(teacher["classes"], 2)))
+    teacher = {
+        "heads": draw(st.integers(1, 3)),
+        "head_dim": draw(st.integers(1, 4)),
+        "hidden": draw(st.integers(1, 16)),
+        "depth": draw(st.integers(1, 3)),
+        "vocab": draw(st.integers(2, 12)),
+        "classes": draw(st.integers(2, 5)),
+    }
+    student = dict(
+        teacher,
+        heads=draw(no_larger(teacher["heads"])),
+        head_dim=draw(no_larger(teacher["head_dim"])),
+        hidden=draw(no_larger(teacher["hidden"])),
+        depth=draw(no_larger(teacher["depth"])),
+        classes=draw(no_larger(teacher["classes"], 2)),
+    )
     return teacher, student
 
 
@@ -302,8 +320,11 @@ def check_plan(teacher: nn.Module, before: dict[str, torch.Tensor], student: nn.
         assert torch.equal(value, expected.to(value.dtype)), record.student
     # Coupled groups: every member axis refers to its group, so all members read the same indices.
     for group in plan.groups:
-        assert group.indices == (list(range(group.teacher_size)) if group.teacher_size == group.student_size
-                                 else uniform_indices(group.teacher_size, group.student_size))
+        assert group.indices == (
+            list(range(group.teacher_size))
+            if group.teacher_size == group.student_size
+            else uniform_indices(group.teacher_size, group.student_size)
+        )
         for member in group.members:
             name, _, axis = member.rpartition(":")
             record = next(r for r in plan.tensors if r.student == name)
@@ -374,8 +395,10 @@ def test_cnn_selection_follows_the_plan(pair, select_head):
     assert_same_name_selection(plan)
     # a residual stage is one channel space: the stem's (or downsampling conv's) outputs, every block's
     # input and output; inside a block, conv1's outputs are bn1's channels and conv2's inputs
-    for stage, source, depth in (("stage1", "stem.0", student_cfg["depths"][0]),
-                                 ("stage2", "down", student_cfg["depths"][1])):
+    for stage, source, depth in (
+        ("stage1", "stem.0", student_cfg["depths"][0]),
+        ("stage2", "down", student_cfg["depths"][1]),
+    ):
         stream = indices_of(plan, f"{source}.weight", 0)
         for i in range(depth):
             block = f"{stage}.{i}"
@@ -398,8 +421,13 @@ def test_transformer_selection_follows_the_plan(pair, select_head):
     stream = indices_of(plan, "embed.weight", 1)  # the residual stream's channels
     readers = [("norm.weight", 0)] + ([("head.weight", 1)] if select_head else [])
     for i in range(student_cfg["depth"]):
-        readers += [(f"blocks.{i}.norm1.weight", 0), (f"blocks.{i}.attn.qkv.weight", 1),
-                    (f"blocks.{i}.attn.proj.weight", 0), (f"blocks.{i}.fc1.weight", 1), (f"blocks.{i}.fc2.weight", 0)]
+        readers += [
+            (f"blocks.{i}.norm1.weight", 0),
+            (f"blocks.{i}.attn.qkv.weight", 1),
+            (f"blocks.{i}.attn.proj.weight", 0),
+            (f"blocks.{i}.fc1.weight", 1),
+            (f"blocks.{i}.fc2.weight", 0),
+        ]
         assert_qkv_selected_per_part(plan, teacher_cfg, student_cfg, i)
     for name, axis in readers:
         assert indices_of(plan, name, axis) == stream, name
@@ -519,13 +547,19 @@ def growing_pair(draw) -> tuple[str, dict, dict]:
     """A teacher and a student no smaller anywhere and wider in at least one channel dimension."""
     family = draw(st.sampled_from(["mlp", "cnn"]))
     if family == "mlp":
-        teacher = {"d_in": draw(st.integers(1, 6)), "widths": draw(st.lists(sizes, min_size=1, max_size=3)),
-                   "classes": draw(st.integers(2, 6))}
+        teacher = {
+            "d_in": draw(st.integers(1, 6)),
+            "widths": draw(st.lists(sizes, min_size=1, max_size=3)),
+            "classes": draw(st.integers(2, 6)),
+        }
         student = dict(teacher, widths=[draw(no_smaller(w)) for w in teacher["widths"]])
         grown = student["widths"] != teacher["widths"]
     else:
-        teacher = {"channels": [draw(st.integers(1, 5)) for _ in range(2)],
-                   "depths": [draw(st.integers(1, 2)) for _ in range(2)], "classes": draw(st.integers(2, 5))}
+        teacher = {
+            "channels": [draw(st.integers(1, 5)) for _ in range(2)],
+            "depths": [draw(st.integers(1, 2)) for _ in range(2)],
+            "classes": draw(st.integers(2, 5)),
+        }
         student = dict(teacher, channels=[draw(no_smaller(c, 6)) for c in teacher["channels"]])
         grown = student["channels"] != teacher["channels"]
     if not grown:
@@ -544,8 +578,9 @@ def test_widening_a_teacher_preserves_its_function(pair):
     with pytest.raises(wscompile.SelectionError, match="larger than their teacher match"):
         wscompile.initialize(teacher, student, x, select_head=True)
     plan = wscompile.initialize(teacher, student, x, select_head=True, allow_partial=True)
-    assert [g.growth for g in plan.groups if g.student_size > g.teacher_size] == \
-        ["widen"] * sum(g.student_size > g.teacher_size for g in plan.groups)
+    assert [g.growth for g in plan.groups if g.student_size > g.teacher_size] == ["widen"] * sum(
+        g.student_size > g.teacher_size for g in plan.groups
+    )
     coverage = plan.coverage
     assert coverage.grown_params > 0 and coverage.selected_params + coverage.grown_params == coverage.total_params
     with torch.no_grad():
@@ -562,8 +597,9 @@ def test_growing_by_init_copies_the_teacher_part_and_keeps_the_rest(pair):
     teacher = random_model(family, teacher_cfg, seed=1)
     student = random_model(family, student_cfg, seed=2)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    plan = wscompile.initialize(teacher, student, example_input(family, teacher_cfg), select_head=True,
-                                allow_partial=True, growth="init")
+    plan = wscompile.initialize(
+        teacher, student, example_input(family, teacher_cfg), select_head=True, allow_partial=True, growth="init"
+    )
     teacher_state, after = teacher.state_dict(), student.state_dict()
     left = 0
     for record in plan.tensors:

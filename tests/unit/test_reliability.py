@@ -19,8 +19,9 @@ from wscompile.cli import main
 
 
 def _init(tmp_path: Path, teacher: str, student: str, *extra: str) -> int:
-    return main(["init", "--teacher", teacher, "--student", student, "--out", str(tmp_path / "out.safetensors"),
-                 *extra])
+    return main(
+        ["init", "--teacher", teacher, "--student", student, "--out", str(tmp_path / "out.safetensors"), *extra]
+    )
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -34,8 +35,14 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.fixture
 def sharded_teacher(tmp_path: Path) -> tuple[Path, Path]:
     """A BERT folder with a two-shard index, and a "secret" tensor file outside it with the same keys."""
-    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     folder = tmp_path / "teacher"
     torch.manual_seed(0)
     transformers.BertModel(config).save_pretrained(folder)
@@ -86,8 +93,14 @@ def test_a_shard_index_cannot_read_outside_its_folder(tmp_path, sharded_teacher,
 
 
 def test_a_weights_file_symlinked_out_of_the_folder_is_refused(tmp_path, capsys):
-    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     folder = tmp_path / "teacher"
     transformers.BertModel(config).save_pretrained(folder)
     outside = tmp_path / "outside.safetensors"
@@ -98,10 +111,14 @@ def test_a_weights_file_symlinked_out_of_the_folder_is_refused(tmp_path, capsys)
     assert "outside the model folder" in _error_line(capsys)
 
 
-@pytest.mark.parametrize(("index", "expected"), [
-    ({"weight_map": ["model-00001-of-00002.safetensors"]}, "not a valid shard index"),
-    ({"weight_map": {"embeddings.word_embeddings.weight": 3}}, "not a valid shard index"),
-], ids=["list", "non-string-file"])
+@pytest.mark.parametrize(
+    ("index", "expected"),
+    [
+        ({"weight_map": ["model-00001-of-00002.safetensors"]}, "not a valid shard index"),
+        ({"weight_map": {"embeddings.word_embeddings.weight": 3}}, "not a valid shard index"),
+    ],
+    ids=["list", "non-string-file"],
+)
 def test_a_malformed_shard_index_is_one_line(tmp_path, sharded_teacher, capsys, index, expected):
     folder, _ = sharded_teacher
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -135,8 +152,14 @@ def test_the_scheme_decides_before_a_py_suffix(tmp_path, capsys, monkeypatch):
 
 def test_an_unrelated_pair_is_refused_even_with_allow_partial(tmp_path, capsys):
     folder = tmp_path / "bert"
-    transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=32).save_pretrained(folder)
+    transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    ).save_pretrained(folder)
     student = f"hf:{folder}?hidden_size=16&num_attention_heads=1"
     # Stages pair by structure: no ResNet stage has BERT's structure, so nothing pairs at all, and a
     # student written entirely at its own init is refused whatever --allow-partial says.

@@ -24,7 +24,7 @@ from wscompile.commands import MEMORY_LIMIT_ENV
 from wscompile.passes.calibration import BATCH_SIZE, MAX_SAMPLES, observe
 from wscompile.reports import validate_manifest
 
-MODELS = '''
+MODELS = """
 import torch
 from torch import nn
 
@@ -40,7 +40,7 @@ def net(width=8, depth=2):
 
 def conv(width=8):
     return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1))
-'''
+"""
 
 ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -72,8 +72,11 @@ def one_line(capsys: pytest.CaptureFixture[str], prefix: str = "wscompile init: 
 
 
 def written(tmp_path: Path) -> list[str]:
-    return sorted(p.name for p in tmp_path.iterdir() if p.name not in {"models.py", "teacher.safetensors",
-                                                                       "calib.pt", "__pycache__"})
+    return sorted(
+        p.name
+        for p in tmp_path.iterdir()
+        if p.name not in {"models.py", "teacher.safetensors", "calib.pt", "__pycache__"}
+    )
 
 
 # ---- 6. memory bounds ----------------------------------------------------------------------------
@@ -109,15 +112,42 @@ def test_calibration_leaves_padded_positions_out():
 
 def test_calibration_cap_is_in_the_manifest(tmp_path, models):
     torch.save({"input": torch.randn(MAX_SAMPLES + 88, 4)}, tmp_path / "calib.pt")
-    assert run(tmp_path, "init", "--teacher", f"{models}:net?width=8", "--student", f"{models}:net?width=4",
-               "--method", "activation", "--calib", "calib.pt", "--out", "s.safetensors", "--manifest", "s.json") == 0
+    assert (
+        run(
+            tmp_path,
+            "init",
+            "--teacher",
+            f"{models}:net?width=8",
+            "--student",
+            f"{models}:net?width=4",
+            "--method",
+            "activation",
+            "--calib",
+            "calib.pt",
+            "--out",
+            "s.safetensors",
+            "--manifest",
+            "s.json",
+        )
+        == 0
+    )
     record = json.loads((tmp_path / "s.json").read_text())["calibration"]
     assert record == "512 of 600 samples from calib.pt (at most 512 samples, batches of 16)"
 
 
 def test_example_input_activations_are_counted(tmp_path, models, capsys):
-    code = run(tmp_path, "init", "--teacher", f"{models}:conv?width=8", "--student", f"{models}:conv?width=4",
-               "--input-shape", "1,3,40000,40000", "--out", "s.safetensors")
+    code = run(
+        tmp_path,
+        "init",
+        "--teacher",
+        f"{models}:conv?width=8",
+        "--student",
+        f"{models}:conv?width=4",
+        "--input-shape",
+        "1,3,40000,40000",
+        "--out",
+        "s.safetensors",
+    )
     line = one_line(capsys)
     assert code == 2 and "for the example inputs (1,3,40000,40000) and the activations" in line, line
     assert "pass a smaller --input-shape" in line and written(tmp_path) == []
@@ -132,8 +162,16 @@ def test_peak_activations_follow_frees():
 def test_construction_past_memory_is_stopped(tmp_path, models, capsys, monkeypatch):
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "100000")
     monkeypatch.setattr(memory, "GUARD_SECONDS", 0.0)
-    code = run(tmp_path, "init", "--teacher", f"{models}:net?width=64&depth=100", "--student",
-               f"{models}:net?width=64&depth=100", "--out", "s.safetensors")
+    code = run(
+        tmp_path,
+        "init",
+        "--teacher",
+        f"{models}:net?width=64&depth=100",
+        "--student",
+        f"{models}:net?width=64&depth=100",
+        "--out",
+        "s.safetensors",
+    )
     line = one_line(capsys)
     assert code == 2 and "counted while building it on the meta device, stopped there" in line, line
     assert written(tmp_path) == []
@@ -141,8 +179,16 @@ def test_construction_past_memory_is_stopped(tmp_path, models, capsys, monkeypat
 
 def test_absurd_depth_override_is_refused_before_building(tmp_path, capsys):
     start = time.monotonic()
-    code = run(tmp_path, "init", "--teacher", "timm:vit_tiny_patch16_224", "--student",
-               "timm:vit_tiny_patch16_224?depth=1000000", "--out", "s.safetensors")
+    code = run(
+        tmp_path,
+        "init",
+        "--teacher",
+        "timm:vit_tiny_patch16_224",
+        "--student",
+        "timm:vit_tiny_patch16_224?depth=1000000",
+        "--out",
+        "s.safetensors",
+    )
     assert code == 2 and "depth=1000000" in one_line(capsys) and written(tmp_path) == []
     assert time.monotonic() - start < 5
 
@@ -161,37 +207,68 @@ def nan_teacher(tmp_path: Path) -> str:
 
 
 def test_nonfinite_teacher_values_warn_and_are_recorded(tmp_path, models, nan_teacher, capsys):
-    assert run(tmp_path, "init", "--teacher", f"{models}:net?width=8&depth=1", "--student",
-               f"{models}:net?width=4&depth=1", "--teacher-weights", nan_teacher, "--out", "s.safetensors",
-               "--manifest", "s.json") == 0
+    assert (
+        run(
+            tmp_path,
+            "init",
+            "--teacher",
+            f"{models}:net?width=8&depth=1",
+            "--student",
+            f"{models}:net?width=4&depth=1",
+            "--teacher-weights",
+            nan_teacher,
+            "--out",
+            "s.safetensors",
+            "--manifest",
+            "s.json",
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "warning: 2 teacher tensor(s) hold NaN or inf" in err and "0.weight (1), 2.bias (1)" in err, err
     manifest = json.loads((tmp_path / "s.json").read_text())
     validate_manifest(manifest)
-    assert manifest["nonfinite_teacher"] == [{"teacher": "0.weight", "student": "0.weight", "count": 1},
-                                             {"teacher": "2.bias", "student": "2.bias", "count": 1}]
+    assert manifest["nonfinite_teacher"] == [
+        {"teacher": "0.weight", "student": "0.weight", "count": 1},
+        {"teacher": "2.bias", "student": "2.bias", "count": 1},
+    ]
 
 
 def test_strict_makes_nonfinite_teacher_values_an_error(tmp_path, models, nan_teacher, capsys):
-    code = run(tmp_path, "init", "--teacher", f"{models}:net?width=8&depth=1", "--student",
-               f"{models}:net?width=4&depth=1", "--teacher-weights", nan_teacher, "--out", "s.safetensors",
-               "--manifest", "s.json", "--strict")
+    code = run(
+        tmp_path,
+        "init",
+        "--teacher",
+        f"{models}:net?width=8&depth=1",
+        "--student",
+        f"{models}:net?width=4&depth=1",
+        "--teacher-weights",
+        nan_teacher,
+        "--out",
+        "s.safetensors",
+        "--manifest",
+        "s.json",
+        "--strict",
+    )
     line = one_line(capsys)
     assert code == 2 and "teacher tensor '0.weight' has 1 non-finite value(s)" in line, line
     assert written(tmp_path) == []
 
 
-@pytest.mark.parametrize(("values", "count"), [
-    (torch.full((1000,), torch.finfo(torch.float32).max), 0),  # its float32 sum would overflow: still finite
-    (torch.full((1000,), torch.finfo(torch.float16).max, dtype=torch.float16), 0),
-    (torch.full((1000,), torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16), 0),
-    (torch.full((4,), torch.finfo(torch.float64).max, dtype=torch.float64), 0),  # float64 sum overflows
-    (torch.tensor([1.0, float("inf"), -float("inf"), 2.0]), 2),  # inf - inf: a NaN sum
-    (torch.tensor([float("nan")] * 3 + [0.0], dtype=torch.bfloat16), 3),
-    (torch.empty(0), 0),
-    (torch.tensor([[-float("inf"), 1.0], [2.0, float("inf")]], dtype=torch.bfloat16).t(), 2),  # a strided view
-    (torch.tensor([[1.0, float("nan")], [-float("inf"), 3.0]], dtype=torch.float16).flip(1).t()[:, 1:], 1),
-])
+@pytest.mark.parametrize(
+    ("values", "count"),
+    [
+        (torch.full((1000,), torch.finfo(torch.float32).max), 0),  # its float32 sum would overflow: still finite
+        (torch.full((1000,), torch.finfo(torch.float16).max, dtype=torch.float16), 0),
+        (torch.full((1000,), torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16), 0),
+        (torch.full((4,), torch.finfo(torch.float64).max, dtype=torch.float64), 0),  # float64 sum overflows
+        (torch.tensor([1.0, float("inf"), -float("inf"), 2.0]), 2),  # inf - inf: a NaN sum
+        (torch.tensor([float("nan")] * 3 + [0.0], dtype=torch.bfloat16), 3),
+        (torch.empty(0), 0),
+        (torch.tensor([[-float("inf"), 1.0], [2.0, float("inf")]], dtype=torch.bfloat16).t(), 2),  # a strided view
+        (torch.tensor([[1.0, float("nan")], [-float("inf"), 3.0]], dtype=torch.float16).flip(1).t()[:, 1:], 1),
+    ],
+)
 def test_the_finite_check_counts_exactly_the_nonfinite_values(values, count):
     from wscompile.passes.apply import _check_finite
     from wscompile.plan import SelectionPlan
@@ -207,38 +284,58 @@ def test_the_finite_check_counts_exactly_the_nonfinite_values(values, count):
 
 def test_unused_calib_warns(tmp_path, models, capsys):
     torch.save({"input": torch.randn(4, 4)}, tmp_path / "calib.pt")
-    assert run(tmp_path, "diff", "--teacher", f"{models}:net", "--student", f"{models}:net?width=4",
-               "--calib", "calib.pt") == 0
+    assert (
+        run(tmp_path, "diff", "--teacher", f"{models}:net", "--student", f"{models}:net?width=4", "--calib", "calib.pt")
+        == 0
+    )
     assert "warning: --calib 'calib.pt' is not used" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("extra", "expected"), [
-    (["--calib", "missing.pt"], "--calib 'missing.pt' does not exist"),
-    (["--teacher-weights", "missing.safetensors"], "--teacher-weights 'missing.safetensors' does not exist"),
-    (["--manifest", ""], "--manifest is empty; pass a path"),
-    (["--report", "plan.xml"], "rename the file (e.g. 'plan.html')"),
-])
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--calib", "missing.pt"], "--calib 'missing.pt' does not exist"),
+        (["--teacher-weights", "missing.safetensors"], "--teacher-weights 'missing.safetensors' does not exist"),
+        (["--manifest", ""], "--manifest is empty; pass a path"),
+        (["--report", "plan.xml"], "rename the file (e.g. 'plan.html')"),
+    ],
+)
 def test_bad_paths_are_one_line_errors(tmp_path, models, capsys, extra, expected):
-    code = run(tmp_path, "init", "--teacher", f"{models}:net", "--student", f"{models}:net?width=4",
-               "--out", "s.safetensors", *extra)
+    code = run(
+        tmp_path,
+        "init",
+        "--teacher",
+        f"{models}:net",
+        "--student",
+        f"{models}:net?width=4",
+        "--out",
+        "s.safetensors",
+        *extra,
+    )
     line = one_line(capsys)
     assert code == 2 and expected in line and "--format" not in line, line
     assert written(tmp_path) == []
 
 
-@pytest.mark.parametrize(("out", "expected"), [
-    ("", "--out is empty; pass a path"),
-    ("femtodir", "pass 'femtodir/' for a model folder or 'femtodir.safetensors' for a weights file"),
-])
+@pytest.mark.parametrize(
+    ("out", "expected"),
+    [
+        ("", "--out is empty; pass a path"),
+        ("femtodir", "pass 'femtodir/' for a model folder or 'femtodir.safetensors' for a weights file"),
+    ],
+)
 def test_ambiguous_out_is_an_error(tmp_path, models, capsys, out, expected):
     code = run(tmp_path, "init", "--teacher", f"{models}:net", "--student", f"{models}:net", "--out", out)
     assert code == 2 and expected in one_line(capsys) and written(tmp_path) == []
 
 
-@pytest.mark.parametrize(("argv", "expected"), [
-    (["init", "--teachr", "a", "--student", "b", "--out", "s.safetensors"], "(did you mean --teacher?)"),
-    (["inti", "--teacher", "a"], "(did you mean init?)"),
-])
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["init", "--teachr", "a", "--student", "b", "--out", "s.safetensors"], "(did you mean --teacher?)"),
+        (["inti", "--teacher", "a"], "(did you mean init?)"),
+    ],
+)
 def test_mistypes_suggest_the_closest_name(tmp_path, capsys, argv, expected):
     assert run(tmp_path, *argv) == 2
     assert expected in one_line(capsys, prefix="wscompile")
@@ -255,9 +352,24 @@ def test_help_ends_with_examples(capsys, command):
 def test_missing_weights_file_fails_before_any_heavy_import(tmp_path):
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "wscompile", "init", "--teacher", "timm:vit_small_patch16_224", "--student",
-         "timm:vit_tiny_patch16_224", "--teacher-weights", "missing.safetensors", "--out", "s.safetensors"],
-        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT},
+        [
+            sys.executable,
+            "-m",
+            "wscompile",
+            "init",
+            "--teacher",
+            "timm:vit_small_patch16_224",
+            "--student",
+            "timm:vit_tiny_patch16_224",
+            "--teacher-weights",
+            "missing.safetensors",
+            "--out",
+            "s.safetensors",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
     )
     elapsed = time.monotonic() - start
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 import wscompile.outputs
 from wscompile.cli import BROKEN_PIPE, INTERNAL_ERROR, main
 
-MODELS = '''
+MODELS = """
 import torch
 from torch import nn
 
@@ -35,7 +35,7 @@ def mlp(width=8, depth=2):
     model = nn.Sequential(*layers, nn.ReLU(), nn.Linear(width, 4))
     model.example_inputs = torch.randn(2, 16)
     return model
-'''
+"""
 # A 16 MB student: writing it takes long enough to be interrupted in the middle.
 BIG = "mlp?width=1024&depth=4"
 VIT = "timm:vit_tiny_patch16_224?img_size=32&patch_size=8&depth=1"
@@ -57,8 +57,11 @@ def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _snapshot(directory: Path) -> dict[str, str]:
     """Every file under ``directory`` (hidden temporaries included) and a hash of its bytes."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def _error_line(capsys: pytest.CaptureFixture[str], command: str = "init") -> str:
@@ -77,8 +80,14 @@ def _init(*extra: str, out: str = "old.safetensors") -> int:
 
 
 def _bert_folder(path: Path) -> Path:
-    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     transformers.BertModel(config).save_pretrained(path)
     return path
@@ -88,33 +97,97 @@ def _overlap(case: str, work: Path) -> list[str]:
     """The command of one overlap case: each writes onto (or into) something it reads."""
     bert = "?num_hidden_layers=1&hidden_size=8&num_attention_heads=1&intermediate_size=16"
     if case == "teacher-weights":
-        return ["init", "--teacher", "models.py:mlp", "--student", "models.py:mlp",
-                "--teacher-weights", "teacher.safetensors", "--out", "teacher.safetensors", "--force"]
+        return [
+            "init",
+            "--teacher",
+            "models.py:mlp",
+            "--student",
+            "models.py:mlp",
+            "--teacher-weights",
+            "teacher.safetensors",
+            "--out",
+            "teacher.safetensors",
+            "--force",
+        ]
     if case in ("symlink", "hard-link"):
         link = work / "link.safetensors"
         (os.symlink if case == "symlink" else os.link)(work / "teacher.safetensors", link)
-        return ["init", "--teacher", "models.py:mlp", "--student", "models.py:mlp",
-                "--teacher-weights", "teacher.safetensors", "--out", str(link), "--force"]
+        return [
+            "init",
+            "--teacher",
+            "models.py:mlp",
+            "--student",
+            "models.py:mlp",
+            "--teacher-weights",
+            "teacher.safetensors",
+            "--out",
+            str(link),
+            "--force",
+        ]
     if case == "calib":
         torch.save({"input": torch.randn(4, 16)}, work / "calib.pt")
-        return ["init", "--teacher", "models.py:mlp", "--student", "models.py:mlp", "--method", "activation",
-                "--calib", "calib.pt", "--out", "student.safetensors", "--manifest", "calib.pt", "--force"]
+        return [
+            "init",
+            "--teacher",
+            "models.py:mlp",
+            "--student",
+            "models.py:mlp",
+            "--method",
+            "activation",
+            "--calib",
+            "calib.pt",
+            "--out",
+            "student.safetensors",
+            "--manifest",
+            "calib.pt",
+            "--force",
+        ]
     if case == "file-spec":
-        return ["init", "--teacher", "models.py:mlp", "--student", "models.py:mlp", "--out", "student.safetensors",
-                "--report", "models.py", "--force"]
+        return [
+            "init",
+            "--teacher",
+            "models.py:mlp",
+            "--student",
+            "models.py:mlp",
+            "--out",
+            "student.safetensors",
+            "--report",
+            "models.py",
+            "--force",
+        ]
     if case in ("inside-hf-folder", "hf-folder-as-out-dir"):
         folder = _bert_folder(work / "bert")
         out = str(folder / "student.safetensors") if case == "inside-hf-folder" else f"{folder}/"
         return ["init", "--teacher", f"hf:{folder}", "--student", f"hf:{folder}{bert}", "--out", out, "--force"]
     if case == "export-weights":
-        return ["export", "--student", "models.py:mlp", "--weights", "teacher.safetensors",
-                "--onnx", "teacher.safetensors", "--force"]
+        return [
+            "export",
+            "--student",
+            "models.py:mlp",
+            "--weights",
+            "teacher.safetensors",
+            "--onnx",
+            "teacher.safetensors",
+            "--force",
+        ]
     assert case == "diff-output"
     return ["diff", "--teacher", "models.py:mlp", "--student", "models.py:mlp", "-o", "models.py", "--force"]
 
 
-@pytest.mark.parametrize("case", ["teacher-weights", "symlink", "hard-link", "calib", "file-spec", "inside-hf-folder",
-                                  "hf-folder-as-out-dir", "export-weights", "diff-output"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "teacher-weights",
+        "symlink",
+        "hard-link",
+        "calib",
+        "file-spec",
+        "inside-hf-folder",
+        "hf-folder-as-out-dir",
+        "export-weights",
+        "diff-output",
+    ],
+)
 def test_an_output_never_overwrites_an_input_even_with_force(work, capsys, case):
     argv = _overlap(case, work)
     capsys.readouterr()  # save_pretrained's progress bar
@@ -135,8 +208,19 @@ def test_sigterm_and_sighup_remove_the_temporary_and_keep_the_old_file(work):
         directory = work / sig.name
         directory.mkdir()
         (directory / "student.safetensors").write_bytes(old)
-        command = [sys.executable, "-m", "wscompile", "init", "--teacher", f"{work}/models.py:{BIG}",
-                   "--student", f"{work}/models.py:{BIG}", "--out", "student.safetensors", "--force"]
+        command = [
+            sys.executable,
+            "-m",
+            "wscompile",
+            "init",
+            "--teacher",
+            f"{work}/models.py:{BIG}",
+            "--student",
+            f"{work}/models.py:{BIG}",
+            "--out",
+            "student.safetensors",
+            "--force",
+        ]
         process = subprocess.Popen(command, cwd=directory, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         runs.append((sig, directory, process))
     sent: set[signal.Signals] = set()
@@ -151,7 +235,10 @@ def test_sigterm_and_sighup_remove_the_temporary_and_keep_the_old_file(work):
         stderr = process.communicate(timeout=60)[1].decode()
         assert sig in sent, f"the temporary never appeared: {stderr}"
         assert process.returncode == 128 + sig, stderr
-        assert stderr.strip().splitlines()[-1] == f"wscompile init: terminated ({sig.name}); no output was left half-written"
+        assert (
+            stderr.strip().splitlines()[-1]
+            == f"wscompile init: terminated ({sig.name}); no output was left half-written"
+        )
         assert "Traceback" not in stderr
         assert [p.name for p in directory.iterdir()] == ["student.safetensors"]  # no temporary left
         assert (directory / "student.safetensors").read_bytes() == old
@@ -202,8 +289,25 @@ def test_calibration_image_that_cannot_be_decoded(work, capsys, monkeypatch, ima
         (folder / "b.png").write_bytes(b"\x89PNG not really an image")
     else:
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 32x32 image is then a bomb (> 2 x the limit)
-    assert main(["init", "--teacher", VIT, "--student", VIT, "--method", "activation", "--calib", str(folder),
-                 "--out", "student.safetensors", "--allow-random-teacher"]) == 2
+    assert (
+        main(
+            [
+                "init",
+                "--teacher",
+                VIT,
+                "--student",
+                VIT,
+                "--method",
+                "activation",
+                "--calib",
+                str(folder),
+                "--out",
+                "student.safetensors",
+                "--allow-random-teacher",
+            ]
+        )
+        == 2
+    )
     line = _error_line(capsys)
     expected = "cannot be read (UnidentifiedImageError" if image == "corrupt" else "too large to decode safely"
     assert f"--calib image '{folder}/{'b' if image == 'corrupt' else 'a'}.png' " in line and expected in line
@@ -214,8 +318,24 @@ def test_calibration_text_that_is_not_utf8(work, capsys):
     folder = _bert_folder(work / "bert")
     (work / "calib.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
     capsys.readouterr()
-    assert main(["init", "--teacher", f"hf:{folder}", "--student", f"hf:{folder}?num_hidden_layers=1",
-                 "--method", "activation", "--calib", "calib.txt", "--out", "student.safetensors"]) == 2
+    assert (
+        main(
+            [
+                "init",
+                "--teacher",
+                f"hf:{folder}",
+                "--student",
+                f"hf:{folder}?num_hidden_layers=1",
+                "--method",
+                "activation",
+                "--calib",
+                "calib.txt",
+                "--out",
+                "student.safetensors",
+            ]
+        )
+        == 2
+    )
     assert "--calib 'calib.txt' is not UTF-8 text (invalid continuation byte: byte 0xe9)" in _error_line(capsys)
 
 
@@ -229,8 +349,16 @@ def test_seed_out_of_range_is_refused_by_argparse(work, capsys):
 
 
 def test_diff_into_a_closed_pipe_exits_quietly(work):
-    command = [sys.executable, "-m", "wscompile", "diff", "--teacher", "models.py:mlp?depth=3",
-               "--student", "models.py:mlp"]
+    command = [
+        sys.executable,
+        "-m",
+        "wscompile",
+        "diff",
+        "--teacher",
+        "models.py:mlp?depth=3",
+        "--student",
+        "models.py:mlp",
+    ]
     process = subprocess.Popen(command, cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process.stdout.close()  # the reader is gone before the report is printed (`| head` after its lines)
     stderr = process.communicate(timeout=120)[1].decode()
@@ -244,8 +372,10 @@ def test_unexpected_exception_is_one_line_and_the_traceback_only_with_debug(work
     monkeypatch.setattr("wscompile.pipeline.compile", bug)
     before = _snapshot(work)
     assert _init() == INTERNAL_ERROR
-    assert _error_line(capsys) == ("wscompile init: error: internal error: TypeError: unsupported operand type(s) "
-                                   "for +: 'int' and 'NoneType' (rerun with --debug for the traceback)")
+    assert _error_line(capsys) == (
+        "wscompile init: error: internal error: TypeError: unsupported operand type(s) "
+        "for +: 'int' and 'NoneType' (rerun with --debug for the traceback)"
+    )
     with pytest.raises(TypeError, match="unsupported operand"):
         _init("--debug")
     assert _snapshot(work) == before

@@ -20,34 +20,83 @@ from wscompile.specs import load_model
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("bert")
-    transformers.BertConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
-                            vocab_size=500, max_position_embeddings=64).save_pretrained(directory)
+    transformers.BertConfig(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+        vocab_size=500,
+        max_position_embeddings=64,
+    ).save_pretrained(directory)
     return directory
 
 
 PAIRS = {
     "vit_small->vit_tiny": ("timm:vit_small_patch16_224?img_size=32", "timm:vit_tiny_patch16_224?img_size=32"),
     "convnext_tiny->convnext_femto": ("timm:convnext_tiny", "timm:convnext_femto"),
-    "hf-bert": ("hf:{bert}", "hf:{bert}?hidden_size=32&num_attention_heads=2&intermediate_size=128&num_hidden_layers=2"),
+    "hf-bert": (
+        "hf:{bert}",
+        "hf:{bert}?hidden_size=32&num_attention_heads=2&intermediate_size=128&num_hidden_layers=2",
+    ),
 }
 
 
 def _record(entry: dict) -> TensorRecord:
     axes = [AxisRule(**axis) for axis in entry["axes"]] if entry["axes"] else None
-    return TensorRecord(entry["student"], entry["student_shape"], entry["teacher"], entry["teacher_shape"],
-                        entry["rule"], entry["component"], axes, entry["reshape"], entry["is_head"], entry["reason"],
-                        entry.get("scale"))
+    return TensorRecord(
+        entry["student"],
+        entry["student_shape"],
+        entry["teacher"],
+        entry["teacher_shape"],
+        entry["rule"],
+        entry["component"],
+        axes,
+        entry["reshape"],
+        entry["is_head"],
+        entry["reason"],
+        entry.get("scale"),
+    )
 
 
 @pytest.mark.parametrize("pair", list(PAIRS), ids=list(PAIRS))
 def test_every_format_and_coverage_equals_what_init_selected(pair, tmp_path, bert_dir):
     teacher_spec, student_spec = (s.format(bert=bert_dir) for s in PAIRS[pair])
     out, manifest, html = tmp_path / "s.safetensors", tmp_path / "manifest.json", tmp_path / "init.html"
-    assert main(["init", "--teacher", teacher_spec, "--student", student_spec, "--out", str(out),
-                 "--manifest", str(manifest), "--report", str(html)]) == 0
+    assert (
+        main(
+            [
+                "init",
+                "--teacher",
+                teacher_spec,
+                "--student",
+                student_spec,
+                "--out",
+                str(out),
+                "--manifest",
+                str(manifest),
+                "--report",
+                str(html),
+            ]
+        )
+        == 0
+    )
     for fmt in ("text", "md", "json", "html"):
-        assert main(["diff", "--teacher", teacher_spec, "--student", student_spec, "--format", fmt,
-                     "-o", str(tmp_path / f"diff.{fmt}")]) == 0
+        assert (
+            main(
+                [
+                    "diff",
+                    "--teacher",
+                    teacher_spec,
+                    "--student",
+                    student_spec,
+                    "--format",
+                    fmt,
+                    "-o",
+                    str(tmp_path / f"diff.{fmt}"),
+                ]
+            )
+            == 0
+        )
         assert (tmp_path / f"diff.{fmt}").stat().st_size > 0
 
     doc = json.loads(manifest.read_text())

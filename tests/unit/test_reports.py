@@ -407,7 +407,7 @@ def test_narrow_text_report_never_cuts_a_stage_block_count(width):
     assert all(len(line) <= width for line in text.splitlines())
     # the long student path is shortened, yet every stage name shown ends in its own block count
     assert "very_long_module_name.blocks," not in text
-    shown = [line[m.start():] for line in text.splitlines() for m in STAGE_START.finditer(line)]
+    shown = [line[m.start() :] for line in text.splitlines() for m in STAGE_START.finditer(line)]
     assert shown
     for rest in shown:
         whole = STAGE_NAME.match(rest)
@@ -429,7 +429,10 @@ def test_truncate_middle_keeps_stage_counts_and_cuts_other_text_in_the_middle():
     )
     # too short for both names whole: each module path is cut in its middle, the rest untouched
     shorter = line.removesuffix(": 3 of 9 blocks (first)")
-    assert truncate_middle(shorter, len(shorter) - 4) == "stage 1 (stag…1.blocks, 3 blocks) <- stage 1 (stag…1.blocks, 9 blocks)"
+    assert (
+        truncate_middle(shorter, len(shorter) - 4)
+        == "stage 1 (stag…1.blocks, 3 blocks) <- stage 1 (stag…1.blocks, 9 blocks)"
+    )
     # paths down to '…', then the end is cut: after the names, or before a name it would split
     assert truncate_middle(line, 50) == "stage 1 (…, 3 blocks) <- stage 1 (…, 9 blocks): 3…"
     assert truncate_middle(line, 40) == "stage 1 (…, 3 blocks) <- …"
@@ -632,4 +635,3 @@ def test_write_report(plan, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["plan.json"], "no temporary file left behind"
     with pytest.raises(OutputError, match="does not exist"):
         write_report(plan, str(tmp_path / "missing" / "plan.md"))
-

@@ -150,15 +150,18 @@ def test_pickle_that_runs_code_is_refused_without_running_it(tmp_path, models, c
 def _remote_code_directory(tmp_path: Path, marker: Path) -> Path:
     directory = tmp_path / "remote"
     directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(
-        {"model_type": "tiny-remote", "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig"}}))
-    (directory / "configuration_tiny.py").write_text(textwrap.dedent(f"""
+    (directory / "config.json").write_text(
+        json.dumps({"model_type": "tiny-remote", "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig"}})
+    )
+    (directory / "configuration_tiny.py").write_text(
+        textwrap.dedent(f"""
         from transformers import PretrainedConfig
         open({str(marker)!r}, "w").write("ran")
 
         class TinyConfig(PretrainedConfig):
             model_type = "tiny-remote"
-    """))
+    """)
+    )
     return directory
 
 
@@ -189,22 +192,30 @@ def test_help_says_what_runs_code(capsys):
 # ---- a catalogue of bad inputs: one line, status 2, no output ------------------------------------
 
 
-@pytest.mark.parametrize(("teacher", "student", "expected"), [
-    ("foo:vit", "timm:vit_tiny_patch16_224", "unknown spec scheme 'foo'"),
-    ("timm:vit_tiny_patch16_2244", "timm:vit_tiny_patch16_224", "unknown timm model 'vit_tiny_patch16_2244'"),
-    ("timm:vit_tiny_patch16_224", "torchvision:resnet1", "unknown torchvision model 'resnet1'"),
-    ("timm:vit_tiny_patch16_224", "vit_tiny", "has no scheme"),
-], ids=["scheme", "timm-name", "torchvision-name", "no-scheme"])
+@pytest.mark.parametrize(
+    ("teacher", "student", "expected"),
+    [
+        ("foo:vit", "timm:vit_tiny_patch16_224", "unknown spec scheme 'foo'"),
+        ("timm:vit_tiny_patch16_2244", "timm:vit_tiny_patch16_224", "unknown timm model 'vit_tiny_patch16_2244'"),
+        ("timm:vit_tiny_patch16_224", "torchvision:resnet1", "unknown torchvision model 'resnet1'"),
+        ("timm:vit_tiny_patch16_224", "vit_tiny", "has no scheme"),
+    ],
+    ids=["scheme", "timm-name", "torchvision-name", "no-scheme"],
+)
 def test_unknown_spec(tmp_path, capsys, teacher, student, expected):
     assert init(tmp_path, teacher, student) == 2
     assert expected in error_line(capsys)
     assert outputs(tmp_path) == []
 
 
-@pytest.mark.parametrize(("teacher", "student", "expected"), [
-    ("net?width=8", "net?width=12", "'stem.weight' (12, 4) vs teacher 'stem.weight' (8, 4)"),
-    ("net?depth=2", "net?depth=3", "deeper than teacher"),
-], ids=["wider", "deeper"])
+@pytest.mark.parametrize(
+    ("teacher", "student", "expected"),
+    [
+        ("net?width=8", "net?width=12", "'stem.weight' (12, 4) vs teacher 'stem.weight' (8, 4)"),
+        ("net?depth=2", "net?depth=3", "deeper than teacher"),
+    ],
+    ids=["wider", "deeper"],
+)
 def test_student_larger_than_teacher(tmp_path, models, capsys, teacher, student, expected):
     assert init(tmp_path, f"{models}:{teacher}", f"{models}:{student}") == 2
     line = error_line(capsys)
@@ -218,8 +229,14 @@ def _bert_directory(tmp_path: Path) -> Path:
     import transformers
 
     directory = tmp_path / "bert"
-    transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                            intermediate_size=32, max_position_embeddings=32).save_pretrained(directory)
+    transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    ).save_pretrained(directory)
     return directory
 
 
@@ -272,8 +289,15 @@ def test_bfloat16_teacher_is_converted_and_says_so(tmp_path, models, teacher_fil
     spec, state = teacher_file
     save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, tmp_path / "teacher.safetensors")
     manifest = tmp_path / "student.json"
-    code = init(tmp_path, spec, f"{models}:net?width=8&depth=2", "--teacher-weights",
-                str(tmp_path / "teacher.safetensors"), "--manifest", str(manifest))
+    code = init(
+        tmp_path,
+        spec,
+        f"{models}:net?width=8&depth=2",
+        "--teacher-weights",
+        str(tmp_path / "teacher.safetensors"),
+        "--manifest",
+        str(manifest),
+    )
     assert code == 0
     records = {r["student"]: r for r in json.loads(manifest.read_text())["tensors"]}
     assert "converted bfloat16 -> float32" in records["blocks.1.fc2.weight"]["reason"]
@@ -300,7 +324,9 @@ def test_output_directory_not_writable(tmp_path, models, capsys, where):
     (tmp_path / "file").write_text("")
     out = "file/student.safetensors" if where == "parent-is-a-file" else "missing/student.safetensors"
     assert init(tmp_path, f"{models}:net", f"{models}:net", out=out) == 2
-    assert ("is not a directory" if where == "parent-is-a-file" else "does not exist; create it first") in error_line(capsys)
+    assert ("is not a directory" if where == "parent-is-a-file" else "does not exist; create it first") in error_line(
+        capsys
+    )
     assert outputs(tmp_path) == ["file"]
 
 
@@ -383,8 +409,21 @@ def test_killed_or_interrupted_run_leaves_old_or_new_file(tmp_path, models):
         directory = tmp_path / f"run{i}"
         directory.mkdir()
         (directory / "student.safetensors").write_bytes(old_bytes)
-        command = [sys.executable, "-m", "wscompile", "init", "--teacher", f"{models}:{BIG}", "--student",
-                   f"{models}:{BIG}", "--out", "student.safetensors", "--manifest", "student.json", "--force"]
+        command = [
+            sys.executable,
+            "-m",
+            "wscompile",
+            "init",
+            "--teacher",
+            f"{models}:{BIG}",
+            "--student",
+            f"{models}:{BIG}",
+            "--out",
+            "student.safetensors",
+            "--manifest",
+            "student.json",
+            "--force",
+        ]
         # a different hash seed per process: set and dict orders must not change the bytes
         env = dict(os.environ, PYTHONHASHSEED=str(i + 1), OMP_NUM_THREADS="1")
         process = subprocess.Popen(command, cwd=directory, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -404,8 +443,9 @@ def test_killed_or_interrupted_run_leaves_old_or_new_file(tmp_path, models):
     reference = runs[-1]
     assert reference["process"].returncode == 0, reference["stderr"]
     new = (reference["directory"] / "student.safetensors").read_bytes()
-    assert set(load_file(reference["directory"] / "student.safetensors")) == {f"{i}.{p}" for i in (0, 2, 4, 6, 8, 10)
-                                                                              for p in ("weight", "bias")}
+    assert set(load_file(reference["directory"] / "student.safetensors")) == {
+        f"{i}.{p}" for i in (0, 2, 4, 6, 8, 10) for p in ("weight", "bias")
+    }
     for run in runs[:-1]:
         directory, process, stderr = run["directory"], run["process"], run["stderr"]
         assert run["sent"], f"the moment never came: {stderr}"

@@ -29,10 +29,18 @@ from wscompile.weights import SafetensorsSource, open_weights
 transformers = pytest.importorskip("transformers")
 
 # A Llama with grouped-query attention, ~380 MB of bf16, and a student a seventh of its size.
-TEACHER = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
-               intermediate_size=5632, vocab_size=16000, max_position_embeddings=64)
-STUDENT = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-               intermediate_size=1408)
+TEACHER = dict(
+    hidden_size=1024,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    intermediate_size=5632,
+    vocab_size=16000,
+    max_position_embeddings=64,
+)
+STUDENT = dict(
+    hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, intermediate_size=1408
+)
 # Memory the streamed run may take beyond the student and one teacher tensor: tracing both
 # models, the plan, one student tensor being written.
 OVERHEAD = 128 * 2**20
@@ -87,7 +95,9 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     weight_map = {}
     for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
         name = f"model-{i + 1:05d}-of-00002.safetensors"
-        save_file({k: torch.randn(shapes[k], generator=generator, dtype=torch.bfloat16) for k in part}, directory / name)
+        save_file(
+            {k: torch.randn(shapes[k], generator=generator, dtype=torch.bfloat16) for k in part}, directory / name
+        )
         weight_map.update(dict.fromkeys(part, name))
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return directory
@@ -100,9 +110,17 @@ def run(teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     student = "&".join(f"{k}={v}" for k, v in STUDENT.items())
     paths = {name: directory / name for name in ("streamed.safetensors", "in-memory.safetensors", "plan.json")}
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, f"hf:{teacher_dir}?task=causal-lm",
-         f"hf:{teacher_dir}?task=causal-lm&{student}", str(teacher_dir), *map(str, paths.values())],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            SCRIPT,
+            f"hf:{teacher_dir}?task=causal-lm",
+            f"hf:{teacher_dir}?task=causal-lm&{student}",
+            str(teacher_dir),
+            *map(str, paths.values()),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return {**json.loads(result.stdout.strip().splitlines()[-1]), **paths}
@@ -129,8 +147,9 @@ def test_streamed_student_is_byte_identical_to_in_memory_student(run: dict) -> N
 
 
 @pytest.mark.parametrize("chunk_bytes", [10**9, 3000], ids=["one-read", "chunked"])
-def test_safetensors_source_reads_exactly_the_positions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        chunk_bytes: int) -> None:
+def test_safetensors_source_reads_exactly_the_positions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int
+) -> None:
     monkeypatch.setattr(weights, "_CHUNK_BYTES", chunk_bytes)  # 3000 bytes: a few rows per mapping
     path = tmp_path / "t.safetensors"
     tensor = torch.randn(200, 30, 2)
@@ -152,14 +171,26 @@ def test_safetensors_source_reads_exactly_the_positions(tmp_path: Path, monkeypa
             assert source.bytes_read == 200 * 28 * 2 * 4  # the columns' bounding box, every row, once
 
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
-          torch.uint8, torch.bool, torch.float8_e4m3fn]
+DTYPES = [
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.float8_e4m3fn,
+]
 
 
 def test_streamed_file_is_byte_identical_in_any_order(tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(0)
-    tensors = {f"t{i}.{dtype}".replace("torch.", ""): (torch.randn(3, 5, generator=generator) * 9).to(dtype)
-               for i, dtype in enumerate(DTYPES)}
+    tensors = {
+        f"t{i}.{dtype}".replace("torch.", ""): (torch.randn(3, 5, generator=generator) * 9).to(dtype)
+        for i, dtype in enumerate(DTYPES)
+    }
     tensors |= {"scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "a.view": torch.arange(12.0).view(3, 4).t()}
     metadata = {f"key{i}": str(i) for i in range(12)}
     save_safetensors(tmp_path / "oracle", tensors, metadata, force=False)
@@ -192,7 +223,8 @@ def test_directory_output_is_sharded_with_an_index(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="pass --force"):
         stream_safetensors_dir(out, layout, tensors.items(), {}, force=False, max_shard_size=10**6)
     assert stream_safetensors_dir(out, layout, tensors.items(), {}, force=True, max_shard_size=10**6) == [
-        "model.safetensors"]
+        "model.safetensors"
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
     (out / "notes.txt").write_text("mine")
     with pytest.raises(Exception, match=r"holds files wscompile did not write \(notes.txt\)"):
@@ -200,20 +232,32 @@ def test_directory_output_is_sharded_with_an_index(tmp_path: Path) -> None:
 
 
 def test_cli_init_into_a_directory(tmp_path: Path) -> None:
-    config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=128, vocab_size=100,
-                                      max_position_embeddings=32)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=100,
+        max_position_embeddings=32,
+    )
     teacher_dir = tmp_path / "teacher"
     transformers.LlamaForCausalLM(config).save_pretrained(teacher_dir)
     spec = f"hf:{teacher_dir}?task=causal-lm"
-    options = commands.InitOptions(teacher=spec, student=f"{spec}&hidden_size=32&num_hidden_layers=1",
-                                   out=f"{tmp_path}/student/", max_shard_size=20_000, progress=False)
+    options = commands.InitOptions(
+        teacher=spec,
+        student=f"{spec}&hidden_size=32&num_hidden_layers=1",
+        out=f"{tmp_path}/student/",
+        max_shard_size=20_000,
+        progress=False,
+    )
     commands.run_init(options, log=lambda line: None)
     files = sorted(p.name for p in (tmp_path / "student").iterdir())
     assert SHARD_INDEX in files and len(files) > 2
     state = transformers.LlamaForCausalLM.from_pretrained(teacher_dir).state_dict()
     student = open_weights(str(tmp_path / "student"))
     rows = list(range(0, 64, 2))
-    assert torch.equal(student.read("model.layers.0.mlp.up_proj.weight"),
-                       state["model.layers.0.mlp.up_proj.weight"][:, ::2])
+    assert torch.equal(
+        student.read("model.layers.0.mlp.up_proj.weight"), state["model.layers.0.mlp.up_proj.weight"][:, ::2]
+    )
     assert torch.equal(student.read("model.embed_tokens.weight"), state["model.embed_tokens.weight"][:, rows])

@@ -6,14 +6,17 @@ import torch
 from wscompile.passes.uniform import uniform_indices, uniform_step
 
 
-@pytest.mark.parametrize(("t", "s", "expected"), [
-    (12, 6, [0, 2, 4, 6, 8, 10]),
-    (12, 4, [0, 3, 6, 9]),
-    (10, 10, list(range(10))),
-    (10, 4, [0, 3, 6, 9]),
-    (7, 3, [0, 3, 6]),
-    (5, 4, [0, 1, 3, 4]),  # linspace 0, 1.33, 2.67, 4 -> round
-])
+@pytest.mark.parametrize(
+    ("t", "s", "expected"),
+    [
+        (12, 6, [0, 2, 4, 6, 8, 10]),
+        (12, 4, [0, 3, 6, 9]),
+        (10, 10, list(range(10))),
+        (10, 4, [0, 3, 6, 9]),
+        (7, 3, [0, 3, 6]),
+        (5, 4, [0, 1, 3, 4]),  # linspace 0, 1.33, 2.67, 4 -> round
+    ],
+)
 def test_rule_matches_the_paper(t, s, expected):
     assert uniform_indices(t, s) == expected
 

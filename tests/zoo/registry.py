@@ -115,54 +115,134 @@ def _hf_configs() -> dict[str, object]:
     }
 
 
-SMALL_LM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+SMALL_LM = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
 # Teachers written by their family's own save_pretrained (transformers 5 stores checkpoint keys,
 # renamed and fused again on load). family -> (model class, config, student overrides)
 CHECKPOINT_FAMILIES = {
-    "llama": ("LlamaForCausalLM", transformers.LlamaConfig(**SMALL_LM),
-              "num_hidden_layers=2&hidden_size=32&intermediate_size=64&num_attention_heads=2&num_key_value_heads=1"),
-    "qwen2": ("Qwen2ForCausalLM", transformers.Qwen2Config(**SMALL_LM),
-              "num_hidden_layers=2&hidden_size=32&intermediate_size=64&num_attention_heads=2&num_key_value_heads=1"),
-    "mixtral": ("MixtralForCausalLM", transformers.MixtralConfig(**SMALL_LM, num_local_experts=4, num_experts_per_tok=2),
-                "num_hidden_layers=2&hidden_size=32&intermediate_size=64&num_attention_heads=2&num_key_value_heads=1"
-                "&num_local_experts=2&num_experts_per_tok=1"),
-    "qwen2-moe": ("Qwen2MoeForCausalLM",
-                  transformers.Qwen2MoeConfig(**SMALL_LM, moe_intermediate_size=32, shared_expert_intermediate_size=64,
-                                              num_experts=4, num_experts_per_tok=2),
-                  "num_hidden_layers=2&hidden_size=32&intermediate_size=64&moe_intermediate_size=16"
-                  "&shared_expert_intermediate_size=32&num_attention_heads=2&num_key_value_heads=1&num_experts=2"
-                  "&num_experts_per_tok=1"),
-    "gpt-neox": ("GPTNeoXForCausalLM",
-                 transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                            num_attention_heads=4, vocab_size=128, max_position_embeddings=64),
-                 "num_hidden_layers=2&hidden_size=32&intermediate_size=64&num_attention_heads=2"),
-    "dinov2": ("Dinov2Model",
-               transformers.Dinov2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                         intermediate_size=128, image_size=56, patch_size=14),
-               "num_hidden_layers=2&hidden_size=32&intermediate_size=64&num_attention_heads=2"),
-    "swin": ("SwinModel",
-             transformers.SwinConfig(embed_dim=16, depths=[2, 2], num_heads=[2, 4], image_size=64, patch_size=4,
-                                     window_size=4),
-             "embed_dim=8&depths=1,1&num_heads=1,2"),
-    "segformer": ("SegformerForSemanticSegmentation",
-                  transformers.SegformerConfig(hidden_sizes=[16, 32], depths=[2, 2], num_encoder_blocks=2,
-                                               num_attention_heads=[1, 2], sr_ratios=[2, 1], decoder_hidden_size=32,
-                                               image_size=64, mlp_ratios=[2, 2], strides=[4, 2],
-                                               patch_sizes=[7, 3]),
-                  "hidden_sizes=8,16&depths=1,1&num_attention_heads=1,1&decoder_hidden_size=16"),
-    "bert": ("BertForMaskedLM",
-             transformers.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                     vocab_size=128, max_position_embeddings=64),
-             "num_hidden_layers=2&hidden_size=32&intermediate_size=64&num_attention_heads=2"),
-    "vit": ("ViTForImageClassification",
-            transformers.ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                   image_size=32, patch_size=8),
-            "num_hidden_layers=2&hidden_size=32&intermediate_size=64&num_attention_heads=2"),
-    "t5": ("T5ForConditionalGeneration",
-           transformers.T5Config(d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=4, num_decoder_layers=4,
-                                 vocab_size=128, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
-           "d_model=32&num_heads=2&d_ff=64&num_layers=2&num_decoder_layers=2"),
+    "llama": (
+        "LlamaForCausalLM",
+        transformers.LlamaConfig(**SMALL_LM),
+        "num_hidden_layers=2&hidden_size=32&intermediate_size=64&num_attention_heads=2&num_key_value_heads=1",
+    ),
+    "qwen2": (
+        "Qwen2ForCausalLM",
+        transformers.Qwen2Config(**SMALL_LM),
+        "num_hidden_layers=2&hidden_size=32&intermediate_size=64&num_attention_heads=2&num_key_value_heads=1",
+    ),
+    "mixtral": (
+        "MixtralForCausalLM",
+        transformers.MixtralConfig(**SMALL_LM, num_local_experts=4, num_experts_per_tok=2),
+        "num_hidden_layers=2&hidden_size=32&intermediate_size=64&num_attention_heads=2&num_key_value_heads=1"
+        "&num_local_experts=2&num_experts_per_tok=1",
+    ),
+    "qwen2-moe": (
+        "Qwen2MoeForCausalLM",
+        transformers.Qwen2MoeConfig(
+            **SMALL_LM,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+        ),
+        "num_hidden_layers=2&hidden_size=32&intermediate_size=64&moe_intermediate_size=16"
+        "&shared_expert_intermediate_size=32&num_attention_heads=2&num_key_value_heads=1&num_experts=2"
+        "&num_experts_per_tok=1",
+    ),
+    "gpt-neox": (
+        "GPTNeoXForCausalLM",
+        transformers.GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            vocab_size=128,
+            max_position_embeddings=64,
+        ),
+        "num_hidden_layers=2&hidden_size=32&intermediate_size=64&num_attention_heads=2",
+    ),
+    "dinov2": (
+        "Dinov2Model",
+        transformers.Dinov2Config(
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=128,
+            image_size=56,
+            patch_size=14,
+        ),
+        "num_hidden_layers=2&hidden_size=32&intermediate_size=64&num_attention_heads=2",
+    ),
+    "swin": (
+        "SwinModel",
+        transformers.SwinConfig(
+            embed_dim=16, depths=[2, 2], num_heads=[2, 4], image_size=64, patch_size=4, window_size=4
+        ),
+        "embed_dim=8&depths=1,1&num_heads=1,2",
+    ),
+    "segformer": (
+        "SegformerForSemanticSegmentation",
+        transformers.SegformerConfig(
+            hidden_sizes=[16, 32],
+            depths=[2, 2],
+            num_encoder_blocks=2,
+            num_attention_heads=[1, 2],
+            sr_ratios=[2, 1],
+            decoder_hidden_size=32,
+            image_size=64,
+            mlp_ratios=[2, 2],
+            strides=[4, 2],
+            patch_sizes=[7, 3],
+        ),
+        "hidden_sizes=8,16&depths=1,1&num_attention_heads=1,1&decoder_hidden_size=16",
+    ),
+    "bert": (
+        "BertForMaskedLM",
+        transformers.BertConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            vocab_size=128,
+            max_position_embeddings=64,
+        ),
+        "num_hidden_layers=2&hidden_size=32&intermediate_size=64&num_attention_heads=2",
+    ),
+    "vit": (
+        "ViTForImageClassification",
+        transformers.ViTConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        "num_hidden_layers=2&hidden_size=32&intermediate_size=64&num_attention_heads=2",
+    ),
+    "t5": (
+        "T5ForConditionalGeneration",
+        transformers.T5Config(
+            d_model=64,
+            d_kv=16,
+            num_heads=4,
+            d_ff=128,
+            num_layers=4,
+            num_decoder_layers=4,
+            vocab_size=128,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        ),
+        "d_model=32&num_heads=2&d_ff=64&num_layers=2&num_decoder_layers=2",
+    ),
 }
 
 

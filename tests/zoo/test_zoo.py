@@ -157,6 +157,7 @@ def test_selected_values_are_the_teacher_elements_at_the_reported_indices(pair: 
     selected = [record for record in plan.tensors if record.teacher is not None]
     assert selected, f"{pair.id}: nothing selected"
     wrong = []
+
     def read(record: TensorRecord) -> torch.Tensor:
         values = teacher_state[record.teacher]
         assert list(values.shape) == record.teacher_shape, record.student

@@ -152,8 +152,20 @@ def export_student(
     staging = _make_staging(onnx_path)
     was_training = model.training
     model.eval()
-    settings = _Settings(kind, opset, variants, ort, optimize, device, batch_size, calib, atol, rtol, latency_runs,
-                         progress or Progress())
+    settings = _Settings(
+        kind,
+        opset,
+        variants,
+        ort,
+        optimize,
+        device,
+        batch_size,
+        calib,
+        atol,
+        rtol,
+        latency_runs,
+        progress or Progress(),
+    )
     try:
         result = _export_staged(model, inputs, make_inputs, onnx_path, staging, settings, log)
         _install(staging, targets, force)
@@ -208,8 +220,7 @@ def _export_staged(
     external_data = _weight_bytes(model) > EXTERNAL_DATA_ABOVE
     with progress.holding(f"exporting the student to ONNX ({onnx_path})", log) as step_log:
         names = output_names(model, inputs, kind)
-        exported = _export_first_that_runs(model, inputs, make_inputs, staged, names, settings, external_data,
-                                           step_log)
+        exported = _export_first_that_runs(model, inputs, make_inputs, staged, names, settings, external_data, step_log)
     written_opset = _opset(staged)
     log(
         f"exported {onnx_path} with the {exported.attempt.exporter} exporter (opset {written_opset}, "

@@ -91,7 +91,11 @@ def export_summary(result: ExportResult) -> ExportSummary:
     dynamic = {name: list(axes.values()) for name, axes in result.dynamic_axes.items() if axes}
     written = [result.onnx_path, *(v.path for v in result.variants), *(f.path for f in result.ort_files)]
     return ExportSummary(
-        onnx=os.path.basename(result.onnx_path), exporter=result.exporter, dynamic_axes=dynamic,
+        onnx=os.path.basename(result.onnx_path),
+        exporter=result.exporter,
+        dynamic_axes=dynamic,
         static_shapes={name: list(shape) for name, shape in result.export_shapes.items() if name not in dynamic},
-        max_abs_diff=max((c.max_abs for c in result.checks), default=0.0), fallback_reason=result.fallback_reason,
-        files=[os.path.basename(path) for path in written])
+        max_abs_diff=max((c.max_abs for c in result.checks), default=0.0),
+        fallback_reason=result.fallback_reason,
+        files=[os.path.basename(path) for path in written],
+    )

@@ -36,8 +36,9 @@ def module_tree(model: nn.Module) -> dict[str, list[str]]:
     return tree
 
 
-def trace(model: nn.Module, inputs: dict[str, torch.Tensor], *, frontends: list[str] | None = None,
-          label: str = "model") -> nx.DiGraph:
+def trace(
+    model: nn.Module, inputs: dict[str, torch.Tensor], *, frontends: list[str] | None = None, label: str = "model"
+) -> nx.DiGraph:
     """Trace ``model`` with the first frontend that succeeds.
 
     Raises:
@@ -74,7 +75,8 @@ def trace(model: nn.Module, inputs: dict[str, torch.Tensor], *, frontends: list[
         if cached:
             config.use_cache = cached
     raise TraceError(
-        f"cannot trace {label}: " + "; ".join(failures)
+        f"cannot trace {label}: "
+        + "; ".join(failures)
         + "; check the example inputs (--input-shape) or make the failing module traceable"
     )
 
@@ -100,8 +102,9 @@ def meta_twin(model: nn.Module) -> nn.Module | None:
     return twin.eval()
 
 
-def _trace_twin_first(frontend, model: nn.Module, twin: nn.Module | None, inputs: dict[str, torch.Tensor],
-                      tree: dict[str, list[str]]) -> nx.DiGraph:
+def _trace_twin_first(
+    frontend, model: nn.Module, twin: nn.Module | None, inputs: dict[str, torch.Tensor], tree: dict[str, list[str]]
+) -> nx.DiGraph:
     """``frontend`` on the meta twin; on the model itself when there is no twin or the twin fails."""
     # tracers print partial graphs and tracebacks of their own; the error says enough
     with torch.no_grad(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):

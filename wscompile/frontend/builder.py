@@ -194,11 +194,20 @@ def build_ir(src: Source) -> nx.DiGraph:
 
     def add_component(op: str, module: str, slots: list[ir.TensorSlot], fx_node: torch.fx.Node) -> int:
         cid = len(fx_of)
-        graph.add_node(cid, **{
-            ir.KIND: op_kind(op) if op != "param" else ir.KIND_PARAM,
-            ir.OP: op, ir.TENSORS: slots, ir.MODULE: module, ir.ORDER: cid,
-            ir.OUT_SHAPE: src.shape(fx_node), ir.HEADS: None, ir.ROTARY: False, ir.CONV_GROUPS: None,
-        })
+        graph.add_node(
+            cid,
+            **{
+                ir.KIND: op_kind(op) if op != "param" else ir.KIND_PARAM,
+                ir.OP: op,
+                ir.TENSORS: slots,
+                ir.MODULE: module,
+                ir.ORDER: cid,
+                ir.OUT_SHAPE: src.shape(fx_node),
+                ir.HEADS: None,
+                ir.ROTARY: False,
+                ir.CONV_GROUPS: None,
+            },
+        )
         fx_of[cid] = fx_node
         return cid
 
@@ -206,7 +215,9 @@ def build_ir(src: Source) -> nx.DiGraph:
         if key not in loose:
             shape = src.tensor_shape(key)
             out_axis, in_axis = slot_axes("param", "param", shape)
-            loose[key] = add_component("param", _owner(key), [ir.TensorSlot("param", key, shape, out_axis, in_axis)], fx_node)
+            loose[key] = add_component(
+                "param", _owner(key), [ir.TensorSlot("param", key, shape, out_axis, in_axis)], fx_node
+            )
         return loose[key]
 
     for node in src.graph.nodes:
@@ -239,7 +250,11 @@ def build_ir(src: Source) -> nx.DiGraph:
             shape_expr.add(node)  # arithmetic on sizes
             continue
         data = [(p, sub) for p, _, sub in inputs if sub not in tensor_expr]
-        if not data and leaf is None and not (names and any(r not in DATA_ROLES for _, r, s in inputs if s in tensor_expr and tensor_expr[s])):
+        if (
+            not data
+            and leaf is None
+            and not (names and any(r not in DATA_ROLES for _, r, s in inputs if s in tensor_expr and tensor_expr[s]))
+        ):
             # Computed from model tensors and constants only: a tensor expression, not data.
             tensor_expr[node] = frozenset().union(*(tensor_expr[s] for _, _, s in inputs)) if inputs else frozenset()
             continue
@@ -279,8 +294,12 @@ def build_ir(src: Source) -> nx.DiGraph:
         if slots:
             # model tensors read in the data role (a weight used as input, e.g. an attention-pooling
             # probe) are loose parameters; made first, so they precede their consumer in execution order
-            loose_inputs = [(position, loose_component(key, sub)) for position, role, sub in inputs
-                            if sub in tensor_expr and role in DATA_ROLES for key in sorted(tensor_expr[sub])]
+            loose_inputs = [
+                (position, loose_component(key, sub))
+                for position, role, sub in inputs
+                if sub in tensor_expr and role in DATA_ROLES
+                for key in sorted(tensor_expr[sub])
+            ]
             cid = add_component(op, module, slots, node)
             for position, sub in data:
                 for source in frontier.get(sub, frozenset()):
@@ -300,12 +319,14 @@ def build_ir(src: Source) -> nx.DiGraph:
     input_nodes = sorted({b for a, b in graph.edges if a == MODEL_INPUT})
     if graph.has_node(MODEL_INPUT):
         graph.remove_node(MODEL_INPUT)
-    graph.graph.update({
-        ir.MODULES: src.module_tree,
-        ir.INPUT_NODES: input_nodes,
-        ir.OUTPUT_NODES: sorted(o for o in outputs if o != MODEL_INPUT),
-        ir.FRONTEND: src.frontend,
-    })
+    graph.graph.update(
+        {
+            ir.MODULES: src.module_tree,
+            ir.INPUT_NODES: input_nodes,
+            ir.OUTPUT_NODES: sorted(o for o in outputs if o != MODEL_INPUT),
+            ir.FRONTEND: src.frontend,
+        }
+    )
     _annotate_layouts(graph, fx_of, src)
     return graph
 
@@ -313,8 +334,12 @@ def build_ir(src: Source) -> nx.DiGraph:
 CASTS = {"to", "float", "type_as", "_to_copy", "contiguous", "clone"}
 
 
-def _rms_norm_weight(op: str | None, inputs: list[tuple[int, str | None, torch.fx.Node]],
-                     tensor_expr: dict[torch.fx.Node, frozenset[str]], src: Source) -> tuple[str, torch.fx.Node] | None:
+def _rms_norm_weight(
+    op: str | None,
+    inputs: list[tuple[int, str | None, torch.fx.Node]],
+    tensor_expr: dict[torch.fx.Node, frozenset[str]],
+    src: Source,
+) -> tuple[str, torch.fx.Node] | None:
     """(weight key, normalized input) when the op is ``weight * x * rsqrt(mean(x^2) + eps)`` (HF Llama,
     T5) or ``weight * x / sqrt(...)``: one 1-D model tensor, read as it is, times RMS-normalized data."""
     if op != "mul" or len(inputs) != 2:
@@ -354,7 +379,9 @@ def _rms_normalized(node: torch.fx.Node, src: Source) -> bool:
             continue
         square = _through_casts(mean.args[0], src)
         sq_name, sq_args = src.op_name(square), getattr(square, "args", ())
-        squared = len(sq_args) == 2 and (sq_name == "pow" and sq_args[1] == 2 or sq_name == "mul" and sq_args[0] is sq_args[1])
+        squared = len(sq_args) == 2 and (
+            sq_name == "pow" and sq_args[1] == 2 or sq_name == "mul" and sq_args[0] is sq_args[1]
+        )
         if squared and _through_casts(sq_args[0], src) is _through_casts(x, src):
             return True
     return False
@@ -389,8 +416,22 @@ def _add_edge(graph: nx.DiGraph, source: int, target: int, position: int) -> Non
 # Ops whose result depends only on their input's size (a size, or a new tensor of constants such as
 # the attention mask torchvision's shifted windows build with ``x.new_zeros``): an edge through them
 # would say a layer reads another's output.
-SHAPE_OPS = {"size", "dim", "sym_size", "numel", "sym_numel", "sym_stride",
-             "new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like", "full_like"}
+SHAPE_OPS = {
+    "size",
+    "dim",
+    "sym_size",
+    "numel",
+    "sym_numel",
+    "sym_stride",
+    "new_zeros",
+    "new_ones",
+    "new_empty",
+    "new_full",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+}
 RESHAPES = {"reshape", "view", "unflatten", "_unsafe_view"}
 SPLITS = {"chunk", "split", "unbind", "split_with_sizes", "tensor_split"}
 
@@ -423,8 +464,7 @@ def _annotate_layouts(graph: nx.DiGraph, fx_of: dict[int, torch.fx.Node], src: S
             data[ir.ROTARY] = rotary
         if blocks > 1:
             data[ir.TENSORS] = [
-                replace(s, blocks=((s.out_axis, blocks),)) if s.out_axis is not None else s
-                for s in data[ir.TENSORS]
+                replace(s, blocks=((s.out_axis, blocks),)) if s.out_axis is not None else s for s in data[ir.TENSORS]
             ]
 
 

@@ -21,7 +21,9 @@ def _op_name(node: torch.fx.Node) -> str | None:
     if node.op != "call_function":
         return None
     target = node.target
-    name = getattr(getattr(target, "_overloadpacket", None), "__name__", None) or getattr(target, "__name__", str(target))
+    name = getattr(getattr(target, "_overloadpacket", None), "__name__", None) or getattr(
+        target, "__name__", str(target)
+    )
     return ATEN_ALIASES.get(name, name)
 
 
@@ -46,8 +48,16 @@ def trace(model: nn.Module, inputs: dict[str, torch.Tensor], module_tree: dict[s
     def tensor_shape(key: str):
         return tuple(state[key].shape)
 
-    return build_ir(Source(
-        graph=program.graph_module.graph, tensor_name=tensor_name, leaf_module=lambda node: None,
-        op_name=_op_name, shape=shape, tensor_shape=tensor_shape, frontend=NAME,
-        module_tree=module_tree, arg_names={"embedding": ("weight", "input")},  # aten.embedding(weight, indices)
-    ))
+    return build_ir(
+        Source(
+            graph=program.graph_module.graph,
+            tensor_name=tensor_name,
+            leaf_module=lambda node: None,
+            op_name=_op_name,
+            shape=shape,
+            tensor_shape=tensor_shape,
+            frontend=NAME,
+            module_tree=module_tree,
+            arg_names={"embedding": ("weight", "input")},  # aten.embedding(weight, indices)
+        )
+    )

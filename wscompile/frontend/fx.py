@@ -48,8 +48,9 @@ def _refuse_opaque_calls(graph: torch.fx.Graph, state: dict[str, torch.Tensor]) 
             continue
         read = [str(a.target) for a in node.all_input_nodes if a.op == "get_attr" and a.target in state]
         if read:
-            raise TraceError(f"torch.fx keeps {target.__module__}.{target.__name__} opaque, and it reads "
-                             f"{', '.join(read[:3])}")
+            raise TraceError(
+                f"torch.fx keeps {target.__module__}.{target.__name__} opaque, and it reads {', '.join(read[:3])}"
+            )
 
 
 def trace(model: nn.Module, inputs: dict[str, torch.Tensor], module_tree: dict[str, list[str]]):
@@ -83,9 +84,7 @@ def trace(model: nn.Module, inputs: dict[str, torch.Tensor], module_tree: dict[s
         module = modules[str(node.target)]
         op = MODULE_OPS.get(type(module))
         prefix = f"{node.target}."
-        tensors = [
-            (key[len(prefix):], key, tuple(state[key].shape)) for key in state if key.startswith(prefix)
-        ]
+        tensors = [(key[len(prefix) :], key, tuple(state[key].shape)) for key in state if key.startswith(prefix)]
         if not tensors:
             return None
         return op or type(module).__name__.lower(), str(node.target), tensors
@@ -94,8 +93,15 @@ def trace(model: nn.Module, inputs: dict[str, torch.Tensor], module_tree: dict[s
         meta = node.meta.get("tensor_meta")
         return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
-    return build_ir(Source(
-        graph=graph, tensor_name=tensor_name, leaf_module=leaf_module, op_name=_function_name,
-        shape=shape, tensor_shape=lambda key: tuple(state[key].shape), frontend=NAME,
-        module_tree=module_tree,
-    ))
+    return build_ir(
+        Source(
+            graph=graph,
+            tensor_name=tensor_name,
+            leaf_module=leaf_module,
+            op_name=_function_name,
+            shape=shape,
+            tensor_shape=lambda key: tuple(state[key].shape),
+            frontend=NAME,
+            module_tree=module_tree,
+        )
+    )

@@ -85,6 +85,7 @@ def verify(graph: nx.DiGraph) -> None:
         TraceError: an invariant does not hold (a frontend bug on this model), naming the nodes and
             their modules, so the next frontend can be tried and the user told where.
     """
+
     def where(node: int) -> str:
         data = graph.nodes[node]
         return f"node {node} ({data.get(OP, '?')} in {data.get(MODULE) or 'the root module'})"

@@ -61,9 +61,14 @@ class Alignment:
     #   into a fused qkv); ``pairs`` holds the first
 
 
-def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str | LayerPolicy = "first",
-          block_similarity: Callable[[list[str]], dict[str, float]] | None = None,
-          allow_partial: bool = False) -> Alignment:
+def align(
+    teacher: nx.DiGraph,
+    student: nx.DiGraph,
+    *,
+    layer_policy: str | LayerPolicy = "first",
+    block_similarity: Callable[[list[str]], dict[str, float]] | None = None,
+    allow_partial: bool = False,
+) -> Alignment:
     """Align ``student`` with ``teacher``.
 
     ``layer_policy`` picks the teacher blocks of each stage (``layers.py``); the "importance" policy
@@ -104,8 +109,10 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str | Layer
     def similarity(t_stage: Stage) -> list[float]:
         if not similarities:
             if block_similarity is None:
-                raise MatchError("layer policy 'importance' ranks teacher blocks on calibration data: pass "
-                                 "calibration inputs (--calib FILE_OR_DIR)")
+                raise MatchError(
+                    "layer policy 'importance' ranks teacher blocks on calibration data: pass "
+                    "calibration inputs (--calib FILE_OR_DIR)"
+                )
             aligned = [b for t, s in sequence if isinstance(t, Stage) and isinstance(s, Stage) for b in t.blocks]
             similarities.update(block_similarity(aligned))
         return [similarities[b] for b in t_stage.blocks]
@@ -122,13 +129,23 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str | Layer
         name, picked, chosen = "first", [], []
         if t_el is not None:
             entry = len(t_el.block_hashes) > 1 or len(s_el.block_hashes) > 1
-            name, picked = teacher_blocks(policy, s_el.index, s_el.label, len(t_el.blocks), len(s_el.blocks),
-                                          entry=entry, similarity=lambda t_el=t_el: similarity(t_el))
+            name, picked = teacher_blocks(
+                policy,
+                s_el.index,
+                s_el.label,
+                len(t_el.blocks),
+                len(s_el.blocks),
+                entry=entry,
+                similarity=lambda t_el=t_el: similarity(t_el),
+            )
             # the policy chooses among equally good teacher blocks; a better-matching one wins (explicit maps stand)
             chosen = list(picked) if name == EXPLICIT else scores.stage(t_el, s_el, picked)[1]
         stage_pair = StagePair(
-            student=s_el.label, teacher=t_el.label if t_el else None, student_depth=len(s_el.blocks),
-            teacher_depth=len(t_el.blocks) if t_el else 0, policy=name,
+            student=s_el.label,
+            teacher=t_el.label if t_el else None,
+            student_depth=len(s_el.blocks),
+            teacher_depth=len(t_el.blocks) if t_el else 0,
+            policy=name,
             teacher_blocks=list(t_el.blocks) if t_el else [],
         )
         achieved = possible = 0.0
@@ -138,8 +155,11 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str | Layer
                 block_of[n] = s_block
             possible += scores.best(s_block)
             if t_el is None or i >= len(chosen) or chosen[i] is None:
-                reason = (f"student block {i} of {s_el.label} has no teacher block: {_why_none(t_el, picked, i)}"
-                          if t_el else f"no teacher stage matches {s_el.label}")
+                reason = (
+                    f"student block {i} of {s_el.label} has no teacher block: {_why_none(t_el, picked, i)}"
+                    if t_el
+                    else f"no teacher stage matches {s_el.label}"
+                )
                 unmatched.update({n: reason for n in s_nodes})
                 stage_pair.blocks.append(BlockPair(s_block, None, 0, len(s_nodes)))
                 continue
@@ -158,9 +178,16 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str | Layer
                     pairs[n] = assembled[n][0]
                 else:
                     unmatched[n] = f"no structural counterpart in teacher block {t_block}"
-            stage_pair.blocks.append(BlockPair(
-                s_block, t_block, len(mapping), len(s_nodes), cost=_cost(score, scores.best(s_block)),
-                chosen_by="policy" if i < len(picked) and picked[i] == chosen[i] else "structure"))
+            stage_pair.blocks.append(
+                BlockPair(
+                    s_block,
+                    t_block,
+                    len(mapping),
+                    len(s_nodes),
+                    cost=_cost(score, scores.best(s_block)),
+                    chosen_by="policy" if i < len(picked) and picked[i] == chosen[i] else "structure",
+                )
+            )
         stage_pair.cost = _cost(achieved, possible)
         stages.append(stage_pair)
 
@@ -169,8 +196,10 @@ def align(teacher: nx.DiGraph, student: nx.DiGraph, *, layer_policy: str | Layer
         aligned = sorted(s.index for t, s in sequence if isinstance(s, Stage) and t is not None)
         unknown = sorted(set(policy.explicit) - set(aligned))
         if unknown:
-            raise MatchError(f"layer map {policy.text!r} names student stage(s) {unknown}, but the student's stages "
-                             f"with a teacher stage are {aligned}; see `wscompile diff` for the stages")
+            raise MatchError(
+                f"layer map {policy.text!r} names student stage(s) {unknown}, but the student's stages "
+                f"with a teacher stage are {aligned}; see `wscompile diff` for the stages"
+            )
     if not any(s not in s_struct.head for s in pairs):
         first = min(student.nodes)
         example = student.nodes[first][ir.TENSORS][0].name
@@ -190,11 +219,15 @@ def check_aligned_share(s_struct: Structure, pairs: dict[int, int], stages: list
     share = sum(n in pairs for n in body) / len(body) if body else 1.0
     if share >= MIN_ALIGNED_SHARE:
         return
-    blocks = sorted((pair.cost, pair.student, pair.teacher) for stage in stages for pair in stage.blocks if pair.teacher)
+    blocks = sorted(
+        (pair.cost, pair.student, pair.teacher) for stage in stages for pair in stage.blocks if pair.teacher
+    )
     best = "; ".join(f"student {s} <- teacher {t} (cost {c:.2f})" for c, s, t in blocks[:2]) or "no block pairs"
-    raise MatchError(f"only {share:.0%} of the student's layers outside the head align with the teacher (under "
-                     f"{MIN_ALIGNED_SHARE:.0%}); best matched: {best}; are they the same family of model? "
-                     "pass --allow-partial to write it anyway")
+    raise MatchError(
+        f"only {share:.0%} of the student's layers outside the head align with the teacher (under "
+        f"{MIN_ALIGNED_SHARE:.0%}); best matched: {best}; are they the same family of model? "
+        "pass --allow-partial to write it anyway"
+    )
 
 
 def _cost(score: float, best: float) -> float:
@@ -219,8 +252,13 @@ def _local_fit(t_data: dict, s_data: dict) -> float | None:
     return 0.25 if all(s_slot.shape[a] == t_slot.shape[a] for a in local) else 0.0
 
 
-def _pair_leftovers(t_struct: Structure, s_struct: Structure, t_elements: list[Element], pairs: dict[int, int],
-                    unmatched: dict[int, str]) -> None:
+def _pair_leftovers(
+    t_struct: Structure,
+    s_struct: Structure,
+    t_elements: list[Element],
+    pairs: dict[int, int],
+    unmatched: dict[int, str],
+) -> None:
     """Loose layers the ordered alignment left out pair up when exactly one teacher layer fits.
 
     Execution order says little between siblings that are summed (word, position and token-type
@@ -231,8 +269,12 @@ def _pair_leftovers(t_struct: Structure, s_struct: Structure, t_elements: list[E
     free = [e.node for e in t_elements if isinstance(e, Component) and e.node not in taken]
     leftovers = sorted(n for n, reason in unmatched.items() if reason == NO_LAYER_HERE and n not in s_struct.head)
     for s_node in leftovers:
-        fits = [t for t in free if t_struct.family[t] == s_struct.family[s_node]
-                and _local_fit(t_struct.graph.nodes[t], s_struct.graph.nodes[s_node]) == 0.25]
+        fits = [
+            t
+            for t in free
+            if t_struct.family[t] == s_struct.family[s_node]
+            and _local_fit(t_struct.graph.nodes[t], s_struct.graph.nodes[s_node]) == 0.25
+        ]
         if len(fits) == 1:
             pairs[s_node] = fits[0]
             free.remove(fits[0])
@@ -256,7 +298,11 @@ def _head(structure: Structure) -> set[int]:
     head = set()
     for n in _terminal(structure):
         weight = next((s for s in graph.nodes[n][ir.TENSORS] if s.role == "weight"), None)
-        if weight is not None and weight.in_axis is not None and weight.shape[weight.out_axis] != weight.shape[weight.in_axis]:
+        if (
+            weight is not None
+            and weight.in_axis is not None
+            and weight.shape[weight.out_axis] != weight.shape[weight.in_axis]
+        ):
             head.add(n)
     return head
 
@@ -285,15 +331,18 @@ class BlockScores:
                 matched = _order_match(t_struct, s_struct, t_nodes, s_nodes)
                 if 2 * len(matched) < len(s_nodes):
                     matched = {}
-            self._cache[key] = sum(1.0 + FIT_BONUS * _fits(t_struct.graph.nodes[t], s_struct.graph.nodes[s])
-                                   for s, t in matched.items())
+            self._cache[key] = sum(
+                1.0 + FIT_BONUS * _fits(t_struct.graph.nodes[t], s_struct.graph.nodes[s]) for s, t in matched.items()
+            )
         return self._cache[key]
 
     def best(self, s_block: str) -> float:
         """The score of ``s_block`` against a teacher block equal in structure and larger everywhere."""
         return (1.0 + FIT_BONUS) * len(self.s_struct.components_in[s_block])
 
-    def stage(self, t_stage: Stage, s_stage: Stage, preferred: list[int] | None = None) -> tuple[float, list[int | None]]:
+    def stage(
+        self, t_stage: Stage, s_stage: Stage, preferred: list[int] | None = None
+    ) -> tuple[float, list[int | None]]:
         """The best order-preserving block map of two stages: (its score, teacher block per student block)."""
         scores = [[self(t, s) for t in t_stage.blocks] for s in s_stage.blocks]
         return choose_blocks(scores, preferred)
@@ -304,11 +353,13 @@ def _fits(t_data: dict, s_data: dict) -> bool:
     t_slots, s_slots = t_data[ir.TENSORS], s_data[ir.TENSORS]
     return len(t_slots) == len(s_slots) and all(
         len(t.shape) == len(s.shape) and all(a >= b for a, b in zip(t.shape, s.shape, strict=True))
-        for t, s in zip(t_slots, s_slots, strict=True))
+        for t, s in zip(t_slots, s_slots, strict=True)
+    )
 
 
-def _element_score(t_struct: Structure, s_struct: Structure, t_el: Element, s_el: Element,
-                   blocks: BlockScores) -> float:
+def _element_score(
+    t_struct: Structure, s_struct: Structure, t_el: Element, s_el: Element, blocks: BlockScores
+) -> float:
     if isinstance(t_el, Component) and isinstance(s_el, Component):
         if (t_el.node in t_struct.head) != (s_el.node in s_struct.head):
             return 0.0  # an output layer only pairs with an output layer
@@ -321,13 +372,17 @@ def _element_score(t_struct: Structure, s_struct: Structure, t_el: Element, s_el
     return 0.0
 
 
-def _align_sequences(t_struct: Structure, s_struct: Structure, t_elements: list[Element],
-                     s_elements: list[Element], blocks: BlockScores) -> list[tuple[Element | None, Element]]:
+def _align_sequences(
+    t_struct: Structure, s_struct: Structure, t_elements: list[Element], s_elements: list[Element], blocks: BlockScores
+) -> list[tuple[Element | None, Element]]:
     """Order-preserving alignment maximizing the summed element scores."""
     n, m = len(t_elements), len(s_elements)
     score = [[0.0] * (m + 1) for _ in range(n + 1)]
-    pair_score = {(i, j): _element_score(t_struct, s_struct, t_elements[i], s_elements[j], blocks)
-                  for i in range(n) for j in range(m)}
+    pair_score = {
+        (i, j): _element_score(t_struct, s_struct, t_elements[i], s_elements[j], blocks)
+        for i in range(n)
+        for j in range(m)
+    }
     for i in range(n - 1, -1, -1):
         for j in range(m - 1, -1, -1):
             here = pair_score[i, j]
@@ -350,8 +405,9 @@ def _align_sequences(t_struct: Structure, s_struct: Structure, t_elements: list[
     return out
 
 
-def _map_block(t_struct: Structure, s_struct: Structure, t_nodes: list[int], s_nodes: list[int],
-               cache: dict[tuple[str, str], dict]) -> dict[int | tuple[int, int], tuple[int, int | None]]:
+def _map_block(
+    t_struct: Structure, s_struct: Structure, t_nodes: list[int], s_nodes: list[int], cache: dict[tuple[str, str], dict]
+) -> dict[int | tuple[int, int], tuple[int, int | None]]:
     """Student node -> (teacher node, part of a fused teacher node or None) inside one block pair.
 
     A part of a fused student node matched on its own (a fused student qkv against separate teacher
@@ -374,10 +430,13 @@ def _map_block(t_struct: Structure, s_struct: Structure, t_nodes: list[int], s_n
             positional = _order_match(t_struct, s_struct, t_nodes, s_nodes)
             positional = {(s, None): (t, None) for s, t in positional.items()}
         # cache by position so every block with the same structure reuses the search
-        cache[key] = {(s_nodes.index(s), s_part): (t_nodes.index(t), part)
-                      for (s, s_part), (t, part) in positional.items()}
-    return {(s_nodes[s] if s_part is None else (s_nodes[s], s_part)): (t_nodes[t], part)
-            for (s, s_part), (t, part) in cache[key].items()}
+        cache[key] = {
+            (s_nodes.index(s), s_part): (t_nodes.index(t), part) for (s, s_part), (t, part) in positional.items()
+        }
+    return {
+        (s_nodes[s] if s_part is None else (s_nodes[s], s_part)): (t_nodes[t], part)
+        for (s, s_part), (t, part) in cache[key].items()
+    }
 
 
 def _fused_parts(struct: Structure, node: int) -> int:
@@ -408,14 +467,19 @@ def _block_graph(struct: Structure, units: list) -> nx.DiGraph:
     return sub
 
 
-def _isomorphic_match(t_struct: Structure, s_struct: Structure, t_units: list[tuple[int, int | None]],
-                      s_units: list[tuple[int, int | None]]) -> dict[tuple[int, int | None], tuple[int, int | None]] | None:
+def _isomorphic_match(
+    t_struct: Structure,
+    s_struct: Structure,
+    t_units: list[tuple[int, int | None]],
+    s_units: list[tuple[int, int | None]],
+) -> dict[tuple[int, int | None], tuple[int, int | None]] | None:
     """Student unit -> teacher unit of the isomorphism that best keeps execution order, or None."""
     if len(t_units) != len(s_units):
         return None
     t_graph, s_graph = _block_graph(t_struct, t_units), _block_graph(s_struct, s_units)
     matcher = isomorphism.DiGraphMatcher(
-        s_graph, t_graph,
+        s_graph,
+        t_graph,
         node_match=lambda a, b: a["family"] == b["family"],
         edge_match=lambda a, b: a["arg"] == b["arg"],
     )

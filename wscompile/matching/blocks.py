@@ -84,8 +84,11 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
     def run_end(start: int) -> int:
         first = structure.subtree_hash(items[start][2], label)
         end = start
-        while (end + 1 < len(items) and items[end + 1][1] == "module"
-               and structure.subtree_hash(items[end + 1][2], label) == first):
+        while (
+            end + 1 < len(items)
+            and items[end + 1][1] == "module"
+            and structure.subtree_hash(items[end + 1][2], label) == first
+        ):
             end += 1
         return end
 
@@ -102,7 +105,12 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
             continue
         j = run_end(i)
         run = [items[k][2] for k in range(i, j + 1)]
-        if len(run) == 1 and j + 1 < len(items) and items[j + 1][1] == "module" and _is_entry(structure, value, items[j + 1][2]):
+        if (
+            len(run) == 1
+            and j + 1 < len(items)
+            and items[j + 1][1] == "module"
+            and _is_entry(structure, value, items[j + 1][2])
+        ):
             # an entry block (downsampling, widening) followed by its repeated blocks
             end = run_end(j + 1)
             run = [value] + [items[k][2] for k in range(j + 1, end + 1)]
@@ -119,14 +127,22 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
             # own layers held in one child (``self.layers = ModuleList([...])``) or, in an entry
             # block, its body beside a shortcut (torchvision RegNet's ``f`` next to ``proj``; a
             # list holding one block, HF Swin's ``blocks`` beside ``downsample``, is a stage)
-            if not any(isinstance(e, Stage) and (len(e.blocks) > 1 or (
-                    set(comps[e.blocks[0]]) != whole and (e.parent != run[0] or _wraps_one(structure, e.blocks[0]))))
-                       for e in inner):
-                out.append(Stage(blocks=run, first_node=order, family_hash=hashes[-1],
-                                 parent=path, block_hashes=hashes))
+            if not any(
+                isinstance(e, Stage)
+                and (
+                    len(e.blocks) > 1
+                    or (set(comps[e.blocks[0]]) != whole and (e.parent != run[0] or _wraps_one(structure, e.blocks[0])))
+                )
+                for e in inner
+            ):
+                out.append(
+                    Stage(blocks=run, first_node=order, family_hash=hashes[-1], parent=path, block_hashes=hashes)
+                )
                 continue
         for member in run:
-            out.extend(e for e in _segment(structure, member, others) if not (isinstance(e, Component) and e.node in seen))
+            out.extend(
+                e for e in _segment(structure, member, others) if not (isinstance(e, Component) and e.node in seen)
+            )
             seen.update(e.node for e in out if isinstance(e, Component))
     return out
 
@@ -135,8 +151,10 @@ def _holds_stage(structure: Structure, path: str) -> bool:
     """Whether ``path`` directly holds a run: two consecutive children of equal width-free structure,
     or an entry block and the block it opens."""
     children = [c for c in structure.tree.get(path, []) if len(structure.components_in.get(c, [])) >= 2]
-    return any(structure.subtree_hash(a, "family") == structure.subtree_hash(b, "family") or _is_entry(structure, a, b)
-               for a, b in zip(children, children[1:], strict=False))
+    return any(
+        structure.subtree_hash(a, "family") == structure.subtree_hash(b, "family") or _is_entry(structure, a, b)
+        for a, b in zip(children, children[1:], strict=False)
+    )
 
 
 def _wraps_one(structure: Structure, path: str) -> bool:

@@ -37,7 +37,14 @@ from dataclasses import dataclass, field
 from wscompile.errors import MatchError
 from wscompile.indices import uniform_indices
 
-FIRST, UNIFORM, LAST, DROP_MIDDLE, IMPORTANCE, EXPLICIT = "first", "uniform", "last", "drop-middle", "importance", "explicit"
+FIRST, UNIFORM, LAST, DROP_MIDDLE, IMPORTANCE, EXPLICIT = (
+    "first",
+    "uniform",
+    "last",
+    "drop-middle",
+    "importance",
+    "explicit",
+)
 POLICIES = (FIRST, UNIFORM, LAST, DROP_MIDDLE, IMPORTANCE)
 EXPLICIT_FORM = 'an explicit map "STAGE:BLOCK,BLOCK,...;STAGE:..." like "0:0,2,4;1:0,1"'
 
@@ -75,14 +82,24 @@ def parse_layer_policy(text: str) -> LayerPolicy:
         if index in explicit:
             raise MatchError(f"layer map {text!r} names stage {index} twice")
         if chosen != sorted(set(chosen)):
-            raise MatchError(f"layer map entry {entry!r}: teacher blocks must be distinct and ascending, "
-                             f"e.g. {index}:{','.join(map(str, sorted(set(chosen))))}")
+            raise MatchError(
+                f"layer map entry {entry!r}: teacher blocks must be distinct and ascending, "
+                f"e.g. {index}:{','.join(map(str, sorted(set(chosen))))}"
+            )
         explicit[index] = chosen
     return LayerPolicy(EXPLICIT, text, explicit)
 
 
-def teacher_blocks(policy: LayerPolicy, stage: int, label: str, n_teacher: int, n_student: int, *, entry: bool,
-                   similarity: Callable[[], list[float]]) -> tuple[str, list[int]]:
+def teacher_blocks(
+    policy: LayerPolicy,
+    stage: int,
+    label: str,
+    n_teacher: int,
+    n_student: int,
+    *,
+    entry: bool,
+    similarity: Callable[[], list[float]],
+) -> tuple[str, list[int]]:
     """(policy name recorded for the stage, the teacher block index of each student block).
 
     ``stage`` is the student stage's index, ``label`` its description (for messages), ``entry``
@@ -94,14 +111,20 @@ def teacher_blocks(policy: LayerPolicy, stage: int, label: str, n_teacher: int, 
             return FIRST, list(range(min(n_teacher, n_student)))
         chosen = policy.explicit[stage]
         if len(chosen) != n_student:
-            raise MatchError(f"layer map gives {len(chosen)} teacher block(s) for student {label}, which has "
-                             f"{n_student}; list exactly {n_student}")
+            raise MatchError(
+                f"layer map gives {len(chosen)} teacher block(s) for student {label}, which has "
+                f"{n_student}; list exactly {n_student}"
+            )
         if chosen[-1] >= n_teacher:
-            raise MatchError(f"layer map names teacher block {chosen[-1]} for student {label}, but its teacher stage "
-                             f"has {n_teacher} blocks (0..{n_teacher - 1})")
+            raise MatchError(
+                f"layer map names teacher block {chosen[-1]} for student {label}, but its teacher stage "
+                f"has {n_teacher} blocks (0..{n_teacher - 1})"
+            )
         if entry and chosen[0] != 0:
-            raise MatchError(f"student {label} opens with an entry block (a downsample, unlike the blocks after it): "
-                             f"it must take teacher block 0; start the map with {stage}:0,...")
+            raise MatchError(
+                f"student {label} opens with an entry block (a downsample, unlike the blocks after it): "
+                f"it must take teacher block 0; start the map with {stage}:0,..."
+            )
         return EXPLICIT, chosen
     if policy.name == FIRST or n_student >= n_teacher:
         return policy.name, list(range(min(n_teacher, n_student)))
@@ -166,8 +189,9 @@ def choose_blocks(scores: list[list[float]], preferred: list[int] | None = None)
     return best[0][0][0], chosen
 
 
-def _options(scores: list[list[float]], wanted: list[int | None], best: list[list[tuple[float, int]]],
-             i: int, j: int) -> list[tuple[tuple[float, int], int]]:
+def _options(
+    scores: list[list[float]], wanted: list[int | None], best: list[list[tuple[float, int]]], i: int, j: int
+) -> list[tuple[tuple[float, int], int]]:
     """The three moves at (student i, teacher j) with their values; equal values prefer pairing (2),
     then skipping the teacher block (1), then leaving the student block without one (0)."""
     options = [((best[i + 1][j][0], best[i + 1][j][1] - (wanted[i] is not None)), 0), (best[i][j + 1], 1)]

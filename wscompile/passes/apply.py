@@ -66,9 +66,11 @@ def _check_finite(plan: SelectionPlan, teacher: str, student: str, values: torch
     if not count:
         return
     if strict:
-        raise SelectionError(f"teacher tensor {teacher!r} has {count} non-finite value(s) (NaN or inf) among the "
-                             f"elements selected for student {student!r}; repair the teacher checkpoint, or drop "
-                             "--strict to write the student anyway (with a warning)")
+        raise SelectionError(
+            f"teacher tensor {teacher!r} has {count} non-finite value(s) (NaN or inf) among the "
+            f"elements selected for student {student!r}; repair the teacher checkpoint, or drop "
+            "--strict to write the student anyway (with a warning)"
+        )
     plan.nonfinite_teacher.append(NonFinite(teacher, student, count))
 
 
@@ -89,7 +91,9 @@ def _all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(values).all())
 
 
-def student_layout(plan: SelectionPlan, student_state: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def student_layout(
+    plan: SelectionPlan, student_state: dict[str, torch.Tensor]
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shape and dtype of every tensor ``student_tensors`` yields, in the same order, before any is read."""
     return {r.student: (tuple(r.student_shape), student_state[r.student].dtype) for r in plan.tensors}
 
@@ -114,20 +118,24 @@ def check_plan(plan: SelectionPlan, teacher: TensorSource, student_state: dict[s
         if own is None:
             problems.append(f"student {record.student!r} is not a tensor of the student")
         elif list(own.shape) != list(record.student_shape):
-            problems.append(f"student {record.student!r} is {list(own.shape)} in the student, "
-                            f"{record.student_shape} in the plan")
+            problems.append(
+                f"student {record.student!r} is {list(own.shape)} in the student, {record.student_shape} in the plan"
+            )
         if record.rule == RULE_STUDENT_INIT:
             continue
         for piece in record.parts or [record]:
             problems += _piece_problems(piece, teacher, teacher_keys, group_indices)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise SelectionError(f"the plan does not fit these models ({len(problems)} problem(s)): {shown}; pass the "
-                             "teacher weights and student spec the manifest was written for")
+        raise SelectionError(
+            f"the plan does not fit these models ({len(problems)} problem(s)): {shown}; pass the "
+            "teacher weights and student spec the manifest was written for"
+        )
 
 
-def _piece_problems(piece: TensorRecord, teacher: TensorSource, teacher_keys: set[str],
-                    group_indices: dict[str, list[int]]) -> list[str]:
+def _piece_problems(
+    piece: TensorRecord, teacher: TensorSource, teacher_keys: set[str], group_indices: dict[str, list[int]]
+) -> list[str]:
     """What keeps one planned teacher read (a record, or a part of an assembled one) from being made."""
     name = f"teacher {piece.teacher!r} (for student {piece.student!r})"
     if piece.teacher not in teacher_keys:
@@ -154,6 +162,8 @@ def _piece_problems(piece: TensorRecord, teacher: TensorSource, teacher_keys: se
     return problems
 
 
-def apply_plan(plan: SelectionPlan, teacher: TensorSource, student_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def apply_plan(
+    plan: SelectionPlan, teacher: TensorSource, student_state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The student's full state_dict: planned tensors from the teacher, the rest as given."""
     return dict(student_tensors(plan, teacher, student_state))

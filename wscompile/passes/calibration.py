@@ -43,8 +43,12 @@ from wscompile.passes.activation import ChannelMeans
 MAX_SAMPLES = CALIB_MAX_SAMPLES  # calibration samples used at most (the first ones)
 BATCH_SIZE = CALIB_BATCH_SIZE  # samples per calibration forward
 MASK_INPUT = "attention_mask"  # forward argument marking real (1) and padded (0) positions
-CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
-                  nn.modules.instancenorm._InstanceNorm)
+CHANNELS_FIRST = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
 
 
 @dataclass
@@ -63,8 +67,15 @@ class Calibrator:
     channel means afterwards: both are answered by one forward pass.
     """
 
-    def __init__(self, teacher: nn.Module, graph: nx.DiGraph, inputs: Mapping[str, torch.Tensor], *,
-                 channels: bool, description: str) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        graph: nx.DiGraph,
+        inputs: Mapping[str, torch.Tensor],
+        *,
+        channels: bool,
+        description: str,
+    ) -> None:
         self.teacher, self.graph, self.inputs = teacher, graph, dict(inputs)
         self.channels = channels  # whether channel means are wanted
         self.description = description  # what the inputs are, for the plan ("32 images from photos/")
@@ -83,12 +94,15 @@ class Calibrator:
         return self._statistics
 
 
-def observe(teacher: nn.Module, graph: nx.DiGraph, inputs: Mapping[str, torch.Tensor], *, channels: bool,
-            blocks: list[str]) -> Statistics:
+def observe(
+    teacher: nn.Module, graph: nx.DiGraph, inputs: Mapping[str, torch.Tensor], *, channels: bool, blocks: list[str]
+) -> Statistics:
     """``teacher`` run on ``inputs`` batch by batch, observed; raises SelectionError if it has no weights."""
     if any(t.is_meta for t in [*teacher.parameters(), *teacher.buffers()]):
-        raise SelectionError("calibration runs the teacher, but it was built on the meta device without weights; "
-                             "build it on the CPU with its weights loaded")
+        raise SelectionError(
+            "calibration runs the teacher, but it was built on the meta device without weights; "
+            "build it on the CPU with its weights loaded"
+        )
     total = _batch_size(inputs)
     stats = Statistics(samples=min(total, MAX_SAMPLES))
     sums: dict[tuple[str, str], torch.Tensor] = {}
@@ -112,6 +126,7 @@ def observe(teacher: nn.Module, graph: nx.DiGraph, inputs: Mapping[str, torch.Te
                 key = (path, side)
                 sums[key] = sums.get(key, 0) + moved.sum(0)
                 counts[key] = counts.get(key, 0) + moved.shape[0]
+
         return hook
 
     def block_hook(path: str):
@@ -126,6 +141,7 @@ def observe(teacher: nn.Module, graph: nx.DiGraph, inputs: Mapping[str, torch.Te
                 x, y = x * keep, y * keep
             flat_x, flat_y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
             similarity[path].extend(torch.nn.functional.cosine_similarity(flat_x, flat_y, dim=1).tolist())
+
         return hook
 
     for path, widths in (_layer_widths(graph) if channels else {}).items():
@@ -145,8 +161,10 @@ def observe(teacher: nn.Module, graph: nx.DiGraph, inputs: Mapping[str, torch.Te
                 mask = given.bool() if isinstance(given, torch.Tensor) and given.dim() == 2 else None
                 teacher(**batch)
     except Exception as e:
-        raise SelectionError(f"the teacher's forward pass on the calibration inputs failed ({type(e).__name__}: "
-                             f"{e}); pass inputs named like its forward arguments ({', '.join(inputs)} given)") from e
+        raise SelectionError(
+            f"the teacher's forward pass on the calibration inputs failed ({type(e).__name__}: "
+            f"{e}); pass inputs named like its forward arguments ({', '.join(inputs)} given)"
+        ) from e
     finally:
         teacher.train(training)
         for handle in handles:
@@ -159,8 +177,10 @@ def observe(teacher: nn.Module, graph: nx.DiGraph, inputs: Mapping[str, torch.Te
 def _batches(inputs: Mapping[str, torch.Tensor], total: int, samples: int) -> Iterator[dict[str, torch.Tensor]]:
     """The first ``samples`` of ``inputs`` in batches of ``BATCH_SIZE`` (tensors without the batch axis whole)."""
     for start in range(0, samples, BATCH_SIZE):
-        yield {name: value[start:start + BATCH_SIZE] if _batched(value, total) else value
-               for name, value in inputs.items()}
+        yield {
+            name: value[start : start + BATCH_SIZE] if _batched(value, total) else value
+            for name, value in inputs.items()
+        }
 
 
 def _batched(value: object, total: int) -> bool:
@@ -169,7 +189,7 @@ def _batched(value: object, total: int) -> bool:
 
 def _masks(mask: torch.Tensor | None, value: torch.Tensor) -> bool:
     """Whether ``mask`` (batch, positions) lays over the leading axes of ``value``."""
-    return mask is not None and value.dim() > mask.dim() and tuple(value.shape[:mask.dim()]) == tuple(mask.shape)
+    return mask is not None and value.dim() > mask.dim() and tuple(value.shape[: mask.dim()]) == tuple(mask.shape)
 
 
 def describe(used: int, total: int, what: str, name: str) -> str:

@@ -39,8 +39,17 @@ def dimension(linked: UnionFind, pending: Pending) -> Dimension:
     return linked.find(pending.space), pending.member.size, pending.student_block
 
 
-def choose(pending: list[Pending], linked: UnionFind, layouts: list[AttentionLayout], method: MethodSpec,
-           scorer: Scorer | None, *, seed: int, unobserved: list[str], whole_heads: bool) -> Chosen:
+def choose(
+    pending: list[Pending],
+    linked: UnionFind,
+    layouts: list[AttentionLayout],
+    method: MethodSpec,
+    scorer: Scorer | None,
+    *,
+    seed: int,
+    unobserved: list[str],
+    whole_heads: bool,
+) -> Chosen:
     """Indices per dimension, in order of first occurrence, and per head-structured axis.
 
     ``unobserved`` is where the scorer lists dimensions it ranked by fallback (``Evidence``);
@@ -74,16 +83,20 @@ def choose(pending: list[Pending], linked: UnionFind, layouts: list[AttentionLay
         by_head_axis.update(choose_heads(attention, method.choose, channel_scores, seed))
     notes = []
     if unobserved:
-        notes.append(f"activation: {len(unobserved)} dimension(s) read by no observed layer (loose parameters "
-                     f"only, e.g. {unobserved[0]}) were ranked by weight magnitude")
+        notes.append(
+            f"activation: {len(unobserved)} dimension(s) read by no observed layer (loose parameters "
+            f"only, e.g. {unobserved[0]}) were ranked by weight magnitude"
+        )
     if whole_heads and not layouts:
-        notes.append("--heads whole: no attention with a known head layout was found; heads were selected "
-                     "as flat channels")
+        notes.append(
+            "--heads whole: no attention with a known head layout was found; heads were selected as flat channels"
+        )
     return Chosen(by_dimension, by_head_axis, notes)
 
 
 def _checked(indices: list[int], choice: Choice, method: str) -> list[int]:
-    assert len(indices) == choice.student_size and indices == sorted(set(indices)), \
+    assert len(indices) == choice.student_size and indices == sorted(set(indices)), (
         f"method {method} returned {len(indices)} indices for {choice.key}, expected {choice.student_size} ascending"
+    )
     assert not indices or (indices[0] >= 0 and indices[-1] < choice.teacher_size), f"{method}: index out of range"
     return indices

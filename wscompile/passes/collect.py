@@ -66,8 +66,15 @@ class Collected:
     used_teacher: set[str] = field(default_factory=set)  # teacher tensors some student tensor reads
 
 
-def collect(alignment: Alignment, teacher_graph: nx.DiGraph, student_graph: nx.DiGraph, *, select_head: bool,
-            structured_axes: set[tuple[int, str]], grow: bool = False) -> Collected:
+def collect(
+    alignment: Alignment,
+    teacher_graph: nx.DiGraph,
+    student_graph: nx.DiGraph,
+    *,
+    select_head: bool,
+    structured_axes: set[tuple[int, str]],
+    grow: bool = False,
+) -> Collected:
     """Pair tensors by role and axes by layout; ``structured_axes`` are read by head (``heads.py``).
 
     With ``grow`` (``--allow-partial``) a grouped flat axis larger than its teacher's stays pending,
@@ -82,8 +89,15 @@ def collect(alignment: Alignment, teacher_graph: nx.DiGraph, student_graph: nx.D
         for s_slot in s_data[ir.TENSORS]:
             if s_slot.name in found.records:
                 continue  # a tensor read by several components is planned once
-            record = TensorRecord(s_slot.name, list(s_slot.shape), None, None, RULE_STUDENT_INIT,
-                                  component=s_data[ir.MODULE], is_head=is_head)
+            record = TensorRecord(
+                s_slot.name,
+                list(s_slot.shape),
+                None,
+                None,
+                RULE_STUDENT_INIT,
+                component=s_data[ir.MODULE],
+                is_head=is_head,
+            )
             found.records[s_slot.name] = record
             if t_node is None:
                 record.reason = alignment.unmatched.get(s_node, "no teacher counterpart")
@@ -93,8 +107,9 @@ def collect(alignment: Alignment, teacher_graph: nx.DiGraph, student_graph: nx.D
                 continue
             if s_node in alignment.assembled:
                 # a fused student projection read from separate teacher ones: one planned part each
-                _collect_assembled(record, alignment.assembled[s_node], teacher_graph, s_node, s_data, s_slot,
-                                   structured_axes, found)
+                _collect_assembled(
+                    record, alignment.assembled[s_node], teacher_graph, s_node, s_data, s_slot, structured_axes, found
+                )
                 continue
             t_data = teacher_graph.nodes[t_node]
             t_slot = next((t for t in t_data[ir.TENSORS] if t.role == s_slot.role), None)
@@ -106,25 +121,51 @@ def collect(alignment: Alignment, teacher_graph: nx.DiGraph, student_graph: nx.D
                 record.teacher_shape = list(t_slot.shape)  # NOTE: kept in the manifest, with no teacher
                 record.reason = f"teacher layout {list(t_slot.shape)} cannot be read as {list(s_slot.shape)}"
                 continue
-            axes = _tensor_axes(s_node, s_data, s_slot, t_data, t_slot, view[1], alignment.parts.get(s_node, (0, 1)),
-                                structured_axes, s_node in grids, found.pending, grow)
+            axes = _tensor_axes(
+                s_node,
+                s_data,
+                s_slot,
+                t_data,
+                t_slot,
+                view[1],
+                alignment.parts.get(s_node, (0, 1)),
+                structured_axes,
+                s_node in grids,
+                found.pending,
+                grow,
+            )
             if axes is None:
-                found.too_large.append(f"{s_slot.name!r} {tuple(s_slot.shape)} vs teacher {t_slot.name!r} "
-                                       f"{tuple(t_slot.shape)}")
+                found.too_large.append(
+                    f"{s_slot.name!r} {tuple(s_slot.shape)} vs teacher {t_slot.name!r} {tuple(t_slot.shape)}"
+                )
                 record.reason = f"larger than its teacher match {t_slot.name} {list(t_slot.shape)} (--allow-partial)"
                 continue
             record.teacher, record.teacher_shape, record.reshape, record.axes = (
-                t_slot.name, list(t_slot.shape), view[0], axes)
+                t_slot.name,
+                list(t_slot.shape),
+                view[0],
+                axes,
+            )
             found.used_teacher.add(t_slot.name)
             if rescales(s_data[ir.KIND], s_slot):
                 found.rescalable[s_slot.name] = s_slot.in_axis
     return found
 
 
-def _tensor_axes(s_node: int, s_data: dict, s_slot: ir.TensorSlot, t_data: dict, t_slot: ir.TensorSlot,
-                 teacher_axes: list[int | None], fused_part: tuple[int, int], structured_axes: set[tuple[int, str]],
-                 position_grid: bool, pending: list[Pending], grow: bool,
-                 assembled_part: int | None = None) -> list[AxisRule] | None:
+def _tensor_axes(
+    s_node: int,
+    s_data: dict,
+    s_slot: ir.TensorSlot,
+    t_data: dict,
+    t_slot: ir.TensorSlot,
+    teacher_axes: list[int | None],
+    fused_part: tuple[int, int],
+    structured_axes: set[tuple[int, str]],
+    position_grid: bool,
+    pending: list[Pending],
+    grow: bool,
+    assembled_part: int | None = None,
+) -> list[AxisRule] | None:
     """One rule per student axis (grouped ones appended to ``pending``), or None when an axis is
     larger than the teacher's (with ``grow``: a local or head-structured one). ``assembled_part``
     marks the pending axes of one part of an assembled tensor (``_collect_assembled``).
@@ -171,15 +212,23 @@ def _tensor_axes(s_node: int, s_data: dict, s_slot: ir.TensorSlot, t_data: dict,
             continue
         rule = AxisRule(t_size, s_size, AXIS_FULL, None, k, offset=offset)  # settled by settle.py
         axes.append(rule)
-        member = Member(t_slot.name, t_axis, t_slot.shape[t_axis], offset, k, t_size // k, t_data[ir.MODULE],
-                        space.side)
+        member = Member(
+            t_slot.name, t_axis, t_slot.shape[t_axis], offset, k, t_size // k, t_data[ir.MODULE], space.side
+        )
         pending.append(Pending(s_slot.name, s_axis, rule, space, member, structured, assembled_part))
     return axes
 
 
-def _collect_assembled(record: TensorRecord, t_nodes: list[int], teacher_graph: nx.DiGraph, s_node: int,
-                       s_data: dict, s_slot: ir.TensorSlot, structured_axes: set[tuple[int, str]],
-                       found: Collected) -> None:
+def _collect_assembled(
+    record: TensorRecord,
+    t_nodes: list[int],
+    teacher_graph: nx.DiGraph,
+    s_node: int,
+    s_data: dict,
+    s_slot: ir.TensorSlot,
+    structured_axes: set[tuple[int, str]],
+    found: Collected,
+) -> None:
     """Plan a fused student tensor (k blocks along its out axis) from k separate teacher layers.
 
     Part ``i`` is the student's ``i``-th block, read from the same-role tensor of ``t_nodes[i]`` as a
@@ -202,15 +251,29 @@ def _collect_assembled(record: TensorRecord, t_nodes: list[int], teacher_graph: 
             return
         reshape, teacher_axes = view
         # a whole teacher layer per part: no fused teacher part, no position grid, no growth
-        axes = _tensor_axes(s_node, s_data, part_slot, t_data, t_slot, teacher_axes, (0, 1), structured_axes,
-                            False, pending, False, assembled_part=index)
+        axes = _tensor_axes(
+            s_node,
+            s_data,
+            part_slot,
+            t_data,
+            t_slot,
+            teacher_axes,
+            (0, 1),
+            structured_axes,
+            False,
+            pending,
+            False,
+            assembled_part=index,
+        )
         if axes is None:
-            record.reason = (f"a part {shape} is larger than its teacher match {t_slot.name} "
-                             f"{list(t_slot.shape)} (--allow-partial)")
+            record.reason = (
+                f"a part {shape} is larger than its teacher match {t_slot.name} {list(t_slot.shape)} (--allow-partial)"
+            )
             found.too_large.append(f"{s_slot.name!r} part {tuple(shape)} vs teacher {t_slot.name!r} {t_slot.shape}")
             return
-        parts.append(TensorRecord(s_slot.name, shape, t_slot.name, list(t_slot.shape), RULE_SELECT,
-                                  axes=axes, reshape=reshape))
+        parts.append(
+            TensorRecord(s_slot.name, shape, t_slot.name, list(t_slot.shape), RULE_SELECT, axes=axes, reshape=reshape)
+        )
     record.parts, record.parts_axis, record.rule = parts, s_slot.out_axis, RULE_SELECT
     record.teacher, record.teacher_shape = parts[0].teacher, parts[0].teacher_shape
     found.pending.extend(pending)

@@ -42,10 +42,13 @@ def deepen(alignment: Alignment, student_graph: nx.DiGraph) -> tuple[Alignment, 
         for pair in stage.blocks:
             nodes = sorted(members.get(pair.student, []))
             donor_nodes = sorted(members.get(donor.student, [])) if donor else []
-            if (pair.teacher is not None or donor is None or not nodes
-                    or not all(NO_TEACHER_BLOCK in unmatched.get(n, "") for n in nodes)
-                    or [_signature(student_graph, n) for n in nodes]
-                    != [_signature(student_graph, n) for n in donor_nodes]):
+            if (
+                pair.teacher is not None
+                or donor is None
+                or not nodes
+                or not all(NO_TEACHER_BLOCK in unmatched.get(n, "") for n in nodes)
+                or [_signature(student_graph, n) for n in nodes] != [_signature(student_graph, n) for n in donor_nodes]
+            ):
                 blocks.append(pair)
                 continue
             matched = 0
@@ -64,8 +67,9 @@ def deepen(alignment: Alignment, student_graph: nx.DiGraph) -> tuple[Alignment, 
         stages.append(replace(stage, blocks=blocks))
     if not repeated:
         return alignment, {}
-    return replace(alignment, pairs=pairs, unmatched=unmatched, stages=stages, parts=parts,
-                   assembled=assembled), repeated
+    return replace(
+        alignment, pairs=pairs, unmatched=unmatched, stages=stages, parts=parts, assembled=assembled
+    ), repeated
 
 
 def _signature(graph: nx.DiGraph, node: int) -> tuple:

@@ -78,8 +78,7 @@ def _not_preserving(members: list[Pending], graph: nx.DiGraph, linked: UnionFind
             stranger = next((b for b in graph.successors(p.space.node) if linked.find(Space(b, "in")) != root), None)
             if stranger is not None:
                 return f"{graph.nodes[stranger][ir.MODULE]} reads {data[ir.MODULE]}'s outputs in another layout"
-        if (data.get(ir.HEADS) is not None or data[ir.KIND] == ir.KIND_ATTENTION
-                or (data.get(ir.FUSED_BLOCKS) or 1) > 1):
+        if data.get(ir.HEADS) is not None or data[ir.KIND] == ir.KIND_ATTENTION or (data.get(ir.FUSED_BLOCKS) or 1) > 1:
             return f"attention heads in {data[ir.MODULE]}"
         if (data.get(ir.CONV_GROUPS) or 1) > 1 and not passes_through(data):
             return f"grouped convolution {data[ir.MODULE]}"

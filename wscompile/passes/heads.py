@@ -82,8 +82,9 @@ def _width(graph: nx.DiGraph, node: int, side: str, *, whole_axis: bool = False)
     return weight.shape[axis] // (1 if whole_axis else dict(weight.blocks).get(axis, 1))
 
 
-def attention_layouts(alignment: Alignment, teacher: nx.DiGraph, student: nx.DiGraph, *,
-                      heads: str = SPLIT) -> list[AttentionLayout]:
+def attention_layouts(
+    alignment: Alignment, teacher: nx.DiGraph, student: nx.DiGraph, *, heads: str = SPLIT
+) -> list[AttentionLayout]:
     """Attention blocks whose q/k/v/o axes are selected per head.
 
     With ``heads="split"`` only grouped-query or rotary blocks (the flat rule is exact for plain
@@ -98,8 +99,11 @@ def attention_layouts(alignment: Alignment, teacher: nx.DiGraph, student: nx.DiG
     for s_node, t_node in alignment.pairs.items():
         # NOTE: split mode leaves fused q/k/v students and parts of fused teachers to the flat rule
         fused = _width(student, s_node, "out") != _width(student, s_node, "out", whole_axis=True)
-        if (student.nodes[s_node][ir.HEADS] and teacher.nodes[t_node][ir.HEADS]
-                and (whole or (s_node not in alignment.parts and not fused))):
+        if (
+            student.nodes[s_node][ir.HEADS]
+            and teacher.nodes[t_node][ir.HEADS]
+            and (whole or (s_node not in alignment.parts and not fused))
+        ):
             by_block.setdefault(alignment.block_of.get(s_node, student.nodes[s_node][ir.MODULE]), []).append(s_node)
     layouts = []
     for projections in by_block.values():
@@ -128,22 +132,34 @@ def attention_layouts(alignment: Alignment, teacher: nx.DiGraph, student: nx.DiG
             raise SelectionError(
                 f"student attention {key} has {q_heads_s // kv_s} query heads per key/value head, its teacher "
                 f"{q_heads_t // kv_t}: a student query head would have no teacher head in its kv group; "
-                f"give the student at most {q_heads_t // kv_t} query heads per kv head")
+                f"give the student at most {q_heads_t // kv_t} query heads per kv head"
+            )
         if whole and d_s != d_t:
             raise SelectionError(
                 f"--heads whole keeps whole teacher heads, but student attention {key} has head_dim {d_s} "
                 f"({q_heads_s} heads) and its teacher {d_t} ({q_heads_t} heads); give the student head_dim {d_t} "
-                f"(hidden size {d_t} x heads) or use --heads split")
+                f"(hidden size {d_t} x heads) or use --heads split"
+            )
         # the output projection reads the attention output: query heads x value dims
-        outputs = sorted({o for q in query for o in student.successors(q)
-                          if o in alignment.pairs and o not in projections and _width(student, o, "in") == q_heads_s * d_s})
-        layouts.append(AttentionLayout(key, query, keys_values, outputs, rotary, (q_heads_t, q_heads_s),
-                                       (kv_t, kv_s), (d_t, d_s), whole))
+        outputs = sorted(
+            {
+                o
+                for q in query
+                for o in student.successors(q)
+                if o in alignment.pairs and o not in projections and _width(student, o, "in") == q_heads_s * d_s
+            }
+        )
+        layouts.append(
+            AttentionLayout(
+                key, query, keys_values, outputs, rotary, (q_heads_t, q_heads_s), (kv_t, kv_s), (d_t, d_s), whole
+            )
+        )
     return layouts
 
 
-def choose_heads(layout: AttentionLayout, pick: Method, channel_scores: ChannelScores,
-                 seed: int = 0) -> dict[tuple[int, str], list[int]]:
+def choose_heads(
+    layout: AttentionLayout, pick: Method, channel_scores: ChannelScores, seed: int = 0
+) -> dict[tuple[int, str], list[int]]:
     """(student node, side) -> teacher indices within one block of that axis, by ``pick``."""
     (h_t, h_s), (kv_t, kv_s), (d_t, d_s) = layout.heads, layout.kv_heads, layout.head_dim
     r_t, r_s = h_t // kv_t, h_s // kv_s
@@ -171,8 +187,9 @@ def choose_heads(layout: AttentionLayout, pick: Method, channel_scores: ChannelS
     if layout.keys_values:
         q_heads = []
         for g in kv_heads:
-            within = pick(Choice(r_t, r_s, f"{key}/heads{g}", seed,
-                                 lambda g=g: query_head_scores()[g * r_t:(g + 1) * r_t]))
+            within = pick(
+                Choice(r_t, r_s, f"{key}/heads{g}", seed, lambda g=g: query_head_scores()[g * r_t : (g + 1) * r_t])
+            )
             q_heads += [g * r_t + j for j in within]
     else:
         q_heads = kv_heads
@@ -196,8 +213,9 @@ def choose_heads(layout: AttentionLayout, pick: Method, channel_scores: ChannelS
     if rotating and not layout.whole:
         if d_t % 2 == 0 and d_s % 2 == 0:
             half = d_t // 2
-            pairs = pick(Choice(half, d_s // 2, f"{key}/rotary-dims", seed,
-                                lambda: dim_scores(rotating).reshape(2, half).sum(0)))
+            pairs = pick(
+                Choice(half, d_s // 2, f"{key}/rotary-dims", seed, lambda: dim_scores(rotating).reshape(2, half).sum(0))
+            )
             rotary_dims = pairs + [half + i for i in pairs]
         else:
             rotary_dims = pick(Choice(d_t, d_s, f"{key}/rotary-dims", seed, lambda: dim_scores(rotating)))

@@ -37,8 +37,12 @@ def layout(teacher: ir.TensorSlot, student: ir.TensorSlot) -> tuple[str | None, 
     """How student axes read teacher axes: (reshape name, teacher axis per student axis), or None."""
     t_shape, s_shape = teacher.shape, student.shape
     if len(t_shape) == len(s_shape):
-        if (len(s_shape) == 2 and teacher.out_axis is not None and student.out_axis is not None
-                and teacher.out_axis != student.out_axis):
+        if (
+            len(s_shape) == 2
+            and teacher.out_axis is not None
+            and student.out_axis is not None
+            and teacher.out_axis != student.out_axis
+        ):
             return "transpose", [1, 0]
         return None, list(range(len(s_shape)))
     if len(t_shape) == 2 and len(s_shape) > 2 and all(d == 1 for d in s_shape[2:]):
@@ -48,8 +52,7 @@ def layout(teacher: ir.TensorSlot, student: ir.TensorSlot) -> tuple[str | None, 
     return None
 
 
-def axis_rule(t_size: int, s_size: int, blocks: int, group: GroupRecord | None, method: str,
-              offset: int) -> AxisRule:
+def axis_rule(t_size: int, s_size: int, blocks: int, group: GroupRecord | None, method: str, offset: int) -> AxisRule:
     """The rule of a flat axis: its group's indices, or uniform ones for a local axis (group None)."""
     t_block, s_block = t_size // blocks, s_size // blocks
     gid = group.id if group else None

@@ -34,8 +34,13 @@ def token_grid(graph: nx.DiGraph, node: int) -> tuple[int, int] | None:
     for consumer in graph.successors(node):
         for producer in graph.predecessors(consumer):
             shape = graph.nodes[producer].get(ir.OUT_SHAPE)
-            if (graph.nodes[producer][ir.KIND] != ir.KIND_CONV or shape is None or len(shape) != 4
-                    or shape[1] != channels or shape[2] != shape[3]):
+            if (
+                graph.nodes[producer][ir.KIND] != ir.KIND_CONV
+                or shape is None
+                or len(shape) != 4
+                or shape[1] != channels
+                or shape[2] != shape[3]
+            ):
                 continue
             side = shape[2]
             if grid_split(rows) == (rows - side * side, side):

@@ -27,8 +27,7 @@ KINDS = {ir.KIND_LINEAR, ir.KIND_CONV, ir.KIND_ATTENTION}  # layers whose weight
 
 def rescales(kind: str, slot: ir.TensorSlot) -> bool:
     """Whether ``slot`` is a weight that --rescale may scale: it reads its layer's input channels."""
-    return (kind in KINDS and slot.in_axis is not None and slot.in_axis != slot.out_axis
-            and "weight" in slot.role)
+    return kind in KINDS and slot.in_axis is not None and slot.in_axis != slot.out_axis and "weight" in slot.role
 
 
 def input_scale(in_rule: AxisRule) -> float | None:

@@ -110,38 +110,68 @@ def build_plan(
         alignment, repeated = deepen(alignment, student_graph)
     layouts = attention_layouts(alignment, teacher_graph, student_graph, heads=config.heads)
     # 1. collect: tensors paired by role, axes by layout; grouped axes wait for their indices
-    collected = collect(alignment, teacher_graph, student_graph, select_head=config.select_head,
-                        structured_axes={axis for attention in layouts for axis in attention.axes()},
-                        grow=config.allow_partial)
+    collected = collect(
+        alignment,
+        teacher_graph,
+        student_graph,
+        select_head=config.select_head,
+        structured_axes={axis for attention in layouts for axis in attention.axes()},
+        grow=config.allow_partial,
+    )
     # 2. choose: one index set per coupled dimension, and per head for attention laid out by heads;
     #    a dimension the student is larger in keeps every teacher unit and grows the rest
-    chosen = choose(collected.pending, dimensions.linked, layouts, method, scorer, seed=config.seed,
-                    unobserved=evidence.unobserved, whole_heads=config.heads == WHOLE)
+    chosen = choose(
+        collected.pending,
+        dimensions.linked,
+        layouts,
+        method,
+        scorer,
+        seed=config.seed,
+        unobserved=evidence.unobserved,
+        whole_heads=config.heads == WHOLE,
+    )
     grown = grow(collected.pending, dimensions.linked, student_graph, rule=config.growth)
     # 3. settle: rules read their group's indices; sizes checked; untraced, ties, dtypes, unused accounted
-    records, groups = settle_groups(collected, chosen, dimensions.spaces, dimensions.linked, method=config.method,
-                                    heads_rule=rule_name(config.method, config.heads), rescale=config.rescale,
-                                    grown=grown)
+    records, groups = settle_groups(
+        collected,
+        chosen,
+        dimensions.spaces,
+        dimensions.linked,
+        method=config.method,
+        heads_rule=rule_name(config.method, config.heads),
+        rescale=config.rescale,
+        grown=grown,
+    )
     for key, block in repeated.items():
         if key in records and records[key].rule != RULE_STUDENT_INIT:
             records[key] = replace(records[key], repeats=block, reason=REPEAT_REASON.format(block=block))
     check_sizes(sized, collected.too_large, allow_partial=config.allow_partial)
-    untraced = untraced_pairs(alignment, teacher_graph, student_graph, [k for k in student_state if k not in records],
-                              teacher_keys)
+    untraced = untraced_pairs(
+        alignment, teacher_graph, student_graph, [k for k in student_state if k not in records], teacher_keys
+    )
     add_untraced(records, student_state, untraced, teacher_keys)
     unify_ties(records, student_state)
     note_dtypes(records, student_state, teacher_keys)
     tensors = [records[k] for k in student_state if k in records]
     return SelectionPlan(
-        teacher_spec=config.teacher_spec, student_spec=config.student_spec, method=config.method,
+        teacher_spec=config.teacher_spec,
+        student_spec=config.student_spec,
+        method=config.method,
         layer_policy=config.layer_policy,
         frontend={"teacher": teacher_graph.graph[ir.FRONTEND], "student": student_graph.graph[ir.FRONTEND]},
-        tensors=tensors, stages=alignment.stages, groups=groups,
-        unused_teacher=unused_teacher(alignment, teacher_graph, teacher_keys, collected.used_teacher,
-                                      config.select_head),
+        tensors=tensors,
+        stages=alignment.stages,
+        groups=groups,
+        unused_teacher=unused_teacher(
+            alignment, teacher_graph, teacher_keys, collected.used_teacher, config.select_head
+        ),
         teacher_params=sum(_numel(s) for s, _ in teacher_keys.values()),
-        student_params=sum(t.numel() for t in student_state.values()), notes=chosen.notes, heads=config.heads,
-        rescale=config.rescale, seed=config.seed, calibration=calibration.description if calibration else None,
+        student_params=sum(t.numel() for t in student_state.values()),
+        notes=chosen.notes,
+        heads=config.heads,
+        rescale=config.rescale,
+        seed=config.seed,
+        calibration=calibration.description if calibration else None,
         coverage=coverage(tensors),
     )
 
@@ -153,8 +183,10 @@ def _scorer(method: MethodSpec, evidence: Evidence) -> Scorer | None:
     if method.needs_weights and evidence.weights is None:
         raise SelectionError(f"--method {method.name} reads the teacher's weights: give build_plan the teacher_source")
     if method.needs_calibration and evidence.channel_means is None:
-        raise SelectionError(f"--method {method.name} ranks channels by the teacher's activations on real inputs: "
-                             "pass calibration inputs (--calib FILE_OR_DIR)")
+        raise SelectionError(
+            f"--method {method.name} ranks channels by the teacher's activations on real inputs: "
+            "pass calibration inputs (--calib FILE_OR_DIR)"
+        )
     return method.scorer(evidence)
 
 

@@ -46,9 +46,17 @@ from wscompile.plan import (
 TeacherKeys = dict[str, tuple[tuple[int, ...], torch.dtype]]  # teacher key -> (shape, dtype)
 
 
-def settle_groups(collected: Collected, chosen: Chosen, spaces: UnionFind, linked: UnionFind, *, method: str,
-                  heads_rule: str, rescale: bool, grown: dict[Dimension, Growth] | None = None,
-                  ) -> tuple[dict[str, TensorRecord], list[GroupRecord]]:
+def settle_groups(
+    collected: Collected,
+    chosen: Chosen,
+    spaces: UnionFind,
+    linked: UnionFind,
+    *,
+    method: str,
+    heads_rule: str,
+    rescale: bool,
+    grown: dict[Dimension, Growth] | None = None,
+) -> tuple[dict[str, TensorRecord], list[GroupRecord]]:
     """New records with every pending axis settled, and the groups in id order; ``grown`` maps each
     dimension the student is larger in to its ``Growth``."""
     groups: dict[tuple, GroupRecord] = {}
@@ -70,16 +78,26 @@ def settle_groups(collected: Collected, chosen: Chosen, spaces: UnionFind, linke
             key = (root, t_block, s_block)
             growth = (grown or {})[dimension(linked, p)]
             if key not in groups:
-                groups[key] = GroupRecord(f"g{len(groups)}", t_block, s_block, [], growth.rule, list(growth.indices),
-                                          growth.rule, growth.replicas, growth.note)
+                groups[key] = GroupRecord(
+                    f"g{len(groups)}",
+                    t_block,
+                    s_block,
+                    [],
+                    growth.rule,
+                    list(growth.indices),
+                    growth.rule,
+                    growth.replicas,
+                    growth.note,
+                )
             settled = _grown_rule(p, groups[key].id, growth)
         else:
             key = (root, t_block, s_block)
             if key not in groups:
                 equal = t_block == s_block
                 indices = list(range(t_block)) if equal else chosen.by_dimension[dimension(linked, p)]
-                groups[key] = GroupRecord(f"g{len(groups)}", t_block, s_block, [], AXIS_FULL if equal else method,
-                                          indices)
+                groups[key] = GroupRecord(
+                    f"g{len(groups)}", t_block, s_block, [], AXIS_FULL if equal else method, indices
+                )
             settled = axis_rule(rule.teacher_size, rule.student_size, rule.blocks, groups[key], method, rule.offset)
         if f"{p.student}:{p.axis}" not in groups[key].members:  # the parts of an assembled tensor share it
             groups[key].members.append(f"{p.student}:{p.axis}")
@@ -106,8 +124,17 @@ def settle_groups(collected: Collected, chosen: Chosen, spaces: UnionFind, linke
 def _grown_rule(p: Pending, group: str, growth: Growth) -> AxisRule:
     """The rule of an axis its student is larger in: every teacher unit, the rest by ``growth``."""
     rule = p.rule
-    return AxisRule(rule.teacher_size, rule.student_size, growth.rule, group, rule.blocks, None,
-                    list(growth.indices), rule.offset, divide=growth.rule == GROW_WIDEN and p.space.side == "in")
+    return AxisRule(
+        rule.teacher_size,
+        rule.student_size,
+        growth.rule,
+        group,
+        rule.blocks,
+        None,
+        list(growth.indices),
+        rule.offset,
+        divide=growth.rule == GROW_WIDEN and p.space.side == "in",
+    )
 
 
 def check_sizes(alignment: Alignment, too_large: list[str], *, allow_partial: bool) -> None:
@@ -115,18 +142,28 @@ def check_sizes(alignment: Alignment, too_large: list[str], *, allow_partial: bo
     deeper = [n for n, r in alignment.unmatched.items() if "has no teacher block" in r]
     problems = []
     if too_large:
-        problems.append(f"{len(too_large)} student tensor(s) larger than their teacher match: " + "; ".join(too_large[:4])
-                        + (" ..." if len(too_large) > 4 else ""))
+        problems.append(
+            f"{len(too_large)} student tensor(s) larger than their teacher match: "
+            + "; ".join(too_large[:4])
+            + (" ..." if len(too_large) > 4 else "")
+        )
     if deeper:
         stage = next(s for s in alignment.stages if any(b.teacher is None for b in s.blocks))
-        problems.append(f"student {stage.student} is deeper than teacher {stage.teacher} "
-                        f"({stage.student_depth} vs {stage.teacher_depth} blocks)")
+        problems.append(
+            f"student {stage.student} is deeper than teacher {stage.teacher} "
+            f"({stage.student_depth} vs {stage.teacher_depth} blocks)"
+        )
     if problems and not allow_partial:
         raise SelectionError("; ".join(problems) + "; pass --allow-partial to keep the student's init for them")
 
 
-def untraced_pairs(alignment: Alignment, teacher_graph: nx.DiGraph, student_graph: nx.DiGraph,
-                   student_keys: list[str], teacher_keys: TeacherKeys) -> dict[str, str]:
+def untraced_pairs(
+    alignment: Alignment,
+    teacher_graph: nx.DiGraph,
+    student_graph: nx.DiGraph,
+    student_keys: list[str],
+    teacher_keys: TeacherKeys,
+) -> dict[str, str]:
     """Student tensor -> teacher tensor, for tensors no traced op reads, paired by structure.
 
     A BatchNorm's ``num_batches_tracked`` only changes in training mode, so an eval-mode trace never
@@ -152,8 +189,12 @@ def untraced_pairs(alignment: Alignment, teacher_graph: nx.DiGraph, student_grap
     return pairs
 
 
-def add_untraced(records: dict[str, TensorRecord], student_state: dict[str, torch.Tensor],
-                 pairs: dict[str, str], teacher_keys: TeacherKeys) -> None:
+def add_untraced(
+    records: dict[str, TensorRecord],
+    student_state: dict[str, torch.Tensor],
+    pairs: dict[str, str],
+    teacher_keys: TeacherKeys,
+) -> None:
     """Student tensors no traced op reads: copied from their structural pair (``untraced_pairs``)
     when shapes agree; the rest keep init, recorded as untraced (tied aliases are settled afterwards
     by ``unify_ties``)."""
@@ -163,14 +204,22 @@ def add_untraced(records: dict[str, TensorRecord], student_state: dict[str, torc
         teacher_key = pairs.get(key)
         if teacher_key is not None and teacher_keys[teacher_key][0] == tuple(tensor.shape):
             full = [AxisRule(d, d, AXIS_FULL, None) for d in tensor.shape]
-            records[key] = TensorRecord(key, list(tensor.shape), teacher_key, list(tensor.shape), RULE_COPY,
-                                        key.rpartition(".")[0], full,
-                                        reason="buffer of a matched layer, not read in eval mode")
+            records[key] = TensorRecord(
+                key,
+                list(tensor.shape),
+                teacher_key,
+                list(tensor.shape),
+                RULE_COPY,
+                key.rpartition(".")[0],
+                full,
+                reason="buffer of a matched layer, not read in eval mode",
+            )
             continue
         # NOTE: a structural pair of another shape (an untraced mask token of the teacher's width) gets the
         # same reason as no pair: the manifest says the tensor is untraced, whatever its teacher has
-        records[key] = TensorRecord(key, list(tensor.shape), None, None, RULE_STUDENT_INIT,
-                                    reason="not read by any traced operation")
+        records[key] = TensorRecord(
+            key, list(tensor.shape), None, None, RULE_STUDENT_INIT, reason="not read by any traced operation"
+        )
 
 
 def unify_ties(records: dict[str, TensorRecord], student_state: dict[str, torch.Tensor]) -> None:
@@ -182,21 +231,36 @@ def unify_ties(records: dict[str, TensorRecord], student_state: dict[str, torch.
     tied: dict[tuple[int, tuple[int, ...]], list[str]] = {}
     for key, tensor in student_state.items():
         if tensor.numel() and tensor.device.type != "meta":
-            tied.setdefault((tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size(),
-                             tuple(tensor.shape)), []).append(key)
+            tied.setdefault(
+                (
+                    tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size(),
+                    tuple(tensor.shape),
+                ),
+                [],
+            ).append(key)
     for keys in tied.values():
         if len(keys) < 2:
             continue
         ranked = sorted(keys, key=lambda k: (records[k].teacher is None, records[k].is_head, keys.index(k)))
         base = records[ranked[0]]
         for key in ranked[1:]:
-            records[key] = replace(records[key], teacher=base.teacher, teacher_shape=base.teacher_shape,
-                                   rule=base.rule, axes=base.axes, reshape=base.reshape, scale=base.scale,
-                                   parts=base.parts, parts_axis=base.parts_axis, reason=f"tied to {base.student}")
+            records[key] = replace(
+                records[key],
+                teacher=base.teacher,
+                teacher_shape=base.teacher_shape,
+                rule=base.rule,
+                axes=base.axes,
+                reshape=base.reshape,
+                scale=base.scale,
+                parts=base.parts,
+                parts_axis=base.parts_axis,
+                reason=f"tied to {base.student}",
+            )
 
 
-def note_dtypes(records: dict[str, TensorRecord], student_state: dict[str, torch.Tensor],
-                teacher_keys: TeacherKeys) -> None:
+def note_dtypes(
+    records: dict[str, TensorRecord], student_state: dict[str, torch.Tensor], teacher_keys: TeacherKeys
+) -> None:
     """Note on each record whose teacher dtype differs from the student's that it is converted."""
     for key, record in records.items():
         if record.teacher is None or record.teacher not in teacher_keys:
@@ -207,8 +271,9 @@ def note_dtypes(records: dict[str, TensorRecord], student_state: dict[str, torch
             records[key] = replace(record, reason=f"{record.reason}; {note}" if record.reason else note)
 
 
-def unused_teacher(alignment: Alignment, teacher_graph: nx.DiGraph, teacher_keys: TeacherKeys, used: set[str],
-                   select_head: bool) -> list[UnusedTeacher]:
+def unused_teacher(
+    alignment: Alignment, teacher_graph: nx.DiGraph, teacher_keys: TeacherKeys, used: set[str], select_head: bool
+) -> list[UnusedTeacher]:
     """Every teacher tensor no student tensor reads, with why."""
     owner: dict[str, int] = {}
     for n in teacher_graph.nodes:
@@ -276,5 +341,13 @@ def coverage(tensors: list[TensorRecord]) -> Coverage:
     selected_nh = sum(c[0] for c, head in counts if not head)
     grown_nh = sum(c[1] for c, head in counts if not head)
     total_nh = sum(r.numel for r in tensors if not r.is_head)
-    return Coverage(selected, total, selected / total if total else 0.0, selected_nh, total_nh,
-                    selected_nh / total_nh if total_nh else 0.0, grown, grown_nh)
+    return Coverage(
+        selected,
+        total,
+        selected / total if total else 0.0,
+        selected_nh,
+        total_nh,
+        selected_nh / total_nh if total_nh else 0.0,
+        grown,
+        grown_nh,
+    )

@@ -92,7 +92,11 @@ def format_from_path(path: str, *, format_flag: bool = True) -> str:
         got = f"extension '{extension}'" if extension else "no extension"
         raise OutputError(
             f"cannot tell the report format of '{path}': {got}, expected one of {known}; rename the file"
-            + (f" or pass --format {'|'.join(FORMATS)}" if format_flag else f" (e.g. '{os.path.splitext(path)[0]}.html')")
+            + (
+                f" or pass --format {'|'.join(FORMATS)}"
+                if format_flag
+                else f" (e.g. '{os.path.splitext(path)[0]}.html')"
+            )
         )
     return EXTENSIONS[extension]
 

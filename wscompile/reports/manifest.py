@@ -104,11 +104,15 @@ def plan_to_dict(plan: SelectionPlan) -> dict[str, Any]:
         "nonfinite_teacher": None
         if plan.nonfinite_teacher is None
         else [{"teacher": n.teacher, "student": n.student, "count": n.count} for n in plan.nonfinite_teacher],
-        "export": None if plan.export is None else {
-            "onnx": plan.export.onnx, "exporter": plan.export.exporter,
+        "export": None
+        if plan.export is None
+        else {
+            "onnx": plan.export.onnx,
+            "exporter": plan.export.exporter,
             "dynamic_axes": {k: list(v) for k, v in plan.export.dynamic_axes.items()},
             "static_shapes": {k: list(v) for k, v in plan.export.static_shapes.items()},
-            "max_abs_diff": plan.export.max_abs_diff, "fallback_reason": plan.export.fallback_reason,
+            "max_abs_diff": plan.export.max_abs_diff,
+            "fallback_reason": plan.export.fallback_reason,
             "files": list(plan.export.files),
         },
         "frontend": dict(plan.frontend),
@@ -122,8 +126,11 @@ def plan_to_dict(plan: SelectionPlan) -> dict[str, Any]:
             "total_params_no_head": coverage.total_params_no_head,
             "fraction_no_head": coverage.fraction_no_head,
             # only when some group grows (absent otherwise)
-            **({"grown_params": coverage.grown_params, "grown_params_no_head": coverage.grown_params_no_head}
-               if any(g.growth for g in plan.groups) or any(r.repeats for r in plan.tensors) else {}),
+            **(
+                {"grown_params": coverage.grown_params, "grown_params_no_head": coverage.grown_params_no_head}
+                if any(g.growth for g in plan.groups) or any(r.repeats for r in plan.tensors)
+                else {}
+            ),
         },
         "stages": [_stage(s) for s in plan.stages],
         "groups": [
@@ -218,8 +225,10 @@ def read_manifest(text: str, where: str = "manifest") -> SelectionPlan:
     version = obj.get("schema_version")
     major = SCHEMA_VERSION.split(".")[0]
     if not isinstance(version, str) or version.split(".")[0] != major:
-        raise SpecError(f"{where} has schema_version {version!r}; this wscompile reads manifests of major version "
-                        f"{major} ({SCHEMA_VERSION}); rewrite it with this version's `wscompile init`")
+        raise SpecError(
+            f"{where} has schema_version {version!r}; this wscompile reads manifests of major version "
+            f"{major} ({SCHEMA_VERSION}); rewrite it with this version's `wscompile init`"
+        )
     try:
         validate_manifest(obj)
     except ValidationError as e:

@@ -94,7 +94,9 @@ def from_teacher(records: Iterable[TensorRecord]) -> tuple[int, int]:
 
 def grows(record: TensorRecord) -> bool:
     """Whether ``record`` repeats a teacher block, or some axis of it is larger than its teacher's and grown."""
-    return record.repeats is not None or any(a.rule in GROWTH_RULES for planned in record.parts or [record] for a in planned.axes or [])
+    return record.repeats is not None or any(
+        a.rule in GROWTH_RULES for planned in record.parts or [record] for a in planned.axes or []
+    )
 
 
 def block_records(plan: SelectionPlan, block: str) -> list[TensorRecord]:
@@ -168,8 +170,14 @@ def _summary(plan: SelectionPlan) -> list[tuple[str, str]]:
         e = plan.export
         axes = "; ".join(f"{name}: {', '.join(names)}" for name, names in e.dynamic_axes.items()) or "none"
         fixed = "; ".join(f"{name} {shape}" for name, shape in e.static_shapes.items())
-        lines.append(("onnx export", f"{e.onnx} ({e.exporter}); dynamic axes {axes}"
-                      + (f"; static {fixed}" if fixed else "") + f"; max |onnx - torch| {e.max_abs_diff:.2g}"))
+        lines.append(
+            (
+                "onnx export",
+                f"{e.onnx} ({e.exporter}); dynamic axes {axes}"
+                + (f"; static {fixed}" if fixed else "")
+                + f"; max |onnx - torch| {e.max_abs_diff:.2g}",
+            )
+        )
     coverage = plan.coverage
     if coverage is None:
         lines.append(("from teacher", "not computed (the plan has no coverage)"))
@@ -191,11 +199,19 @@ def _summary(plan: SelectionPlan) -> list[tuple[str, str]]:
         grown = [g for g in plan.groups if g.growth]
         if grown or coverage.grown_params:
             rules = ", ".join(f"{g.id} {g.growth}" + (f" ({g.growth_note})" if g.growth_note else "") for g in grown)
-            lines.append(("grown", f"{coverage.grown_params:,} student params replicated from teacher units "
-                                   f"(not in 'from teacher'); {len(grown)} group(s) larger than the teacher"
-                                   + (f": {rules}" if rules else "")
-                                   + ("; deeper blocks repeat their teacher stage's last block"
-                                      if any(r.repeats for r in plan.tensors) else "")))
+            lines.append(
+                (
+                    "grown",
+                    f"{coverage.grown_params:,} student params replicated from teacher units "
+                    f"(not in 'from teacher'); {len(grown)} group(s) larger than the teacher"
+                    + (f": {rules}" if rules else "")
+                    + (
+                        "; deeper blocks repeat their teacher stage's last block"
+                        if any(r.repeats for r in plan.tensors)
+                        else ""
+                    ),
+                )
+            )
     for i, stage in enumerate(plan.stages):
         lines.append(("layers" if i == 0 else "", _stage_line(stage)))
     return lines
@@ -212,8 +228,10 @@ def _layer_table(plan: SelectionPlan, index: int, stage: StagePair) -> Table:
         else:
             taken.add(pair.teacher)
             chosen = "; chosen by structure" if pair.chosen_by == "structure" else ""
-            status = (f"{pair.components_matched}/{pair.components_total} components; {share} from teacher; "
-                      f"cost {pair.cost:.2f}{chosen}")
+            status = (
+                f"{pair.components_matched}/{pair.components_total} components; {share} from teacher; "
+                f"cost {pair.cost:.2f}{chosen}"
+            )
         rows.append([pair.student, pair.teacher or NONE_CELL, status])
         tones.append(TONE_SELECT if pair.teacher is not None else TONE_INIT)
     for teacher_block in stage.teacher_blocks:

@@ -179,8 +179,11 @@ def render_summary(plan: SelectionPlan) -> str:
     for stage in plan.stages:
         teacher = stage.teacher or "no teacher stage"
         taken = [stage.teacher_blocks.index(b.teacher) for b in stage.blocks if b.teacher is not None]
-        which = (f"first {len(taken)} of {stage.teacher_depth} blocks" if stage.policy == "first"
-                 else f"{stage.policy}: blocks {', '.join(map(str, taken))} of {stage.teacher_depth}")
+        which = (
+            f"first {len(taken)} of {stage.teacher_depth} blocks"
+            if stage.policy == "first"
+            else f"{stage.policy}: blocks {', '.join(map(str, taken))} of {stage.teacher_depth}"
+        )
         if len(set(taken)) < len(taken):  # deeper than the teacher stage: its last block repeated (deepen.py)
             which = f"blocks {', '.join(map(str, taken))} of {stage.teacher_depth} (the last repeated)"
         lines.append(f"  {stage.student} <- {teacher}: {which}")
