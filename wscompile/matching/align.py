@@ -33,7 +33,7 @@ from networkx.algorithms import isomorphism
 
 from wscompile import ir
 from wscompile.errors import MatchError
-from wscompile.matching.blocks import Component, Element, Stage, block_hashes, segment
+from wscompile.matching.blocks import Component, Element, Stage, evidence, segment
 from wscompile.matching.layers import EXPLICIT, LayerPolicy, choose_blocks, parse_layer_policy, teacher_blocks
 from wscompile.matching.structure import Structure
 from wscompile.plan import BlockPair, StagePair
@@ -42,6 +42,7 @@ NO_LAYER_HERE = "no teacher layer of this kind at this position"
 MAX_ISOMORPHISMS = 64  # candidates scored per block pair; blocks have few symmetric mappings
 MIN_ALIGNED_SHARE = 0.5  # of the student's components outside the head; below it align() refuses the pair
 FIT_BONUS = 0.25  # score of a teacher component at least as large as the student's on every axis, on top of 1
+LOOSE_FIT_BONUS = 0.1  # the same for loose layers, under the 0.25 of equal non-channel axes: a tie-breaker
 
 
 @dataclass
@@ -83,14 +84,15 @@ def align(
     policy = layer_policy if isinstance(layer_policy, LayerPolicy) else parse_layer_policy(layer_policy)
     t_struct, s_struct = Structure(teacher), Structure(student)
     t_struct.head, s_struct.head = _terminal(t_struct), _terminal(s_struct)
-    t_elements, s_elements = segment(t_struct), segment(s_struct)
-    # a lone block of one model is a one-block stage if the other model repeats it; promoting one
-    # side can promote blocks of the other, so iterate until neither changes (two rounds suffice
-    # in practice; four bounds it)
+    t_elements = segment(t_struct)
+    s_elements = segment(s_struct, evidence(t_elements))
+    # a lone block of one model is a one-block stage if the other model repeats it, and a block
+    # either model repeats is never an entry block; promoting one side can promote blocks of the
+    # other, so iterate until neither changes (two rounds suffice in practice; four bounds it)
     for _ in range(4):
-        t_next = segment(t_struct, block_hashes(s_elements))
-        s_next = segment(s_struct, block_hashes(t_next))
-        if block_hashes(t_next) == block_hashes(t_elements) and block_hashes(s_next) == block_hashes(s_elements):
+        t_next = segment(t_struct, evidence(s_elements, own=t_elements))
+        s_next = segment(s_struct, evidence(t_next, own=s_elements))
+        if evidence(t_next) == evidence(t_elements) and evidence(s_next) == evidence(s_elements):
             t_elements, s_elements = t_next, s_next
             break
         t_elements, s_elements = t_next, s_next
@@ -365,8 +367,9 @@ def _element_score(
             return 0.0  # an output layer only pairs with an output layer
         if t_struct.family[t_el.node] != s_struct.family[s_el.node]:
             return 0.0
-        fit = _local_fit(t_struct.graph.nodes[t_el.node], s_struct.graph.nodes[s_el.node])
-        return 0.0 if fit is None else 1.0 + fit
+        t_data, s_data = t_struct.graph.nodes[t_el.node], s_struct.graph.nodes[s_el.node]
+        fit = _local_fit(t_data, s_data)
+        return 0.0 if fit is None else 1.0 + fit + LOOSE_FIT_BONUS * _fits(t_data, s_data)
     if isinstance(t_el, Stage) and isinstance(s_el, Stage):
         return blocks.stage(t_el, s_el)[0]
     return 0.0
@@ -375,7 +378,13 @@ def _element_score(
 def _align_sequences(
     t_struct: Structure, s_struct: Structure, t_elements: list[Element], s_elements: list[Element], blocks: BlockScores
 ) -> list[tuple[Element | None, Element]]:
-    """Order-preserving alignment maximizing the summed element scores."""
+    """Order-preserving alignment maximizing the summed element scores.
+
+    A student stage may also take several consecutive teacher stages of one container as one
+    (``_joined``): a student run of plain blocks across a teacher run of other blocks it dropped
+    (``[P P G P P] <- [P P P]``). That is taken only where it scores strictly higher than every
+    alignment of the teacher stages one by one, so equal structures pair exactly as before.
+    """
     n, m = len(t_elements), len(s_elements)
     score = [[0.0] * (m + 1) for _ in range(n + 1)]
     pair_score = {
@@ -383,12 +392,25 @@ def _align_sequences(
         for i in range(n)
         for j in range(m)
     }
+    joined = {
+        (i, k): _joined([e for e in t_elements[i:k] if isinstance(e, Stage)])
+        for i in range(n)
+        for k in _join_ends(t_struct, t_elements, i)
+    }
+    spans: dict[tuple[int, int], list[tuple[int, float]]] = {}  # (teacher i, student j) -> [(end, score)]
+    for (i, k), stage in joined.items():
+        for j in range(m):
+            value = blocks.stage(stage, s_elements[j])[0] if isinstance(s_elements[j], Stage) else 0.0
+            if value > 0:
+                spans.setdefault((i, j), []).append((k, value))
     for i in range(n - 1, -1, -1):
         for j in range(m - 1, -1, -1):
             here = pair_score[i, j]
             best = max(score[i + 1][j], score[i][j + 1])
             if here > 0:
                 best = max(best, here + score[i + 1][j + 1])
+            for k, value in spans.get((i, j), ()):
+                best = max(best, value + score[k][j + 1])
             score[i][j] = best
     out: list[tuple[Element | None, Element]] = []
     i = j = 0
@@ -399,10 +421,47 @@ def _align_sequences(
             i, j = i + 1, j + 1
         elif i < n and score[i][j] == score[i + 1][j]:
             i += 1
+        elif span := next((k for k, value in spans.get((i, j), ()) if score[i][j] == value + score[k][j + 1]), None):
+            out.append((joined[i, span], s_elements[j]))
+            i, j = span, j + 1
         else:
             out.append((None, s_elements[j]))
             j += 1
     return out
+
+
+def _join_ends(t_struct: Structure, elements: list[Element], i: int) -> list[int]:
+    """Ends ``k`` of the spans ``elements[i:k]`` that join into one stage: two or more stages of one
+    container, one after another, with only loose layers of that container between them (a
+    dropped run of other blocks)."""
+    first = elements[i]
+    if not isinstance(first, Stage):
+        return []
+    inside = set(t_struct.components_in.get(first.parent, [])) if first.parent else None
+    ends = []
+    for k in range(i + 1, len(elements)):
+        element = elements[k]
+        if isinstance(element, Stage) and element.parent == first.parent:
+            ends.append(k + 1)
+        elif not (isinstance(element, Component) and inside is not None and element.node in inside):
+            break
+    return ends
+
+
+def _joined(stages: list[Stage]) -> Stage:
+    """Consecutive stages of one container as one stage (its blocks in order)."""
+    first, last = stages[0], stages[-1]
+    label = f"stages {first.index}-{last.index} ({first.parent or 'root'}, {sum(len(s.blocks) for s in stages)} blocks)"
+    return Stage(
+        blocks=[b for s in stages for b in s.blocks],
+        first_node=first.first_node,
+        family_hash=last.family_hash,
+        parent=first.parent,
+        index=first.index,
+        label=label,
+        block_hashes=tuple(dict.fromkeys(h for s in stages for h in s.block_hashes)),
+        repeated=tuple(dict.fromkeys(h for s in stages for h in s.repeated)),
+    )
 
 
 def _map_block(

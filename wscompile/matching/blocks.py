@@ -37,6 +37,7 @@ class Stage:
     index: int = 0  # position among the model's stages
     label: str = field(default="")
     block_hashes: tuple[str, ...] = ()  # width-free hashes of the distinct blocks, entry block first
+    repeated: tuple[str, ...] = ()  # those of blocks that occur more than once (not a lone entry block)
 
     def describe(self) -> str:
         return f"stage {self.index} ({self.parent or 'root'}, {len(self.blocks)} blocks)"
@@ -45,9 +46,18 @@ class Stage:
 Element = Component | Stage
 
 
-def segment(structure: Structure, other_block_hashes: frozenset[str] = frozenset()) -> list[Element]:
+@dataclass(frozen=True)
+class Evidence:
+    """What the other model's segmentation says about blocks (width-free hashes)."""
+
+    blocks: frozenset[str] = frozenset()  # every block of every stage, entry blocks included
+    repeated: frozenset[str] = frozenset()  # blocks that occur more than once in one of its stages
+    own_repeated: frozenset[str] = frozenset()  # the same of the receiving model's previous segmentation
+
+
+def segment(structure: Structure, other: Evidence = Evidence()) -> list[Element]:
     """The model as a sequence of loose components and stages, in execution order."""
-    elements = _segment(structure, "", other_block_hashes)
+    elements = _segment(structure, "", other)
     stages = [e for e in elements if isinstance(e, Stage)]
     for i, stage in enumerate(stages):
         stage.index = i
@@ -55,12 +65,18 @@ def segment(structure: Structure, other_block_hashes: frozenset[str] = frozenset
     return elements
 
 
-def block_hashes(elements: list[Element]) -> frozenset[str]:
-    """Width-free hashes of every block of every stage (entry blocks included)."""
-    return frozenset(h for e in elements if isinstance(e, Stage) for h in e.block_hashes)
+def evidence(elements: list[Element], own: list[Element] | tuple[()] = ()) -> Evidence:
+    """What a segmentation tells the other model's: which blocks it has, which it repeats; ``own``
+    is the receiving model's previous segmentation (its repeated blocks are never entry blocks)."""
+
+    def repeated(segmentation: list[Element] | tuple[()]) -> frozenset[str]:
+        return frozenset(h for e in segmentation if isinstance(e, Stage) for h in e.repeated)
+
+    blocks = frozenset(h for e in elements if isinstance(e, Stage) for h in e.block_hashes)
+    return Evidence(blocks, repeated(elements), repeated(own))
 
 
-def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[Element]:
+def _segment(structure: Structure, path: str, other: Evidence) -> list[Element]:
     comps = structure.components_in
     position = {n: i for i, n in enumerate(comps.get(path, []))}
     items: list[tuple[int, str, object]] = []
@@ -90,6 +106,18 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
             and structure.subtree_hash(items[end + 1][2], label) == first
         ):
             end += 1
+        family = structure.subtree_hash(items[start][2], "family")
+        members = [items[k][2] for k in range(start, end + 1)]
+        if (
+            end > start
+            and family in other.blocks
+            and family not in other.repeated
+            and len({_out_width(structure, comps[m][-1]) for m in members}) == len(members)
+        ):
+            # the other model has this block but never twice in a row, and here each one writes a
+            # width of its own: a run of one-block stages (a ResNet of depth 1 per stage, each
+            # stage its entry block), not one stage
+            return start
         return end
 
     seen: set[int] = set()
@@ -109,6 +137,10 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
             len(run) == 1
             and j + 1 < len(items)
             and items[j + 1][1] == "module"
+            # a block the other model repeats is a block of its own, not the entry of the next one,
+            # and an entry differs from the blocks it opens (equal ones were split just above)
+            and structure.subtree_hash(value, "family") not in other.repeated | other.own_repeated
+            and structure.subtree_hash(value, "family") != structure.subtree_hash(items[j + 1][2], "family")
             and _is_entry(structure, value, items[j + 1][2])
         ):
             # an entry block (downsampling, widening) followed by its repeated blocks
@@ -116,35 +148,48 @@ def _segment(structure: Structure, path: str, others: frozenset[str]) -> list[El
             run = [value] + [items[k][2] for k in range(j + 1, end + 1)]
             j = end
         i = j + 1
-        hashes = tuple(dict.fromkeys(structure.subtree_hash(b, "family") for b in run))
+        run_hashes = [structure.subtree_hash(b, "family") for b in run]
+        hashes = tuple(dict.fromkeys(run_hashes))
         big_enough = all(len(comps[b]) >= 2 for b in run)
         # two repeats of a two-layer unit (conv + norm) is how people nest layers, not evidence of a stage
         repeated = len(run) >= 3 or (len(run) == 2 and all(len(comps[b]) >= 3 for b in run))
-        if big_enough and (repeated or hashes[0] in others) and _chained(structure, run):
-            inner = _segment(structure, run[0], others)
-            whole = set(comps[run[0]])
+        if big_enough and (repeated or hashes[0] in other.blocks) and _chained(structure, run):
+            inner = _segment(structure, run[0], other)
             # a stage inside the block is a deeper level of repetition, unless it is the block's
             # own layers held in one child (``self.layers = ModuleList([...])``) or, in an entry
-            # block, its body beside a shortcut (torchvision RegNet's ``f`` next to ``proj``; a
-            # list holding one block, HF Swin's ``blocks`` beside ``downsample``, is a stage)
-            if not any(
-                isinstance(e, Stage)
-                and (
-                    len(e.blocks) > 1
-                    or (set(comps[e.blocks[0]]) != whole and (e.parent != run[0] or _wraps_one(structure, e.blocks[0])))
-                )
-                for e in inner
-            ):
+            # block, its body beside a shortcut, smaller than the body (torchvision RegNet's ``f``
+            # next to ``proj``; a list holding one block, HF Swin's ``blocks`` beside
+            # ``downsample``, is a stage; a block beside another block is two blocks)
+            if not any(_deeper(structure, e, run[0]) for e in inner):
                 out.append(
-                    Stage(blocks=run, first_node=order, family_hash=hashes[-1], parent=path, block_hashes=hashes)
+                    Stage(
+                        blocks=run,
+                        first_node=order,
+                        family_hash=hashes[-1],
+                        parent=path,
+                        block_hashes=hashes,
+                        repeated=tuple(h for h in hashes if run_hashes.count(h) > 1),
+                    )
                 )
                 continue
         for member in run:
             out.extend(
-                e for e in _segment(structure, member, others) if not (isinstance(e, Component) and e.node in seen)
+                e for e in _segment(structure, member, other) if not (isinstance(e, Component) and e.node in seen)
             )
             seen.update(e.node for e in out if isinstance(e, Component))
     return out
+
+
+def _deeper(structure: Structure, element: Element, block: str) -> bool:
+    """Whether ``element``, found inside ``block``, is a deeper level of repetition (see ``_segment``)."""
+    if not isinstance(element, Stage):
+        return False
+    if len(element.blocks) > 1:
+        return True
+    whole, body = set(structure.components_in[block]), set(structure.components_in[element.blocks[0]])
+    if body == whole:
+        return False
+    return element.parent != block or _wraps_one(structure, element.blocks[0]) or len(whole - body) >= len(body)
 
 
 def _holds_stage(structure: Structure, path: str) -> bool:
