@@ -46,6 +46,26 @@ def part_header(path: Path) -> tuple[str, str, list[str]]:
     return title, lines[2], bullets
 
 
+def run_coverage(points: list[Point]) -> str:
+    """One line saying which seeds every (student, init) has in the merged points, and whether all have the same."""
+    seeds: dict[tuple[str, str], set[int]] = {}
+    for point in points:
+        seeds.setdefault((point.config, point.init), set()).add(point.seed)
+    every = sorted(set().union(*seeds.values()))
+    missing = [
+        f"{config} / {init} lacks seed(s) {', '.join(map(str, sorted(set(every) - have)))}"
+        for (config, init), have in seeds.items()
+        if have != set(every)
+    ]
+    runs = sum(len(have) for have in seeds.values())
+    verdict = (
+        "incomplete: " + "; ".join(missing)
+        if missing
+        else f"complete: every (student, init) has seeds {', '.join(map(str, every))}"
+    )
+    return f"Together the parts hold {runs} runs of {len(seeds)} (student, init) pairs, {verdict}."
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", required=True, help="comma list of the parts' result stems")
@@ -79,6 +99,8 @@ def main() -> None:
         "each part's command and run time:",
         "",
         *commands,
+        "",
+        run_coverage(points) + " A part's own `partial` note counts that part's runs only.",
         "",
         "Setup (the first part's; every part is the same but for its seeds):",
         "",

@@ -100,6 +100,26 @@ def test_methods_smoke_pairs_every_option_against_uniform(tmp_path, monkeypatch)
     merged = (tmp_path / "merged.md").read_text()
     assert "--smoke --seeds 1" in merged and f"{combined}: cosine to teacher " in merged
     assert "(same seed, 2 seeds)" in merged
+    assert (
+        f"hold {2 * len(rows)} runs of {len(rows)} (student, init) pairs, complete: every (student, init) has seeds 0, 1."
+        in merged
+    )
+
+
+def test_merge_coverage_names_the_runs_a_part_left_out():
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import Point
+    from merge_results import run_coverage
+
+    points = [Point("3L-192", init, seed, step, {}) for init in ("a", "b") for seed in (0, 1, 2) for step in (0, 80)]
+    assert run_coverage(points) == (
+        "Together the parts hold 6 runs of 2 (student, init) pairs, complete: every (student, init) has seeds 0, 1, 2."
+    )
+    partial = [p for p in points if (p.init, p.seed) != ("b", 2)] + [Point("3L-192", "c", 1, 0, {})]
+    assert run_coverage(partial) == (
+        "Together the parts hold 6 runs of 3 (student, init) pairs, incomplete: "
+        "3L-192 / b lacks seed(s) 2; 3L-192 / c lacks seed(s) 0, 2."
+    )
 
 
 def test_init_options_parse_and_reject_unknown_options():
