@@ -46,6 +46,20 @@ def part_header(path: Path) -> tuple[str, str, list[str]]:
     return title, lines[2], bullets
 
 
+def drop_repeats(points: list[Point]) -> list[Point]:
+    """Each evaluation once: a run found in two parts (runs are deterministic) must score the same in both."""
+    unique: dict[tuple[str, str, int, int], Point] = {}
+    for point in points:
+        key = (point.config, point.init, point.seed, point.step)
+        first = unique.setdefault(key, point)
+        if any(abs(first.metrics[k] - v) > 2e-6 for k, v in point.metrics.items()):  # beyond the csv rounding
+            raise SystemExit(
+                f"{point.config} / {point.init} / seed {point.seed} / step {point.step} is in two parts with different "
+                f"scores ({first.metrics} vs {point.metrics}); rerun one of them with the same code"
+            )
+    return list(unique.values())
+
+
 def run_coverage(points: list[Point]) -> str:
     """One line saying which seeds every (student, init) has in the merged points, and whether all have the same."""
     seeds: dict[tuple[str, str], set[int]] = {}
@@ -88,19 +102,16 @@ def main() -> None:
         title, command, part_bullets = part_header(report)
         commands.append(f"- part `{part}`: {command}")
         bullets += [b for b in part_bullets if index == 0 or (b.startswith("- coverage") and b not in bullets)]
-    # a run found in two parts (deterministic, so identical) counts once
-    unique: dict[tuple[str, str, int, int], Point] = {}
-    for point in points:
-        unique.setdefault((point.config, point.init, point.seed, point.step), point)
-    points = list(unique.values())
+    points = drop_repeats(points)
     preamble = [
-        f"Merged from {len(commands)} parts run in parallel (`python benchmarks/merge_results.py "
+        f"Merged from {len(commands)} parts, each its own process (`python benchmarks/merge_results.py "
         f"--parts {args.parts} --name {args.name} --metrics-from {args.metrics_from} --baselines {args.baselines}`); "
         "each part's command and run time:",
         "",
         *commands,
         "",
-        run_coverage(points) + " A part's own `partial` note counts that part's runs only.",
+        run_coverage(points) + " A part's own `partial` note counts that part's runs only; `s / run` averages "
+        "runs of parts that ran under different machine loads (each part's run time above).",
         "",
         "Setup (the first part's; every part is the same but for its seeds):",
         "",

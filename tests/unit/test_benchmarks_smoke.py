@@ -122,6 +122,19 @@ def test_merge_coverage_names_the_runs_a_part_left_out():
     )
 
 
+def test_merge_counts_a_run_found_in_two_parts_once_and_rejects_disagreeing_copies():
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import Point
+    from merge_results import drop_repeats
+
+    run = [Point("3L-192", "a", 0, step, {"cosine": 0.5 + step / 1000}, seconds=step) for step in (0, 80)]
+    again = [Point(p.config, p.init, p.seed, p.step, dict(p.metrics), seconds=2 * p.seconds) for p in run]
+    assert drop_repeats(run + again) == run  # the first part's copy, its wall times included
+    again[1].metrics["cosine"] += 0.01
+    with pytest.raises(SystemExit, match="3L-192 / a / seed 0 / step 80 is in two parts with different scores"):
+        drop_repeats(run + again)
+
+
 def test_init_options_parse_and_reject_unknown_options():
     sys.path.insert(0, str(BENCHMARKS))
     from common import init_options
