@@ -85,15 +85,18 @@ def main() -> None:
     parser.add_argument("--parts", required=True, help="comma list of the parts' result stems")
     parser.add_argument("--name", required=True, help="file name stem of the merged results")
     parser.add_argument(
-        "--metrics-from", required=True, help="benchmark module whose METRICS (and epilogue(), if any) the parts used"
+        "--metrics-from",
+        required=True,
+        help="benchmark module whose METRICS (and epilogue(), PER_PART_NOTES, if any) the parts used",
     )
     parser.add_argument("--baselines", default=RANDOM_INIT, help="comma list of inits to pair against")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the parts and the merged results")
     args = parser.parse_args()
     module = importlib.import_module(args.metrics_from)
     metrics = module.METRICS
+    per_part_notes = getattr(module, "PER_PART_NOTES", ())  # setup lines that differ by part: kept from every part
     points: list[Point] = []
-    commands, bullets, title = [], [], ""
+    commands, bullets, per_part, title = [], [], [], ""
     for index, part in enumerate(args.parts.split(",")):
         curves, report = args.out / f"{part}_curves.csv", args.out / f"{part}.md"
         if not curves.exists():
@@ -102,6 +105,7 @@ def main() -> None:
         title, command, part_bullets = part_header(report)
         commands.append(f"- part `{part}`: {command}")
         bullets += [b for b in part_bullets if index == 0 or (b.startswith("- coverage") and b not in bullets)]
+        per_part += [f"{b} (part `{part}`)" for b in part_bullets if b.startswith(per_part_notes)]
     points = drop_repeats(points)
     preamble = [
         f"Merged from {len(commands)} parts, each its own process (`python benchmarks/merge_results.py "
@@ -115,7 +119,8 @@ def main() -> None:
         "",
         "Setup (the first part's; every part is the same but for its seeds):",
         "",
-        *bullets,
+        *(b for b in bullets if not b.startswith(per_part_notes)),
+        *per_part,
     ]
     write_results(
         args.name,

@@ -155,9 +155,23 @@ def test_distill_smoke_reports_four_arms_at_two_sizes(tmp_path, monkeypatch):
     rows, report = _run_smoke("distill_text.py", tmp_path, monkeypatch)
     arms = ["random-init", "ws-uniform", "random-init+KD", "ws-uniform+KD"]
     assert [(row["config"], row["init"]) for row in rows] == [(f"{n} per class", a) for n in (2, 4) for a in arms]
-    assert "vs `random-init+KD`, paired by seed" in report
+    assert "vs `random-init+KD`, paired by seed" in report and "vs `ws-uniform`, paired by seed" in report
+    assert "- 2 per class, ws-uniform+KD: held-out accuracy " in report.split("vs `ws-uniform`, paired by seed")[1]
     verdicts = [line for line in report.splitlines() if "WS+KD > KD > WS > random **" in line]
     assert len(verdicts) == 2 and all("Regime:" in line for line in verdicts)
+
+    # merged with a second part (its probe line changed), the report keeps each part's teacher-probe line
+    probe = next(line for line in report.splitlines() if line.startswith("- teacher probe held-out accuracy"))
+    (tmp_path / "part2.md").write_text(report.replace(probe, probe + " (other)"))
+    (tmp_path / "part2_curves.csv").write_text((tmp_path / "distill_text_curves.csv").read_text())
+    merge = ["merge_results.py", "--parts", "distill_text,part2", "--name", "merged", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*merge, "--metrics-from", "distill_text", "--baselines", "random-init"])
+    runpy.run_path(str(BENCHMARKS / "merge_results.py"), run_name="__main__")
+    merged = (tmp_path / "merged.md").read_text().splitlines()
+    assert [line for line in merged if line.startswith("- teacher probe")] == [
+        f"{probe} (part `distill_text`)",
+        f"{probe} (other) (part `part2`)",
+    ]
 
 
 def test_vision_smoke_with_noise_and_config_filter(tmp_path, monkeypatch):
