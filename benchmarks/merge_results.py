@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--baselines", default=RANDOM_INIT, help="comma list of inits to pair against")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the parts and the merged results")
     args = parser.parse_args()
+    if args.name in args.parts.split(","):
+        parser.error(f"--name {args.name} is one of the --parts; merging would overwrite it, choose another name")
     module = importlib.import_module(args.metrics_from)
     metrics = module.METRICS
     per_part_notes = getattr(module, "PER_PART_NOTES", ())  # setup lines that differ by part: kept from every part

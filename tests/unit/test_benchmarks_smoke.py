@@ -168,6 +168,10 @@ def test_distill_smoke_reports_four_arms_at_two_sizes(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [*merge, "--metrics-from", "distill_text", "--baselines", "random-init"])
     runpy.run_path(str(BENCHMARKS / "merge_results.py"), run_name="__main__")
     merged = (tmp_path / "merged.md").read_text().splitlines()
+    monkeypatch.setattr(sys, "argv", [*merge[:4], "--name", "part2", *merge[6:], "--metrics-from", "distill_text"])
+    with pytest.raises(SystemExit):  # --name naming one of the parts would overwrite that part
+        runpy.run_path(str(BENCHMARKS / "merge_results.py"), run_name="__main__")
+    assert (tmp_path / "part2.md").read_text() == report.replace(probe, probe + " (other)")
     assert [line for line in merged if line.startswith("- teacher probe")] == [
         f"{probe} (part `distill_text`)",
         f"{probe} (other) (part `part2`)",
