@@ -80,6 +80,8 @@ from effectiveness_text import (  # noqa: E402
 KD = "+KD"
 ARMS = [RANDOM_INIT, "ws-uniform", RANDOM_INIT + KD, "ws-uniform" + KD]
 METRICS = [Metric("accuracy", "held-out accuracy", 3), Metric("train_accuracy", "train accuracy", 3)]
+# report lines about a part's own runs, which merge_results keeps from every part
+PER_PART_NOTES = ("- teacher probe held-out accuracy",)
 
 
 @dataclass
@@ -377,7 +379,7 @@ def main() -> None:
             METRICS,
             title=f"Weight selection and distillation on a labelled task: which stdlib module ({args.config})",
             preamble=preamble,
-            baselines=[RANDOM_INIT, RANDOM_INIT + KD],
+            baselines=[RANDOM_INIT, RANDOM_INIT + KD, "ws-uniform"],  # vs ws-uniform: does KD add to WS?
             epilogue=epilogue(points),
         )
 

@@ -59,6 +59,8 @@ PAIRS = [(s, t) for s in range(len(SHAPES)) for t in range(len(TEXTURES))]
 PRETRAIN_PAIRS = [p for p in PAIRS if sum(p) % 2 == 0]
 TARGET_PAIRS = [p for p in PAIRS if sum(p) % 2 == 1]
 METRICS = [Metric("accuracy", "held-out accuracy", 3)]
+# report lines about a part's own teachers, which merge_results keeps from every part
+PER_PART_NOTES = ("- ViT teacher", "- ConvNeXt teacher")
 
 
 def shape_mask(shape: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

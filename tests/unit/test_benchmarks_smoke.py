@@ -100,6 +100,39 @@ def test_methods_smoke_pairs_every_option_against_uniform(tmp_path, monkeypatch)
     merged = (tmp_path / "merged.md").read_text()
     assert "--smoke --seeds 1" in merged and f"{combined}: cosine to teacher " in merged
     assert "(same seed, 2 seeds)" in merged
+    assert (
+        f"hold {2 * len(rows)} runs of {len(rows)} (student, init) pairs, complete: every (student, init) has seeds 0, 1."
+        in merged
+    )
+
+
+def test_merge_coverage_names_the_runs_a_part_left_out():
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import Point
+    from merge_results import run_coverage
+
+    points = [Point("3L-192", init, seed, step, {}) for init in ("a", "b") for seed in (0, 1, 2) for step in (0, 80)]
+    assert run_coverage(points) == (
+        "Together the parts hold 6 runs of 2 (student, init) pairs, complete: every (student, init) has seeds 0, 1, 2."
+    )
+    partial = [p for p in points if (p.init, p.seed) != ("b", 2)] + [Point("3L-192", "c", 1, 0, {})]
+    assert run_coverage(partial) == (
+        "Together the parts hold 6 runs of 3 (student, init) pairs, incomplete: "
+        "3L-192 / b lacks seed(s) 2; 3L-192 / c lacks seed(s) 0, 2."
+    )
+
+
+def test_merge_counts_a_run_found_in_two_parts_once_and_rejects_disagreeing_copies():
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import Point
+    from merge_results import drop_repeats
+
+    run = [Point("3L-192", "a", 0, step, {"cosine": 0.5 + step / 1000}, seconds=step) for step in (0, 80)]
+    again = [Point(p.config, p.init, p.seed, p.step, dict(p.metrics), seconds=2 * p.seconds) for p in run]
+    assert drop_repeats(run + again) == run  # the first part's copy, its wall times included
+    again[1].metrics["cosine"] += 0.01
+    with pytest.raises(SystemExit, match="3L-192 / a / seed 0 / step 80 is in two parts with different scores"):
+        drop_repeats(run + again)
 
 
 def test_init_options_parse_and_reject_unknown_options():
@@ -122,9 +155,27 @@ def test_distill_smoke_reports_four_arms_at_two_sizes(tmp_path, monkeypatch):
     rows, report = _run_smoke("distill_text.py", tmp_path, monkeypatch)
     arms = ["random-init", "ws-uniform", "random-init+KD", "ws-uniform+KD"]
     assert [(row["config"], row["init"]) for row in rows] == [(f"{n} per class", a) for n in (2, 4) for a in arms]
-    assert "vs `random-init+KD`, paired by seed" in report
+    assert "vs `random-init+KD`, paired by seed" in report and "vs `ws-uniform`, paired by seed" in report
+    assert "- 2 per class, ws-uniform+KD: held-out accuracy " in report.split("vs `ws-uniform`, paired by seed")[1]
     verdicts = [line for line in report.splitlines() if "WS+KD > KD > WS > random **" in line]
     assert len(verdicts) == 2 and all("Regime:" in line for line in verdicts)
+
+    # merged with a second part (its probe line changed), the report keeps each part's teacher-probe line
+    probe = next(line for line in report.splitlines() if line.startswith("- teacher probe held-out accuracy"))
+    (tmp_path / "part2.md").write_text(report.replace(probe, probe + " (other)"))
+    (tmp_path / "part2_curves.csv").write_text((tmp_path / "distill_text_curves.csv").read_text())
+    merge = ["merge_results.py", "--parts", "distill_text,part2", "--name", "merged", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*merge, "--metrics-from", "distill_text", "--baselines", "random-init"])
+    runpy.run_path(str(BENCHMARKS / "merge_results.py"), run_name="__main__")
+    merged = (tmp_path / "merged.md").read_text().splitlines()
+    monkeypatch.setattr(sys, "argv", [*merge[:4], "--name", "part2", *merge[6:], "--metrics-from", "distill_text"])
+    with pytest.raises(SystemExit):  # --name naming one of the parts would overwrite that part
+        runpy.run_path(str(BENCHMARKS / "merge_results.py"), run_name="__main__")
+    assert (tmp_path / "part2.md").read_text() == report.replace(probe, probe + " (other)")
+    assert [line for line in merged if line.startswith("- teacher probe")] == [
+        f"{probe} (part `distill_text`)",
+        f"{probe} (other) (part `part2`)",
+    ]
 
 
 def test_vision_smoke_with_noise_and_config_filter(tmp_path, monkeypatch):
