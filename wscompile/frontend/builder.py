@@ -19,7 +19,6 @@ component consuming it, labelled with the argument positions.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 import torch.fx
 
 from wscompile import ir
+from wscompile.frontend.layout_rules import projection_layout
 
 MODEL_INPUT = -1  # frontier marker for "a model input"
 
@@ -432,17 +432,11 @@ SHAPE_OPS = {
     "empty_like",
     "full_like",
 }
-RESHAPES = {"reshape", "view", "unflatten", "_unsafe_view"}
-SPLITS = {"chunk", "split", "unbind", "split_with_sizes", "tensor_split"}
 
 
 def _annotate_layouts(graph: nx.DiGraph, fx_of: dict[int, torch.fx.Node], src: Source) -> None:
-    """Read fused blocks and attention heads off how a projection's output is laid out.
-
-    A projection whose output of width ``O`` is reshaped to ``[..., k, H, d]`` with ``k*H*d == O``
-    stacks ``k`` logical blocks (fused q/k/v: k = 3) of ``H`` heads; ``[..., H, d]`` means ``H``
-    heads. A split of the last axis into k equal parts also means k blocks (fused gate/up).
-    """
+    """Annotate convolution groups, and the fused blocks, heads and rotary pairs of each linear
+    projection's output as the rules of ``layout_rules`` read them off the ops consuming it."""
     for cid, node in fx_of.items():
         data = graph.nodes[cid]
         if data[ir.KIND] == ir.KIND_CONV:
@@ -457,14 +451,14 @@ def _annotate_layouts(graph: nx.DiGraph, fx_of: dict[int, torch.fx.Node], src: S
         out_shape = data[ir.OUT_SHAPE]
         if not out_shape:
             continue
-        width = out_shape[-1]
-        blocks, heads, rotary = _layout_of_users(node, width, src)
-        if heads:
-            data[ir.HEADS] = heads
-            data[ir.ROTARY] = rotary
-        if blocks > 1:
+        layout = projection_layout(node, src)
+        if layout.heads:
+            data[ir.HEADS] = layout.heads
+            data[ir.ROTARY] = layout.rotary
+        if layout.blocks > 1:
             data[ir.TENSORS] = [
-                replace(s, blocks=((s.out_axis, blocks),)) if s.out_axis is not None else s for s in data[ir.TENSORS]
+                replace(s, blocks=((s.out_axis, layout.blocks),)) if s.out_axis is not None else s
+                for s in data[ir.TENSORS]
             ]
 
 
@@ -474,74 +468,3 @@ def _conv_in_channels(node: torch.fx.Node, src: Source) -> int | None:
         if shape and src.tensor_name(sub) is None and len(shape) >= 2:
             return shape[1]
     return None
-
-
-def _layout_of_users(node: torch.fx.Node, width: int, src: Source) -> tuple[int, int | None, bool]:
-    """(fused blocks, heads, rotary) read off the ops consuming a projection's output."""
-    blocks, heads = 1, None
-    frontier = [node]
-    for _ in range(6):
-        next_frontier = []
-        for n in frontier:
-            for user in n.users:
-                name = src.op_name(user) or ""
-                shape = src.shape(user)
-                if name in RESHAPES and shape and len(shape) >= 2 and heads is None:
-                    found = _heads_in_shape(shape, width)
-                    if found:
-                        blocks, heads = found
-                        next_frontier.append(user)
-                        continue
-                    if shape[-1] == width:  # a view that keeps the features whole
-                        next_frontier.append(user)
-                if name in SPLITS and heads is None:
-                    split = _split_parts(user, width)
-                    if split:
-                        return split, None, False
-                if heads is not None and _is_half_slice(user, src, shape_of=n):
-                    # rotate_half: x[..., :d/2] and x[..., d/2:] pair dims i and i + d/2
-                    return blocks, heads, True
-                if name in VIEW_LIKE:
-                    next_frontier.append(user)
-        frontier = next_frontier
-    return blocks, heads, False
-
-
-VIEW_LIKE = {"permute", "transpose", "contiguous", "to", "type_as", "view_as", "float", "clone", "_to_copy"}
-
-
-def _heads_in_shape(shape: tuple[int, ...], width: int) -> tuple[int, int] | None:
-    """A reshape of ``width`` into ``[..., k, H, d]`` (k blocks of H heads) or ``[..., H, d]``."""
-    for m in (3, 2):
-        tail = shape[-m:]
-        if len(shape) <= m or math.prod(tail) != width:
-            continue
-        # [k, H, d] stays recognisable with one head or one dim per head: k says it is fused
-        if m == 3 and tail[0] in (2, 3) and width > tail[0]:
-            return tail[0], tail[1]
-        if m == 2 and all(d > 1 for d in tail):
-            return 1, tail[0]
-    return None
-
-
-def _split_parts(user: torch.fx.Node, width: int) -> int | None:
-    """Equal parts of a chunk/split of the last axis: a fused gate/up or q/k/v output."""
-    name = getattr(user.target, "__name__", str(user.target))
-    chunks = user.args[1] if len(user.args) > 1 else user.kwargs.get("chunks", user.kwargs.get("split_size"))
-    if "chunk" in name and isinstance(chunks, int) and chunks in (2, 3):
-        return chunks
-    if isinstance(chunks, (list, tuple)) and len(set(chunks)) == 1 and len(chunks) in (2, 3):
-        return len(chunks)
-    if isinstance(chunks, int) and chunks and width % chunks == 0 and width // chunks in (2, 3):
-        return width // chunks
-    return None
-
-
-def _is_half_slice(user: torch.fx.Node, src: Source, shape_of: torch.fx.Node) -> bool:
-    shape = src.shape(shape_of)
-    if not shape or (src.op_name(user) or "") not in ("slice", "getitem", "narrow"):
-        return False
-    half = shape[-1] // 2
-    args = [a for a in user.args[1:] if isinstance(a, int)]
-    out = src.shape(user)
-    return bool(out) and out[-1] == half and len(out) == len(shape) and (half in args or not args)
