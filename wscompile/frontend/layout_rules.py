@@ -73,8 +73,8 @@ def fused_split(user: torch.fx.Node, data: torch.fx.Node, width: int, src: Sourc
     all k parts are used on their own.
 
     Evidence: a ``chunk``/``split``/``split_with_sizes``/``tensor_split`` along the last axis whose
-    sizes are equal and add up to ``width``, and one ``getitem`` user for each of the k parts (a
-    split whose parts are never taken apart says nothing about blocks).
+    sizes are equal and add up to ``width``, and one ``getitem`` user, itself used, for each of
+    the k parts (a split whose parts are not all used says nothing about blocks).
     """
     name = src.op_name(user) or ""
     if name not in SPLITS or name == "unbind" or _arg(user, 0, "input") is not data:
@@ -100,7 +100,9 @@ def fused_split(user: torch.fx.Node, data: torch.fx.Node, width: int, src: Sourc
         parts = None
     if not parts or parts < 2:
         return None
-    taken = {u.args[1] for u in user.users if (src.op_name(u) or "") == "getitem" and isinstance(u.args[1], int)}
+    taken = {
+        u.args[1] for u in user.users if (src.op_name(u) or "") == "getitem" and isinstance(u.args[1], int) and u.users
+    }
     return parts if taken == set(range(parts)) else None
 
 
