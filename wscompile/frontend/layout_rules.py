@@ -241,16 +241,13 @@ def _rotated_halves(x: torch.fx.Node, src: Source) -> Iterator[torch.fx.Node]:
             for negated in h.users:
                 if not _is_negation(negated, src):
                     continue
-                for n in _same_data(negated, src):
-                    for cat in n.users:
-                        parts = _arg(cat, 0, "tensors")
-                        if (src.op_name(cat) or "") != "cat" or not isinstance(parts, (list, tuple)) or len(parts) != 2:
-                            continue
-                        if src.shape(cat) != src.shape(x):
-                            continue
-                        stripped = [_back_through_casts(p, src) for p in parts]
-                        if negated in stripped and any(p in halves and p is not half for p in stripped):
-                            yield cat
+                for cat in _users_named(negated, "cat", src):
+                    parts = _arg(cat, 0, "tensors")
+                    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or src.shape(cat) != src.shape(x):
+                        continue
+                    stripped = [_back_through_casts(p, src) for p in parts]
+                    if negated in stripped and any(p in halves and p is not half for p in stripped):
+                        yield cat
 
 
 def _halves(x: torch.fx.Node, src: Source) -> set[torch.fx.Node]:
@@ -281,23 +278,24 @@ def _is_negation(node: torch.fx.Node, src: Source) -> bool:
 
 def _mixed_with(rotated: torch.fx.Node, unrotated: set[torch.fx.Node], src: Source) -> bool:
     """``rotated * a + x * b`` for some ``x`` in ``unrotated`` (casts aside)."""
-    for r in _same_data(rotated, src):
-        for product in r.users:
-            if (src.op_name(product) or "") != "mul":
-                continue
-            for p in _same_data(product, src):
-                for total in p.users:
-                    if (src.op_name(total) or "") != "add":
-                        continue
-                    for other in total.args:
-                        other = _back_through_casts(other, src)
-                        if other is _back_through_casts(p, src) or not isinstance(other, torch.fx.Node):
-                            continue
-                        if (src.op_name(other) or "") == "mul" and any(
-                            _back_through_casts(a, src) in unrotated or a in unrotated for a in other.args
-                        ):
-                            return True
+    for product in _users_named(rotated, "mul", src):
+        for total in _users_named(product, "add", src):
+            for other in total.args:
+                other = _back_through_casts(other, src)
+                if not isinstance(other, torch.fx.Node) or other is product or src.op_name(other) != "mul":
+                    continue
+                factors = [a for a in other.args if isinstance(a, torch.fx.Node)]
+                if any(a in unrotated or _back_through_casts(a, src) in unrotated for a in factors):
+                    return True
     return False
+
+
+def _users_named(node: torch.fx.Node, name: str, src: Source) -> Iterator[torch.fx.Node]:
+    """The ``name`` ops reading ``node`` or a cast of it."""
+    for same in _same_data(node, src):
+        for user in same.users:
+            if src.op_name(user) == name:
+                yield user
 
 
 def _same_data(node: torch.fx.Node, src: Source) -> Iterator[torch.fx.Node]:
