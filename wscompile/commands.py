@@ -29,6 +29,7 @@ from wscompile.specs import (
     build_module,
     build_on_meta,
     has_tied_tensors,
+    init_kept,
     load_model,
     parse_spec,
     resolve_hub,
@@ -183,17 +184,29 @@ def student_with_values(
 ) -> LoadedModel:
     """The student whose values are written where the plan keeps the student's own init.
 
-    The student is planned on the meta device; only when the plan keeps some of its tensors at init
-    is it built on the CPU, with its library's seeded init as always, for those values (a student
-    whose every tensor comes from the teacher never computes its random init).
+    The student is planned on the meta device. Where the plan keeps some of its tensors at init,
+    a transformers student computes the init of those tensors only (``specs.init_kept``); any other
+    is built on the CPU with its library's seeded init, for those values. A student whose every
+    tensor comes from the teacher never computes its random init.
     """
-    keeps_init = any(record.rule == RULE_STUDENT_INIT for record in plan.tensors) or any(
-        group.growth == GROW_INIT for group in plan.groups
-    )  # grown units kept at init
-    if not student.on_meta or not keeps_init:
+    kept = kept_at_init(plan)
+    if not student.on_meta or not kept:
         return student
     with (progress or Progress()).stage(f"building student {options.student} with its own init"):
+        if kept is not ALL and init_kept(student.module, kept, options.seed):
+            return student
         return reload_student(options, student)
+
+
+ALL = frozenset({"*"})  # kept_at_init: every tensor's init is needed (grown units inside selected tensors)
+
+
+def kept_at_init(plan: SelectionPlan) -> frozenset[str]:
+    """The student tensors the plan keeps at the student's own init (``ALL`` where units grown at
+    init sit inside selected tensors, which take their init values whole)."""
+    if any(group.growth == GROW_INIT for group in plan.groups):
+        return ALL
+    return frozenset(record.student for record in plan.tensors if record.rule == RULE_STUDENT_INIT)
 
 
 def check_memory(options: InitOptions, *, teacher_in_memory: bool, student_copies: int) -> None:
@@ -700,7 +713,7 @@ def run_apply(options: ApplyOptions, log: Log = print) -> SelectionPlan:
     if options.dtype is not None and options.dtype not in DTYPES:
         raise SpecError(f"unknown --dtype {options.dtype!r}; use one of {', '.join(DTYPES)}")
     seed = plan.seed if options.seed is None else options.seed
-    keeps_init = any(record.rule == RULE_STUDENT_INIT for record in plan.tensors)
+    kept = kept_at_init(plan)
 
     def build(device: str) -> torch.nn.Module:
         return build_module(
@@ -712,9 +725,10 @@ def run_apply(options: ApplyOptions, log: Log = print) -> SelectionPlan:
             trust_remote_code=options.trust_remote_code,
         )
 
-    # As init: shapes only, unless the plan keeps some of the student's own init (or ties must be told apart).
-    student = build("cpu" if keeps_init else "meta")
-    if not keeps_init and has_tied_tensors(student):
+    # As init: shapes only, and the student's own init where the plan keeps it (ties are told apart by storage).
+    student = build("meta")
+    on_meta = any(t.is_meta for t in student.parameters())  # a constructor computing on data built it on the CPU
+    if on_meta and (has_tied_tensors(student) or (kept and (kept is ALL or not init_kept(student, kept, seed)))):
         student = build("cpu")
     source = apply_teacher_source(options, plan)
     check_plan(plan, source, student.state_dict())

@@ -28,7 +28,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -1024,6 +1024,34 @@ def _first(keys: list[str], n: int = 3) -> str:
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
+
+
+def init_kept(module: nn.Module, names: Iterable[str], seed: int) -> bool:
+    """Give the tensors ``names`` of a model built on meta its library's own init, and nothing else.
+
+    The rule (transformers models, whose ``_init_weights`` initializes one module at a time): the
+    modules owning ``names`` are allocated on the CPU and initialized by ``_init_weights`` one after
+    another, in the model's module order, after ``torch.manual_seed(seed)``. The values are
+    deterministic per seed but are not those of a whole-model build (which draws every tensor in
+    construction order); the rest of the model stays on meta. Returns False, changing nothing,
+    where the rule does not apply (another library, a kept buffer, which constructors fill, or a
+    tensor shared with another module): build the whole model instead.
+    """
+    init = getattr(module, "_init_weights", None)
+    names = set(names)
+    if not is_transformers_model(module) or init is None or not names:
+        return False
+    parameters = dict(module.named_parameters(remove_duplicate=False))
+    if not names <= parameters.keys() or has_tied_tensors(module) or not all(parameters[n].is_meta for n in names):
+        return False
+    owners = {name.rpartition(".")[0] for name in names}
+    ordered = [(path, m) for path, m in module.named_modules() if path in owners]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _, owner in ordered:
+            owner.to_empty(device="cpu", recurse=False)
+            init(owner)
+    return True
 
 
 def has_tied_tensors(module: nn.Module) -> bool:

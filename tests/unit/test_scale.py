@@ -47,14 +47,14 @@ OVERHEAD = 128 * 2**20
 
 # In a fresh process: `wscompile init` as the CLI runs it, and the peak RSS growth it caused; then
 # the oracle, the in-memory path on the same plan: the whole teacher loaded, `apply_plan`, and
-# `save_safetensors`, with the student rebuilt from the same seed.
+# `save_safetensors`, the kept tensors given the student's init by the same rule (`specs.init_kept`).
 SCRIPT = textwrap.dedent("""
     import json, sys
     from safetensors.torch import load_file
     from wscompile import commands, weights
     from wscompile.outputs import save_safetensors
     from wscompile.passes.apply import apply_plan
-    from wscompile.specs import load_model
+    from wscompile.specs import init_kept, load_model
     from wscompile.weights import DictSource
 
     teacher_spec, student_spec, teacher_dir, out, in_memory, manifest = sys.argv[1:]
@@ -75,7 +75,9 @@ SCRIPT = textwrap.dedent("""
     whole_teacher = {}
     for shard in sorted(set(index["weight_map"].values())):
         whole_teacher.update(load_file(f"{teacher_dir}/{shard}"))
-    student = load_model(student_spec, role="student", seed=options.seed).module
+    # the student's own init where the plan keeps it, by the documented rule (specs.init_kept)
+    student = load_model(student_spec, role="student", seed=options.seed, device="meta").module
+    assert init_kept(student, commands.kept_at_init(plan), options.seed)
     state = apply_plan(plan, DictSource(whole_teacher), student.state_dict())
     save_safetensors(in_memory, state, commands.student_metadata(options), force=False)
     print(json.dumps({"peak_growth": peak_growth}))
