@@ -144,15 +144,7 @@ def load_pair(
     def load_student(inputs_from: LoadedModel | None = None) -> LoadedModel:
         # Shapes are all the plan needs of the student (its values: student_with_values, after planning)
         with progress.stage(f"building student {options.student}"):
-            student = load_model(
-                options.student,
-                role="student",
-                seed=options.seed,
-                input_shape=options.input_shape,
-                trust_remote_code=options.trust_remote_code,
-                inputs_from=inputs_from,
-                device="cpu" if options.onnx else "meta",
-            )
+            student = build_student(options, device="cpu" if options.onnx else "meta", inputs_from=inputs_from)
             if student.on_meta and has_tied_tensors(student.module):  # ties are told apart by their storage
                 return reload_student(options, student)
             return student
@@ -167,16 +159,22 @@ def load_pair(
     return teacher, load_student(inputs_from=teacher)
 
 
-def reload_student(options: InitOptions, student: LoadedModel) -> LoadedModel:
-    """``student`` built again on the CPU with its library's init under ``options.seed``."""
+def build_student(options: InitOptions, *, device: str, inputs_from: LoadedModel | None) -> LoadedModel:
+    """The student ``options`` name, built on ``device`` with its library's init under ``options.seed``."""
     return load_model(
         options.student,
         role="student",
+        device=device,
         seed=options.seed,
         input_shape=options.input_shape,
         trust_remote_code=options.trust_remote_code,
-        inputs_from=student,
+        inputs_from=inputs_from,
     )
+
+
+def reload_student(options: InitOptions, student: LoadedModel) -> LoadedModel:
+    """``student`` built again on the CPU with its library's init under ``options.seed``."""
+    return build_student(options, device="cpu", inputs_from=student)
 
 
 def student_with_values(

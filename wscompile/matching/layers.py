@@ -45,8 +45,50 @@ FIRST, UNIFORM, LAST, DROP_MIDDLE, IMPORTANCE, EXPLICIT = (
     "importance",
     "explicit",
 )
-POLICIES = (FIRST, UNIFORM, LAST, DROP_MIDDLE, IMPORTANCE)
 EXPLICIT_FORM = 'an explicit map "STAGE:BLOCK,BLOCK,...;STAGE:..." like "0:0,2,4;1:0,1"'
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A layer policy of the registry: a new one is one ``choose`` function and one entry in ``_SPECS``."""
+
+    name: str
+    # (n_teacher, n_student, similarity per teacher block) -> the n_student teacher blocks, ascending
+    choose: Callable[[int, int, list[float]], list[int]]
+    needs_calibration: bool = False  # takes the similarities (calibration data), asked only then
+
+
+def _first(n_teacher: int, n_student: int, similarity: list[float]) -> list[int]:
+    return list(range(n_student))
+
+
+def _uniform(n_teacher: int, n_student: int, similarity: list[float]) -> list[int]:
+    return uniform_indices(n_teacher, n_student)
+
+
+def _last(n_teacher: int, n_student: int, similarity: list[float]) -> list[int]:
+    return list(range(n_teacher - n_student, n_teacher))
+
+
+def _drop_middle(n_teacher: int, n_student: int, similarity: list[float]) -> list[int]:
+    head = (n_student + 1) // 2
+    return list(range(head)) + list(range(n_teacher - (n_student - head), n_teacher))
+
+
+def _importance(n_teacher: int, n_student: int, similarity: list[float]) -> list[int]:
+    least_similar = sorted(range(n_teacher), key=lambda i: (similarity[i], i))[:n_student]
+    return sorted(least_similar)
+
+
+_SPECS = (
+    PolicySpec(FIRST, _first),
+    PolicySpec(UNIFORM, _uniform),
+    PolicySpec(LAST, _last),
+    PolicySpec(DROP_MIDDLE, _drop_middle),
+    PolicySpec(IMPORTANCE, _importance, needs_calibration=True),
+)
+POLICY_SPECS: dict[str, PolicySpec] = {spec.name: spec for spec in _SPECS}
+POLICIES = tuple(POLICY_SPECS)
 
 
 @dataclass(frozen=True)
@@ -59,7 +101,7 @@ class LayerPolicy:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.name == IMPORTANCE
+        return self.name in POLICY_SPECS and POLICY_SPECS[self.name].needs_calibration
 
 
 def parse_layer_policy(text: str) -> LayerPolicy:
@@ -128,24 +170,12 @@ def teacher_blocks(
         return EXPLICIT, chosen
     if policy.name == FIRST or n_student >= n_teacher:
         return policy.name, list(range(min(n_teacher, n_student)))
+    spec = POLICY_SPECS[policy.name]
+    scores = similarity() if spec.needs_calibration else [0.0] * n_teacher
     if entry:
-        scores = similarity() if policy.name == IMPORTANCE else []
-        rest = _choose(policy.name, n_teacher - 1, n_student - 1, scores[1:]) if n_student > 1 else []
+        rest = spec.choose(n_teacher - 1, n_student - 1, scores[1:]) if n_student > 1 else []
         return policy.name, [0] + [1 + i for i in rest]
-    return policy.name, _choose(policy.name, n_teacher, n_student, similarity() if policy.name == IMPORTANCE else [])
-
-
-def _choose(name: str, n_teacher: int, n_student: int, similarity: list[float]) -> list[int]:
-    if name == UNIFORM:
-        return uniform_indices(n_teacher, n_student)
-    if name == LAST:
-        return list(range(n_teacher - n_student, n_teacher))
-    if name == DROP_MIDDLE:
-        head = (n_student + 1) // 2
-        return list(range(head)) + list(range(n_teacher - (n_student - head), n_teacher))
-    assert name == IMPORTANCE, name
-    least_similar = sorted(range(n_teacher), key=lambda i: (similarity[i], i))[:n_student]
-    return sorted(least_similar)
+    return policy.name, spec.choose(n_teacher, n_student, scores)
 
 
 def choose_blocks(scores: list[list[float]], preferred: list[int] | None = None) -> tuple[float, list[int | None]]:
