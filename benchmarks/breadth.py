@@ -241,6 +241,17 @@ HF_CONFIGS = {
             patch_size=8,
         ),
     ),
+    "siglip": (
+        "SiglipVisionConfig",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=512,
+            image_size=32,
+            patch_size=8,
+        ),
+    ),
     "deit": (
         "DeiTConfig",
         dict(
@@ -386,7 +397,7 @@ CASES = [
                                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=256,
                                            decoder_ffn_dim=256)),
     Case("hf-wav2vec2", _hf("wav2vec2"), _hf("wav2vec2", **BERTISH)),
-    *[Case(f"hf-{name}", _hf(name), _hf(name, **BERTISH)) for name in ("vit", "deit", "dinov2")],
+    *[Case(f"hf-{name}", _hf(name), _hf(name, **BERTISH)) for name in ("vit", "deit", "dinov2", "siglip")],
     Case("hf-swin", _hf("swin"), _hf("swin", embed_dim=16, depths="1,1", num_heads="1,2")),
     Case("hf-convnext", _hf("convnext"), _hf("convnext", hidden_sizes="16,32,64,128", depths="1,1,2,1"), IMG64),
     Case("hf-resnet", _hf("resnet"), _hf("resnet", hidden_sizes="16,32,64,128", depths="1,1,1,1"), IMG64),
