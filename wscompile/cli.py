@@ -383,11 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument(
         "--max-shard-size",
         type=_bytes,
-        default=5 * 10**9,
+        default=None,
         metavar="SIZE",
-        help="largest shard of a directory --out (default 5GB)",
+        help="largest shard of a directory --out (default: as init wrote it, which the manifest records; else 5GB)",
     )
-    apply.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="as for init (not in the manifest)")
+    apply.add_argument(
+        "--dtype", choices=["fp32", "fp16", "bf16"], help="as for init (default: as init wrote it, in the manifest)"
+    )
     apply.add_argument("--strict", action="store_true", help="NaN or inf among the teacher values read is an error")
     _common(apply)
     apply.set_defaults(seed=None)  # the manifest's seed unless given

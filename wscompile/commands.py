@@ -22,7 +22,7 @@ from wscompile.folders import DTYPES, check_teacher_files
 from wscompile.outputs import check_not_inputs, check_output_dir, check_outputs, is_directory_output
 from wscompile.passes.apply import check_plan
 from wscompile.passes.methods import method_spec
-from wscompile.plan import GROW_INIT, RULE_STUDENT_INIT, SelectionPlan
+from wscompile.plan import GROW_INIT, RULE_STUDENT_INIT, SelectionPlan, WrittenAs
 from wscompile.progress import Progress, shown
 from wscompile.specs import (
     LoadedModel,
@@ -499,6 +499,7 @@ def save(
             max_shard_size=max_shard_size,
         )
         write_student(config, as_is, ModuleSource(student), student)
+        plan = replace(plan, written_as=config.written_as())  # the caller's plan is left as it was
     pipeline.write_records(plan, pipeline.Outputs(manifest=manifest, report=report, force=force))
 
 
@@ -679,8 +680,8 @@ class ApplyOptions:
     unsafe_pickle: bool = False
     allow_outside_paths: bool = False
     progress: bool | None = None
-    max_shard_size: int = MAX_SHARD_SIZE
-    dtype: str | None = None
+    max_shard_size: int | None = None  # None: the manifest's (written_as), else MAX_SHARD_SIZE
+    dtype: str | None = None  # None: the manifest's (written_as)
     strict: bool = False
 
 
@@ -711,6 +712,9 @@ def run_apply(options: ApplyOptions, log: Log = print) -> SelectionPlan:
     if options.dtype is not None and options.dtype not in DTYPES:
         raise SpecError(f"unknown --dtype {options.dtype!r}; use one of {', '.join(DTYPES)}")
     seed = plan.seed if options.seed is None else options.seed
+    recorded = plan.written_as or WrittenAs()  # as init wrote it, unless the options say otherwise
+    dtype = recorded.dtype if options.dtype is None else options.dtype
+    max_shard_size = options.max_shard_size or recorded.max_shard_size or MAX_SHARD_SIZE
     kept = kept_at_init(plan)
 
     def build(device: str) -> torch.nn.Module:
@@ -736,10 +740,10 @@ def run_apply(options: ApplyOptions, log: Log = print) -> SelectionPlan:
         plan.student_spec,
         plan.method,
         hub_weights=options.teacher_weights is None,
-        dtype=options.dtype,
+        dtype=dtype,
         force=options.force,
         progress=options.progress,
-        max_shard_size=options.max_shard_size,
+        max_shard_size=max_shard_size,
         strict=options.strict,
     )
     written = write_student(config, plan, source, student)

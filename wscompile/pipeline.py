@@ -193,6 +193,8 @@ def compile(
             state = apply_plan(plan, source, student_state)
     # (a file or folder is written under its own bar: WriteConfig.progress)
     written = write_student(outputs.weights, plan, source, student) if outputs.weights else None
+    if written:
+        plan.written_as = outputs.weights.written_as()
     warn_nonfinite(plan, warn)
     log(reports.render_summary(plan))
     if written:

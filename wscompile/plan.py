@@ -151,6 +151,14 @@ class UnusedTeacher:
 
 
 @dataclass
+class WrittenAs:
+    """How the student's weights were written (``init``): what ``apply`` writes again unless told otherwise."""
+
+    dtype: str | None = None  # floating tensors as fp32/fp16/bf16; None: as the student's
+    max_shard_size: int | None = None  # largest shard of a directory output, bytes; None: a single file
+
+
+@dataclass
 class ExportSummary:
     """What ``init --onnx`` wrote and how it was checked (the full result is ``backend.ExportResult``)."""
 
@@ -190,6 +198,8 @@ class SelectionPlan:
     nonfinite_teacher: list[NonFinite] | None = None
     # The ONNX export of the initialized student (init --onnx), as verified; None: not exported.
     export: ExportSummary | None = None
+    # How the weights were written; None: none were (diff, the Python API without an output).
+    written_as: WrittenAs | None = None
 
     @classmethod
     def from_dict(cls, manifest: dict[str, Any]) -> SelectionPlan:
@@ -205,7 +215,16 @@ class SelectionPlan:
             **_known(
                 cls,
                 manifest,
-                skip={"tensors", "stages", "groups", "unused_teacher", "coverage", "nonfinite_teacher", "export"},
+                skip={
+                    "tensors",
+                    "stages",
+                    "groups",
+                    "unused_teacher",
+                    "coverage",
+                    "nonfinite_teacher",
+                    "export",
+                    "written_as",
+                },
             ),
             teacher_spec=model["teacher"]["spec"],
             student_spec=model["student"]["spec"],
@@ -226,6 +245,9 @@ class SelectionPlan:
             if manifest.get("nonfinite_teacher") is None
             else [NonFinite(**_known(NonFinite, n)) for n in manifest["nonfinite_teacher"]],
             export=None if export is None else ExportSummary(**_known(ExportSummary, export)),
+            written_as=None
+            if manifest.get("written_as") is None
+            else WrittenAs(**_known(WrittenAs, manifest["written_as"])),
         )
 
 

@@ -20,7 +20,7 @@ import torch
 from wscompile.folders import DTYPES, FolderPlan, plan_folder
 from wscompile.outputs import is_directory_output, stream_safetensors, stream_safetensors_dir
 from wscompile.passes.apply import student_layout, student_tensors
-from wscompile.plan import SelectionPlan
+from wscompile.plan import SelectionPlan, WrittenAs
 from wscompile.specs import parse_spec, resolve_hub
 from wscompile.weights import TensorSource
 
@@ -44,6 +44,10 @@ class WriteConfig:
     progress: bool | None = None  # progress bar on stderr; None: when stderr is a terminal
     max_shard_size: int = MAX_SHARD_SIZE  # bytes per shard of a directory output
     strict: bool = False  # NaN/inf among the teacher values read is an error, not a warning
+
+    def written_as(self) -> WrittenAs:
+        """What the manifest records of this config, for ``apply`` to write the same files."""
+        return WrittenAs(self.dtype, self.max_shard_size if is_directory_output(self.out) else None)
 
 
 @dataclass

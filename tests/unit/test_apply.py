@@ -130,37 +130,31 @@ def test_apply_reproduces_magnitude_and_a_layer_map(tmp_path: Path) -> None:
     torch.testing.assert_close(written[record["student"]], teacher[record["teacher"]][rows][:, cols], rtol=0, atol=0)
 
 
-def test_apply_fits_renamed_teacher_keys_and_writes_a_folder(tmp_path: Path) -> None:
+def test_apply_fits_renamed_teacher_keys_and_writes_a_folder_as_init_wrote_it(tmp_path: Path) -> None:
     # Keys under "module." (a DataParallel save): init fits them to the teacher; apply builds the
-    # teacher on meta and fits them the same way. The folder (config + weights) matches file by file.
+    # teacher on meta and fits them the same way. The folder (config + weights, fp16, in shards of
+    # 100KB) matches file by file, apply taking dtype and shard size from the manifest's written_as.
     teacher = load_model(TEACHER, role="teacher", seed=3).module
     weights = tmp_path / "teacher.safetensors"
     save_file({f"module.{k}": v.detach().clone() for k, v in teacher.state_dict().items()}, str(weights))
-    common = ["--teacher-weights", str(weights), "--dtype", "fp16"]
-    assert (
-        main(
-            [
-                "init",
-                "--teacher",
-                TEACHER,
-                "--student",
-                STUDENT,
-                *common,
-                "--out",
-                f"{tmp_path}/a/",
-                "--manifest",
-                str(tmp_path / "m.json"),
-                "--allow-random-teacher",
-            ]
-        )
-        == 0
-    )
-    assert main(["apply", "--manifest", str(tmp_path / "m.json"), *common, "--out", f"{tmp_path}/b/"]) == 0
+    manifest = tmp_path / "m.json"
+    init = ["init", "--teacher", TEACHER, "--student", STUDENT, "--teacher-weights", str(weights)]
+    init += ["--dtype", "fp16", "--max-shard-size", "100KB", "--out", f"{tmp_path}/a/", "--manifest", str(manifest)]
+    assert main([*init, "--allow-random-teacher"]) == 0
+    assert json.loads(manifest.read_text())["written_as"] == {"dtype": "fp16", "max_shard_size": 100_000}
+    apply = ["apply", "--manifest", str(manifest), "--teacher-weights", str(weights)]
+    assert main([*apply, "--out", f"{tmp_path}/b/"]) == 0
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and "model.safetensors" in names
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and "model.safetensors.index.json" in names
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    assert load_file(str(tmp_path / "b" / "model.safetensors"))["cls_token"].dtype == torch.float16
+    shard = next(n for n in names if n.startswith("model-0"))
+    assert load_file(str(tmp_path / "b" / shard)).popitem()[1].dtype == torch.float16
+    # the options still win: one file, fp32
+    assert main([*apply, "--dtype", "fp32", "--out", str(tmp_path / "c.safetensors")]) == 0
+    assert {t.dtype for t in load_file(str(tmp_path / "c.safetensors")).values() if t.is_floating_point()} == {
+        torch.float32
+    }
 
 
 def test_plan_round_trips_through_its_manifest(tmp_path: Path) -> None:

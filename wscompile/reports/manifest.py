@@ -18,7 +18,7 @@ from wscompile.errors import MissingDependencyError, SpecError, ValidationError
 from wscompile.plan import AxisRule, SelectionPlan, StagePair, TensorRecord
 
 # Major: a field removed, renamed or changing meaning. Minor: a field added.
-SCHEMA_VERSION = "1.7"
+SCHEMA_VERSION = "1.8"
 MAX_LISTED_PROBLEMS = 20  # a wholly wrong document would otherwise give thousands
 
 
@@ -115,6 +115,9 @@ def plan_to_dict(plan: SelectionPlan) -> dict[str, Any]:
             "fallback_reason": plan.export.fallback_reason,
             "files": list(plan.export.files),
         },
+        "written_as": None
+        if plan.written_as is None
+        else {"dtype": plan.written_as.dtype, "max_shard_size": plan.written_as.max_shard_size},
         "frontend": dict(plan.frontend),
         "coverage": None
         if coverage is None
