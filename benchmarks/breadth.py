@@ -50,6 +50,9 @@ def _hf(name: str, **overrides) -> str:
 
 # HF teacher configs: (config class, kwargs); students override sizes in their specs.
 LM = dict(vocab_size=256, max_position_embeddings=64)
+PATCH_TRANSFORMER = dict(
+    hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, image_size=32, patch_size=8
+)
 HF_CONFIGS = {
     "bert": (
         "BertConfig",
@@ -232,36 +235,15 @@ HF_CONFIGS = {
     ),
     "vit": (
         "ViTConfig",
-        dict(
-            hidden_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            intermediate_size=512,
-            image_size=32,
-            patch_size=8,
-        ),
+        PATCH_TRANSFORMER,
     ),
     "siglip": (
         "SiglipVisionConfig",
-        dict(
-            hidden_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            intermediate_size=512,
-            image_size=32,
-            patch_size=8,
-        ),
+        PATCH_TRANSFORMER,
     ),
     "deit": (
         "DeiTConfig",
-        dict(
-            hidden_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            intermediate_size=512,
-            image_size=32,
-            patch_size=8,
-        ),
+        PATCH_TRANSFORMER,
     ),
     "dinov2": (
         "Dinov2Config",
