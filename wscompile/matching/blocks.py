@@ -7,7 +7,8 @@ either three or more of them or two of at least three components (two conv + nor
 are just nesting). A run of such siblings is a *stage*; it may open with an *entry block*
 of the same structure plus a few layers (a ResNet block with its downsample shortcut). A module that only occurs once in a model still counts as a block
 when its width-free hash equals a block of the other model (a one-block stage of a shallow
-student). Everything else is expanded into its parts, so how the user nested their modules
+student), and a run of blocks that the other model has but never repeats, each writing its own
+width, is a run of such one-block stages (a ResNet of depth 1 per stage). Everything else is expanded into its parts, so how the user nested their modules
 (wrappers, ``nn.Sequential`` vs attributes) does not change the result; only execution order and
 structure do.
 """
