@@ -38,7 +38,7 @@ def student_tensors(
     plan.nonfinite_teacher = []
     group_indices = {g.id: g.indices for g in plan.groups}
     planned = [r for r in plan.tensors if r.rule != RULE_STUDENT_INIT]
-    ahead = _Prefetch(planned, teacher, group_indices, student_state)
+    following = dict(zip((r.student for r in planned), planned[1:], strict=False))  # last: none
     for record in plan.tensors:
         current = student_state[record.student]
         if record.rule == RULE_STUDENT_INIT:
@@ -49,51 +49,14 @@ def student_tensors(
         for piece, values in zip(pieces, read, strict=True):
             if values.is_floating_point():
                 _check_finite(plan, piece.teacher, record.student, values, strict=strict)
-        ahead.past(record)  # a file source reads the next tensors while this one is converted and written
+        upcoming = following.get(record.student)
+        if upcoming is not None:
+            # A file source reads the next tensor while this one is converted and written.
+            first = (upcoming.parts or [upcoming])[0]
+            teacher.prefetch(first.teacher, teacher_index(first, group_indices))
         laid_out = [to_student_layout(values, piece, current) for piece, values in zip(pieces, read, strict=True)]
         values = laid_out[0] if len(laid_out) == 1 else torch.cat(laid_out, record.parts_axis)
         yield record.student, values.to(dtype=current.dtype).contiguous()
-
-
-PREFETCH_BYTES = 256 * 2**20  # student bytes the teacher's reads may run ahead of the writer
-
-
-class _Prefetch:
-    """Asks the teacher source to read upcoming tensors ahead, up to ``PREFETCH_BYTES`` of them.
-
-    One tensor ahead leaves the disk idle while a large tensor is converted and written; a window of
-    several keeps it reading at its sequential speed, and a bounded one never asks the page cache
-    for more than it can hold on a small machine.
-    """
-
-    def __init__(
-        self,
-        planned: list[TensorRecord],
-        teacher: TensorSource,
-        group_indices: dict[int, list[int]],
-        student_state: dict[str, torch.Tensor],
-    ) -> None:
-        self.planned, self.teacher, self.group_indices = planned, teacher, group_indices
-        self.size = [student_state[r.student].numel() * student_state[r.student].element_size() for r in planned]
-        self.position = {r.student: i for i, r in enumerate(planned)}
-        self.asked = 0  # planned[:asked] have been asked for
-        self.done = 0  # planned[:done] have been read
-        self._fill()
-
-    def past(self, record: TensorRecord) -> None:
-        """``record`` has been read: ask for the tensors after it while the window has room."""
-        self.done = self.position[record.student] + 1
-        self.asked = max(self.asked, self.done)
-        self._fill()
-
-    def _fill(self) -> None:
-        while self.asked < len(self.planned) and (
-            self.asked == self.done or sum(self.size[self.done : self.asked]) < PREFETCH_BYTES
-        ):
-            upcoming = self.planned[self.asked]
-            for piece in upcoming.parts or [upcoming]:
-                self.teacher.prefetch(piece.teacher, teacher_index(piece, self.group_indices))
-            self.asked += 1
 
 
 def _check_finite(plan: SelectionPlan, teacher: str, student: str, values: torch.Tensor, *, strict: bool) -> None:
