@@ -30,6 +30,7 @@ from wscompile.specs import (
     build_on_meta,
     has_tied_tensors,
     init_kept,
+    is_on_meta,
     load_model,
     parse_spec,
     resolve_hub,
@@ -187,24 +188,21 @@ def student_with_values(
     is built on the CPU with its library's seeded init, for those values. A student whose every
     tensor comes from the teacher never computes its random init.
     """
-    kept = kept_at_init(plan)
-    if not student.on_meta or not kept:
+    if not student.on_meta or values_at_init(student.module, plan, options.seed):
         return student
     with (progress or Progress()).stage(f"building student {options.student} with its own init"):
-        if kept is not ALL and init_kept(student.module, kept, options.seed):
-            return student
         return reload_student(options, student)
 
 
-ALL = frozenset({"*"})  # kept_at_init: every tensor's init is needed (grown units inside selected tensors)
-
-
-def kept_at_init(plan: SelectionPlan) -> frozenset[str]:
-    """The student tensors the plan keeps at the student's own init (``ALL`` where units grown at
-    init sit inside selected tensors, which take their init values whole)."""
+def values_at_init(module: torch.nn.Module, plan: SelectionPlan, seed: int) -> bool:
+    """Give a student built on meta the values ``plan`` keeps at its own init, where those tensors
+    alone can be initialized (``specs.init_kept``; nothing to do when none are kept). False when
+    the whole student must be built instead: units grown at init sit inside selected tensors, or
+    ``init_kept`` does not apply (another library, a kept buffer, tied tensors)."""
     if any(group.growth == GROW_INIT for group in plan.groups):
-        return ALL
-    return frozenset(record.student for record in plan.tensors if record.rule == RULE_STUDENT_INIT)
+        return False
+    kept = {record.student for record in plan.tensors if record.rule == RULE_STUDENT_INIT}
+    return not kept or init_kept(module, kept, seed)
 
 
 def check_memory(options: InitOptions, *, teacher_in_memory: bool, student_copies: int) -> None:
@@ -715,7 +713,6 @@ def run_apply(options: ApplyOptions, log: Log = print) -> SelectionPlan:
     recorded = plan.written_as or WrittenAs()  # as init wrote it, unless the options say otherwise
     dtype = recorded.dtype if options.dtype is None else options.dtype
     max_shard_size = options.max_shard_size or recorded.max_shard_size or MAX_SHARD_SIZE
-    kept = kept_at_init(plan)
 
     def build(device: str) -> torch.nn.Module:
         return build_module(
@@ -728,9 +725,8 @@ def run_apply(options: ApplyOptions, log: Log = print) -> SelectionPlan:
         )
 
     # As init: shapes only, and the student's own init where the plan keeps it (ties are told apart by storage).
-    student = build("meta")
-    on_meta = any(t.is_meta for t in student.parameters())  # a constructor computing on data built it on the CPU
-    if on_meta and (has_tied_tensors(student) or (kept and (kept is ALL or not init_kept(student, kept, seed)))):
+    student = build("meta")  # a constructor computing on tensor data builds on the CPU instead
+    if is_on_meta(student) and (has_tied_tensors(student) or not values_at_init(student, plan, seed)):
         student = build("cpu")
     source = apply_teacher_source(options, plan)
     check_plan(plan, source, student.state_dict())

@@ -323,7 +323,7 @@ def load_model(
     spec = resolve_hub(parse_spec(text), role=role, weights=role == "teacher" and not weights)
     recipe = _recipe(spec, role=role, input_shape=input_shape, trust_remote_code=trust_remote_code)
     module = _construct(recipe.build, spec, device=device, seed=seed).eval()
-    on_meta = any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
+    on_meta = is_on_meta(module)
     try:
         kind, described = recipe.describe_inputs(module)
     except InputsError:
@@ -1052,6 +1052,11 @@ def init_kept(module: nn.Module, names: Iterable[str], seed: int) -> bool:
             owner.to_empty(device="cpu", recurse=False)
             init(owner)
     return True
+
+
+def is_on_meta(module: nn.Module) -> bool:
+    """Whether ``module`` holds meta tensors (built on the meta device, or partly: see ``init_kept``)."""
+    return any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
 
 
 def has_tied_tensors(module: nn.Module) -> bool:

@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent("""
     from wscompile import commands, weights
     from wscompile.outputs import save_safetensors
     from wscompile.passes.apply import apply_plan
-    from wscompile.specs import init_kept, load_model
+    from wscompile.specs import load_model
     from wscompile.weights import DictSource
 
     teacher_spec, student_spec, teacher_dir, out, in_memory, manifest = sys.argv[1:]
@@ -77,7 +77,7 @@ SCRIPT = textwrap.dedent("""
         whole_teacher.update(load_file(f"{teacher_dir}/{shard}"))
     # the student's own init where the plan keeps it, by the documented rule (specs.init_kept)
     student = load_model(student_spec, role="student", seed=options.seed, device="meta").module
-    assert init_kept(student, commands.kept_at_init(plan), options.seed)
+    assert commands.values_at_init(student, plan, options.seed)
     state = apply_plan(plan, DictSource(whole_teacher), student.state_dict())
     save_safetensors(in_memory, state, commands.student_metadata(options), force=False)
     print(json.dumps({"peak_growth": peak_growth}))

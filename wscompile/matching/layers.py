@@ -168,8 +168,8 @@ def teacher_blocks(
                 f"it must take teacher block 0; start the map with {stage}:0,..."
             )
         return EXPLICIT, chosen
-    if policy.name == FIRST or n_student >= n_teacher:
-        return policy.name, list(range(min(n_teacher, n_student)))
+    if n_student >= n_teacher:
+        return policy.name, list(range(n_teacher))
     spec = POLICY_SPECS[policy.name]
     scores = similarity() if spec.needs_calibration else [0.0] * n_teacher
     if entry:
