@@ -194,7 +194,7 @@ def worker(path: str, teacher_dir: Path, size: str, out: Path, manifest: Path) -
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from wscompile import commands, outputs, pipeline, weights
+    from wscompile import cli, commands, outputs, pipeline, weights
     from wscompile.passes import apply
 
     baseline = _status("VmRSS")
@@ -212,50 +212,52 @@ def worker(path: str, teacher_dir: Path, size: str, out: Path, manifest: Path) -
     watch.wrap(commands, "load_pair", "build_seconds")
     watch.wrap(commands, "student_with_values", "build_seconds")  # the student built for the values it keeps
     watch.wrap(pipeline, "compile", "trace_plan_seconds")
-    start = time.perf_counter()
-    if path == "streamed":
-        loaded: dict[str, object] = {}
-        load_pair = commands.load_pair
+    # Garbage collection paused as the CLI pauses it for every command (cli.collection_paused).
+    with cli.collection_paused():
+        start = time.perf_counter()
+        if path == "streamed":
+            loaded: dict[str, object] = {}
+            load_pair = commands.load_pair
 
-        def capture(*args, **kwargs):
-            loaded["pair"] = load_pair(*args, **kwargs)
-            return loaded["pair"]
+            def capture(*args, **kwargs):
+                loaded["pair"] = load_pair(*args, **kwargs)
+                return loaded["pair"]
 
-        commands.load_pair = capture
-        watch.wrap(pipeline, "write_student", "write_seconds")
-        commands.run_init(options, log=lambda line: None)
-        row["wscompile_read_gb"] = loaded["pair"][0].source.bytes_read / 1e9
-    elif path == "naive":
-        from safetensors.torch import load_file
+            commands.load_pair = capture
+            watch.wrap(pipeline, "write_student", "write_seconds")
+            commands.run_init(options, log=lambda line: None)
+            row["wscompile_read_gb"] = loaded["pair"][0].source.bytes_read / 1e9
+        elif path == "naive":
+            from safetensors.torch import load_file
 
-        teacher, student = commands.load_pair(options, need_values=True)
-        load_start = time.perf_counter()
-        index = json.loads((teacher_dir / "model.safetensors.index.json").read_text())
-        state = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            state.update(load_file(teacher_dir / shard))
-        watch.seconds["load_teacher_seconds"] = time.perf_counter() - load_start
-        # The plan's stage 4 in memory: apply_plan into a state_dict, then save it whole. The student
-        # is planned on meta and built for the values the plan keeps at its init, as run_init does.
-        source = weights.DictSource(state)
-        compiled = pipeline.compile(
-            teacher.module,
-            student.module,
-            teacher_inputs=teacher.inputs,
-            student_inputs=student.inputs,
-            teacher_source=source,
-            teacher_spec=teacher_spec,
-            student_spec=student_spec,
-            write=False,
-        )
-        student = commands.student_with_values(options, compiled.plan, student)
-        selected = apply.apply_plan(compiled.plan, source, student.module.state_dict())
-        watch.wrap(outputs, "save_safetensors", "save_seconds")
-        outputs.save_safetensors(out, selected, commands.student_metadata(options), force=True)
-        row["wscompile_read_gb"] = sum(t.numel() * t.element_size() for t in state.values()) / 1e9
-    else:
-        row["wscompile_read_gb"] = read_planned_ranges(teacher_dir, manifest) / 1e9
-        watch.seconds["write_seconds"] = time.perf_counter() - start
+            teacher, student = commands.load_pair(options, need_values=True)
+            load_start = time.perf_counter()
+            index = json.loads((teacher_dir / "model.safetensors.index.json").read_text())
+            state = {}
+            for shard in sorted(set(index["weight_map"].values())):
+                state.update(load_file(teacher_dir / shard))
+            watch.seconds["load_teacher_seconds"] = time.perf_counter() - load_start
+            # The plan's stage 4 in memory: apply_plan into a state_dict, then save it whole. The student
+            # is planned on meta and built for the values the plan keeps at its init, as run_init does.
+            source = weights.DictSource(state)
+            compiled = pipeline.compile(
+                teacher.module,
+                student.module,
+                teacher_inputs=teacher.inputs,
+                student_inputs=student.inputs,
+                teacher_source=source,
+                teacher_spec=teacher_spec,
+                student_spec=student_spec,
+                write=False,
+            )
+            student = commands.student_with_values(options, compiled.plan, student)
+            selected = apply.apply_plan(compiled.plan, source, student.module.state_dict())
+            watch.wrap(outputs, "save_safetensors", "save_seconds")
+            outputs.save_safetensors(out, selected, commands.student_metadata(options), force=True)
+            row["wscompile_read_gb"] = sum(t.numel() * t.element_size() for t in state.values()) / 1e9
+        else:
+            row["wscompile_read_gb"] = read_planned_ranges(teacher_dir, manifest) / 1e9
+            watch.seconds["write_seconds"] = time.perf_counter() - start
     row["seconds"] = time.perf_counter() - start
     row.update(watch.seconds)
     if path == "streamed":  # compile() writes the student as its stage 5: the write is its own column

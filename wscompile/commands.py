@@ -123,7 +123,7 @@ def load_pair(
     )
     teacher_device = "meta" if (has_file or not need_values) and not needs_calibration(options) else "cpu"
     with progress.stage("counting the memory the run needs"):
-        check_memory(
+        counted = check_memory(
             options, teacher_in_memory=teacher_device == "cpu", student_copies=STUDENT_COPIES_INIT if need_values else 1
         )
 
@@ -145,7 +145,9 @@ def load_pair(
     def load_student(inputs_from: LoadedModel | None = None) -> LoadedModel:
         # Shapes are all the plan needs of the student (its values: student_with_values, after planning)
         with progress.stage(f"building student {options.student}"):
-            student = build_student(options, device="cpu" if options.onnx else "meta", inputs_from=inputs_from)
+            student = build_student(
+                options, device="cpu" if options.onnx else "meta", inputs_from=inputs_from, built=counted
+            )
             if student.on_meta and has_tied_tensors(student.module):  # ties are told apart by their storage
                 return reload_student(options, student)
             return student
@@ -160,8 +162,11 @@ def load_pair(
     return teacher, load_student(inputs_from=teacher)
 
 
-def build_student(options: InitOptions, *, device: str, inputs_from: LoadedModel | None) -> LoadedModel:
-    """The student ``options`` name, built on ``device`` with its library's init under ``options.seed``."""
+def build_student(
+    options: InitOptions, *, device: str, inputs_from: LoadedModel | None, built: torch.nn.Module | None = None
+) -> LoadedModel:
+    """The student ``options`` name, built on ``device`` with its library's init under ``options.seed``
+    (on meta, ``built`` when given: the module ``check_memory`` counted)."""
     return load_model(
         options.student,
         role="student",
@@ -170,6 +175,7 @@ def build_student(options: InitOptions, *, device: str, inputs_from: LoadedModel
         input_shape=options.input_shape,
         trust_remote_code=options.trust_remote_code,
         inputs_from=inputs_from,
+        built=built,
     )
 
 
@@ -205,8 +211,9 @@ def values_at_init(module: torch.nn.Module, plan: SelectionPlan, seed: int) -> b
     return not kept or init_kept(module, kept, seed)
 
 
-def check_memory(options: InitOptions, *, teacher_in_memory: bool, student_copies: int) -> None:
-    """Refuse a run whose tensors would not fit in memory, before allocating any of them.
+def check_memory(options: InitOptions, *, teacher_in_memory: bool, student_copies: int) -> torch.nn.Module:
+    """Refuse a run whose tensors would not fit in memory, before allocating any of them; return the
+    student it built on the meta device to count it (``build_on_meta``), for the run to plan with.
 
     Counted (``memory.py``): the student's tensors, the teacher's when it is built in memory (a
     teacher read from a weights file is streamed and not counted), both models' example inputs and
@@ -218,16 +225,16 @@ def check_memory(options: InitOptions, *, teacher_in_memory: bool, student_copie
     """
     available, origin = available_memory()
     where = f"{size_text(available)} is available ({origin})"
-    student, student_inputs, student_peak = _measure(options.student, "student", options, available, where)
+    module, (student, student_inputs, student_peak) = _measure(options.student, "student", options, available, where)
     teacher, teacher_inputs, teacher_peak = 0, student_inputs, None
     if teacher_in_memory:
-        teacher, teacher_inputs, teacher_peak = _measure(options.teacher, "teacher", options, available, where)
+        _, (teacher, teacher_inputs, teacher_peak) = _measure(options.teacher, "teacher", options, available, where)
     # The example inputs of both models exist together; the forwards run one at a time.
     inputs = student_inputs + teacher_inputs
     activations = max(student_peak or 0, teacher_peak or 0)
     needed = student_copies * student + teacher + inputs + activations
     if needed <= available:
-        return
+        return module
     parts = [f"{student_copies} x {size_text(student)} for student {options.student}"]
     advice = "use a smaller student or a machine with more memory"
     if teacher:
@@ -280,8 +287,11 @@ def available_memory() -> tuple[int, str]:
     return min(found)
 
 
-def _measure(spec: str, role: str, options: InitOptions, available: int, where: str) -> tuple[int, int, int | None]:
-    """(bytes of the model's state_dict, of its example inputs, peak bytes of its forward's activations), on meta.
+def _measure(
+    spec: str, role: str, options: InitOptions, available: int, where: str
+) -> tuple[torch.nn.Module, tuple[int, int, int | None]]:
+    """The model built on meta, and (bytes of its state_dict, of its example inputs, peak bytes of its
+    forward's activations).
 
     A tied tensor counts once. The construction runs under ``memory.construction_guard``; a model
     whose inputs its spec does not tell counts none (it takes the other model's, counted there).
@@ -298,8 +308,8 @@ def _measure(spec: str, role: str, options: InitOptions, available: int, where: 
         )
     tensors = nbytes(list({id(t): t for t in module.state_dict(keep_vars=True).values()}.values()))
     if inputs is None:
-        return tensors, 0, None
-    return tensors, nbytes(inputs), peak_activation_bytes(module, inputs)
+        return module, (tensors, 0, None)
+    return module, (tensors, nbytes(inputs), peak_activation_bytes(module, inputs))
 
 
 def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:

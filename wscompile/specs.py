@@ -38,6 +38,7 @@ from torch import nn
 from wscompile.checkpoints import ConvertedSource, hf_checkpoint_source, is_transformers_model
 from wscompile.errors import InputsError, SpecError, WscompileError
 from wscompile.hub import hub_snapshot, is_hub_id, is_hub_miss, timm_weights_error
+from wscompile.meta import skip_meta_init
 from wscompile.weights import (
     DictSource,
     ModuleSource,
@@ -294,6 +295,7 @@ def load_model(
     unsafe_pickle: bool = False,
     allow_outside_paths: bool = False,
     inputs_from: LoadedModel | None = None,
+    built: nn.Module | None = None,
 ) -> LoadedModel:
     """Build the model a spec names, attach its weights and example inputs.
 
@@ -313,6 +315,8 @@ def load_model(
         allow_outside_paths: let a model folder name weight files outside itself (see ``weights.confined``).
         inputs_from: the other model of the pair, whose example inputs this one takes when its own
             cannot be told (a ``py:`` factory without ``example_inputs``, say).
+        built: the module ``build_on_meta`` already built from the same spec, seed and input shape
+            (to count its memory), taken instead of building it again when ``device`` is meta.
 
     Raises:
         InputsError: the inputs cannot be told and there is no ``inputs_from``.
@@ -322,7 +326,10 @@ def load_model(
         raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
     spec = resolve_hub(parse_spec(text), role=role, weights=role == "teacher" and not weights)
     recipe = _recipe(spec, role=role, input_shape=input_shape, trust_remote_code=trust_remote_code)
-    module = _construct(recipe.build, spec, device=device, seed=seed).eval()
+    if built is not None and device == "meta":
+        module = built
+    else:
+        module = _construct(recipe.build, spec, device=device, seed=seed).eval()
     on_meta = is_on_meta(module)
     try:
         kind, described = recipe.describe_inputs(module)
@@ -426,7 +433,7 @@ def _construct(build: Callable[[], nn.Module], spec: ModelSpec, *, device: str, 
         if device == "meta":
             torch.manual_seed(seed)
             try:
-                with torch.device("meta"):
+                with torch.device("meta"), skip_meta_init():
                     return _checked_module(build(), spec)
             except WscompileError:  # a SpecError, or construction_guard's ResourceError
                 raise

@@ -42,6 +42,12 @@ STATE_DICT_WRAPPERS = ("model", "state_dict", "model_state_dict", "module", "ema
 
 # Reading axis 0 run by run costs one call per run; past this many runs one bounding read is cheaper.
 _MAX_ROW_RUNS = 64
+# A mapping of a file serves reads until this many bytes have been read through it (SafetensorsSource).
+_REMAP_BYTES = 64 * 2**20
+# Runs of rows closer than this (bytes between them) are read as one: a mapping and a read-ahead
+# request cost more than reading through a small gap (a step-2 uniform selection has a one-row gap
+# after every row), while the wide gaps of first-N layers or chosen experts are still never read.
+_MAX_GAP_BYTES = 128 * 2**10
 # A bounding box larger than this (bytes) is read in runs of rows, each through its own mapping, so
 # the mapped pages and the selected copy are not both as large as the box.
 _CHUNK_BYTES = 64 * 2**20
@@ -134,9 +140,11 @@ class ModuleSource(DictSource):
 class SafetensorsSource:
     """One ``.safetensors`` file, memory-mapped; reads touch only the requested elements' range.
 
-    NOTE: the file is mapped anew for every read. Pages touched through a mapping count in the
-    process's resident set until it is unmapped, so one long-lived mapping would grow the RSS to
-    every byte read from the teacher; a mapping per read bounds it by the tensor being read.
+    NOTE: pages touched through a mapping count in the process's resident set until it is
+    unmapped, so one long-lived mapping would grow the RSS to every byte read from the teacher.
+    A mapping serves reads until ``_REMAP_BYTES`` have been read through it, then the file is
+    mapped anew: the RSS stays bounded by that and the tensor being read, and the hundreds of
+    small reads of a small model do not each pay for mapping the file.
     """
 
     def __init__(self, path: str) -> None:
@@ -150,9 +158,29 @@ class SafetensorsSource:
         except Exception as e:  # safetensors raises its own SafetensorError, or OSError
             raise SpecError(f"'{path}' is not a valid safetensors file ({e}); re-download or re-save it") from e
         self.bytes_read = 0
+        self._mapped: Any = None  # the open safe_open handle, or None
+        self._read_through_mapping = 0  # bytes read through it
 
     def _open(self):
         return safe_open(self.path, framework="pt", device="cpu")
+
+    def _mapping(self) -> Any:
+        """The file's open mapping, mapped anew once ``_REMAP_BYTES`` have been read through it."""
+        if self._mapped is None or self._read_through_mapping >= _REMAP_BYTES:
+            self._unmap()
+            self._mapped = self._open().__enter__()
+            self._read_through_mapping = 0
+        return self._mapped
+
+    def _unmap(self) -> None:
+        if self._mapped is not None:
+            self._mapped.__exit__(None, None, None)
+            self._mapped = None
+
+    def _count(self, out: torch.Tensor) -> torch.Tensor:
+        self.bytes_read += _nbytes(out)
+        self._read_through_mapping += _nbytes(out)
+        return out
 
     def prefetch(self, key: str, index: Sequence[AxisIndex] | None = None) -> None:
         rows = index[0] if index else None
@@ -196,22 +224,28 @@ class SafetensorsSource:
             raise KeyError(key)
         if index is None or all(idx is None for idx in index):
             self._will_need(key, slice(None))
-            with self._open() as file:
-                out = file.get_tensor(key)
-            self.bytes_read += _nbytes(out)
-            return out
+            return self._count(self._mapping().get_tensor(key))
         shape = self.shape(key)
         positions = [None if idx is None else torch.as_tensor(list(idx), dtype=torch.long) for idx in index]
         positions += [None] * (len(shape) - len(positions))
         rows = positions[0]
-        if rows is not None and rows.numel() > 0 and len(_runs(rows)) <= _MAX_ROW_RUNS:
-            # Few runs of consecutive rows (first-N layers, contiguous blocks): read each run alone
-            # so rows between them are never touched.
-            parts = [self._read_box(key, [slice(lo, hi)] + positions[1:]) for lo, hi in _runs(rows)]
-            out = torch.cat(parts)
-            order = _order_within_runs(rows)
-            return out if order is None else out.index_select(0, order)
+        if rows is not None and rows.numel() > 0:
+            values = torch.unique(rows)  # sorted
+            runs = _runs_apart(values, self._row_bytes(key), _MAX_GAP_BYTES)
+            if len(runs) <= _MAX_ROW_RUNS:
+                # Few runs of rows far apart (first-N layers, chosen experts): read each run alone
+                # so the rows between them are never touched, then put the rows in order.
+                parts = [self._read_box(key, [run] + positions[1:]) for run in runs]
+                out = parts[0] if len(parts) == 1 else torch.cat(parts)
+                in_order = rows.numel() == values.numel() and bool(torch.equal(rows, values))
+                return out if in_order else out.index_select(0, torch.searchsorted(values, rows))
         return self._read_box(key, positions)
+
+    def _row_bytes(self, key: str) -> int:
+        """Bytes of one index along axis 0 of ``key`` (the whole tensor for a scalar)."""
+        start, end = self._header[key]["data_offsets"]
+        shape = self.shape(key)
+        return (end - start) // shape[0] if shape and shape[0] else end - start
 
     def _read_box(self, key: str, positions: list[torch.Tensor | slice | None]) -> torch.Tensor:
         """Read the bounding box of ``positions`` per axis, then pick the positions inside it."""
@@ -252,9 +286,7 @@ class SafetensorsSource:
     def _read_selected(self, key: str, box: list[slice], inner: list[torch.Tensor | slice]) -> torch.Tensor:
         """Map the file, read ``box``, and pick ``inner`` (positions relative to the box) from it."""
         self._will_need(key, box[0])
-        with self._open() as file:
-            out = file.get_slice(key)[tuple(box)]
-        self.bytes_read += _nbytes(out)
+        out = self._count(self._mapping().get_slice(key)[tuple(box)])
         # Evenly spaced positions (the uniform rule's steps) become a strided view: no gather.
         out = out[tuple(pos if isinstance(pos, slice) else slice(None) for pos in inner)]
         for axis, pos in enumerate(inner):
@@ -274,25 +306,10 @@ def _as_slice(positions: torch.Tensor) -> torch.Tensor | slice:
     return positions
 
 
-def _runs(rows: torch.Tensor) -> list[tuple[int, int]]:
-    """Maximal ranges [lo, hi) of consecutive values among the sorted unique ``rows``."""
-    values = sorted(set(rows.tolist()))
-    runs: list[tuple[int, int]] = []
-    for value in values:
-        if runs and runs[-1][1] == value:
-            runs[-1] = (runs[-1][0], value + 1)
-        else:
-            runs.append((value, value + 1))
-    return runs
-
-
-def _order_within_runs(rows: torch.Tensor) -> torch.Tensor | None:
-    """Positions of ``rows`` in the concatenated runs, or None when they are already in order."""
-    values = sorted(set(rows.tolist()))
-    if rows.tolist() == values:
-        return None
-    where = {value: i for i, value in enumerate(values)}
-    return torch.tensor([where[value] for value in rows.tolist()], dtype=torch.long)
+def _runs_apart(values: torch.Tensor, row_bytes: int, max_gap_bytes: int) -> list[torch.Tensor]:
+    """Sorted unique ``values`` split where the rows between two neighbours hold ``max_gap_bytes`` or more."""
+    gaps = (values.diff() - 1) * row_bytes
+    return list(torch.tensor_split(values, (torch.nonzero(gaps >= max_gap_bytes).flatten() + 1).tolist()))
 
 
 def _read_safetensors_header(path: str) -> dict[str, Any]:

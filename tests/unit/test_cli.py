@@ -335,3 +335,42 @@ def test_quiet_keeps_warnings_and_diffs_report(tmp_path, capsys):
     assert main(["diff", "--teacher", TEACHER, "--student", STUDENT, "--quiet"]) == 0
     assert capsys.readouterr() == (report, "")
     assert "stage 0 (blocks, 2 blocks) <- stage 0 (blocks, 4 blocks)" in report
+
+
+def test_a_command_runs_with_garbage_collection_paused_and_restores_it(tmp_path, monkeypatch, capsys):
+    import gc
+
+    from wscompile import commands
+
+    seen = []
+
+    def run_init(options, log=print):
+        seen.append(gc.isenabled())
+        raise commands.SpecError("stop here")
+
+    monkeypatch.setattr(commands, "run_init", run_init)
+    assert gc.isenabled()
+    assert main(["init", "--teacher", TEACHER, "--student", STUDENT, "--out", str(tmp_path / "s.safetensors")]) == 2
+    assert seen == [False] and gc.isenabled()  # back on after a failed run too
+    assert "stop here" in capsys.readouterr().err
+
+
+def test_init_builds_each_model_once(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from wscompile import specs
+
+    weights = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in _teacher_from_seed().items()}, weights)
+    built = []
+    construct = specs._construct
+    monkeypatch.setattr(
+        specs,
+        "_construct",
+        lambda build, spec, **kw: built.append((spec.text, kw["device"])) or construct(build, spec, **kw),
+    )
+    out = tmp_path / "s.safetensors"
+    argv = ["init", "--teacher", TEACHER, "--teacher-weights", str(weights), "--student", STUDENT, "--out", str(out)]
+    assert main([*argv, "--select-head"]) == 0
+    # the student counted for memory is the one planned; the teacher's values are read from its file
+    assert sorted(built) == sorted([(TEACHER, "meta"), (STUDENT, "meta")])

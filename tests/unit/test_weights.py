@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from wscompile import weights
 from wscompile.errors import SpecError
 from wscompile.specs import load_model
 from wscompile.weights import DictSource, RenamedSource, SafetensorsSource, open_weights, take
@@ -65,16 +66,27 @@ def test_safetensors_subset_equals_full_read_then_index(
     assert torch.equal(got, expected)
 
 
-def test_safetensors_metadata_and_bytes_read(safetensors_path: Path) -> None:
+def test_safetensors_metadata_and_bytes_read(safetensors_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = open_weights(str(safetensors_path))
     assert isinstance(source, SafetensorsSource)
     assert set(source.keys()) == {"conv.weight", "fc.weight", "fc.bias", "half"}
     assert source.shape("conv.weight") == (8, 4, 3, 3) and source.dtype("half") == torch.bfloat16
     assert source.bytes_read == 0
+    row = 12 * 4  # bytes of one fc.weight row
+    monkeypatch.setattr(weights, "_MAX_GAP_BYTES", 97 * row)  # runs 97 rows apart are read apart
     source.read("fc.weight", [[0, 1, 2, 100, 101], None])  # two runs of rows: only those are read
-    assert source.bytes_read == 5 * 12 * 4
+    assert source.bytes_read == 5 * row
     source.read("fc.weight", [range(10, 20), [0, 1]])
     assert source.bytes_read == (5 * 12 + 10 * 2) * 4
+
+
+def test_safetensors_reads_through_small_gaps(safetensors_path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    source = open_weights(str(safetensors_path))
+    row = 12 * 4
+    assert 97 * row < weights._MAX_GAP_BYTES  # a 4.5 KiB gap is cheaper to read than to skip
+    rows = [101, 0, 1, 2, 100]
+    assert torch.equal(source.read("fc.weight", [rows, None]), tensors["fc.weight"][rows])
+    assert source.bytes_read == 102 * row  # rows 0..101, once
 
 
 def test_sharded_hf_directory(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> None:
