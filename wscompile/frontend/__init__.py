@@ -22,6 +22,7 @@ from wscompile import ir
 from wscompile.errors import TraceError
 from wscompile.frontend import export as export_frontend
 from wscompile.frontend import fx as fx_frontend
+from wscompile.frontend import repeated
 
 FRONTENDS = {fx_frontend.NAME: fx_frontend.trace, export_frontend.NAME: export_frontend.trace}
 
@@ -37,9 +38,17 @@ def module_tree(model: nn.Module) -> dict[str, list[str]]:
 
 
 def trace(
-    model: nn.Module, inputs: dict[str, torch.Tensor], *, frontends: list[str] | None = None, label: str = "model"
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    *,
+    frontends: list[str] | None = None,
+    label: str = "model",
+    blocks_once: bool = True,
 ) -> nx.DiGraph:
     """Trace ``model`` with the first frontend that succeeds.
+
+    With ``blocks_once``, each run of identical blocks is traced as two and the IR of the others
+    copied from the second (``frontend.repeated``); where that does not apply, the whole model is traced.
 
     Raises:
         TraceError: no frontend traced the model; the message names each frontend's failure.
@@ -55,9 +64,12 @@ def trace(
         config.use_cache = False
     try:
         twin = meta_twin(model)  # after use_cache is off: the twin copies the config
+        runs = repeated.repeated_runs(model) if blocks_once else []
         for name in frontends or list(FRONTENDS):
             try:
-                graph = _trace_twin_first(FRONTENDS[name], model, twin, inputs, tree)
+                graph = _trace_cut(FRONTENDS[name], model, twin, inputs, tree, runs) if runs else None
+                if graph is None:
+                    graph = _trace_twin_first(FRONTENDS[name], model, twin, inputs, tree)
             except Exception as e:  # noqa: BLE001 - each tracer fails in its own way; we report all
                 failures.append(f"{name}: {_first_line(e)}")
                 continue
@@ -100,6 +112,24 @@ def meta_twin(model: nn.Module) -> nn.Module | None:
     except Exception:  # noqa: BLE001 - whatever refuses to be copied, the model itself is traced
         return None
     return twin.eval()
+
+
+def _trace_cut(
+    frontend,
+    model: nn.Module,
+    twin: nn.Module | None,
+    inputs: dict[str, torch.Tensor],
+    tree: dict[str, list[str]],
+    runs: list[repeated.Run],
+) -> nx.DiGraph | None:
+    """The IR of ``model`` traced with its ``runs`` cut to two blocks, then expanded; None when the
+    cut model does not trace or its IR does not show the blocks plainly (``repeated.expand``)."""
+    with repeated.cut([m for m in (model, twin) if m is not None], runs):
+        try:
+            graph = _trace_twin_first(frontend, model, twin, inputs, tree)
+        except Exception:  # noqa: BLE001 - the whole model is traced next, and says why if it fails
+            return None
+    return repeated.expand(graph, runs)
 
 
 def _trace_twin_first(
