@@ -54,6 +54,7 @@ def test_speed_smoke_times_both_sides_and_the_students_agree(tmp_path, monkeypat
     assert {(row["case"], row["side"]) for row in rows} == {
         ("ViT-T -> ViT-T depth 2 (smoke)", "wscompile"),
         ("ViT-T -> ViT-T depth 2 (smoke)", "official"),
+        ("ViT-T -> ViT-T depth 2 (smoke)", "imports"),
         ("--help", "wscompile --help"),
         ("--help", "import torch"),
     }
