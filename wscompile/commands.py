@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 
@@ -320,7 +321,29 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
     teacher, student = load_pair(options, need_values=True, progress=progress)
     warn_random_teacher(options, teacher)
     # With --out the student's tensors go straight to the file, never all in memory.
-    compiled = pipeline.compile(
+    compiled = compile_pair(
+        options,
+        teacher,
+        student,
+        progress,
+        allow_partial=options.allow_partial,
+        growth=options.growth,
+        write=not options.out,
+        outputs=init_outputs(options, student),
+        min_matched_share=pipeline.MIN_MATCHED_SHARE,
+        log=_silent if options.quiet else log,
+        warn=_warn,
+        student_values=lambda plan: student_with_values(options, plan, student, progress).module,
+    )
+    return compiled.plan
+
+
+def compile_pair(
+    options: InitOptions, teacher: LoadedModel, student: LoadedModel, progress: Progress, **stage_options: Any
+) -> pipeline.Compiled:
+    """``pipeline.compile`` of a loaded pair with what ``options`` say of it (specs, head, selection);
+    ``stage_options`` are the rest of ``compile``'s keyword arguments, which differ by command."""
+    return pipeline.compile(
         teacher.module,
         student.module,
         teacher_inputs=teacher.inputs,
@@ -329,19 +352,11 @@ def run_init(options: InitOptions, log: Log = print) -> SelectionPlan:
         teacher_spec=options.teacher,
         student_spec=options.student,
         select_head=options.select_head,
-        allow_partial=options.allow_partial,
-        growth=options.growth,
-        write=not options.out,
-        outputs=init_outputs(options, student),
         teacher_origin=teacher_origin(teacher),
-        min_matched_share=pipeline.MIN_MATCHED_SHARE,
-        log=_silent if options.quiet else log,
-        warn=_warn,
-        student_values=lambda plan: student_with_values(options, plan, student, progress).module,
         progress=progress,
         **selection_options(options, teacher, progress),
+        **stage_options,
     )
-    return compiled.plan
 
 
 def init_outputs(options: InitOptions, student: LoadedModel) -> pipeline.Outputs:
@@ -585,21 +600,7 @@ def run_diff(options: InitOptions, fmt: str | None, output: str | None, log: Log
     if needs_weights or needs_calibration(options):
         # Only these selections read the teacher's values; the structure is the same for any values.
         warn_random_teacher(options, teacher)
-    compiled = pipeline.compile(
-        teacher.module,
-        student.module,
-        teacher_inputs=teacher.inputs,
-        student_inputs=student.inputs,
-        teacher_source=teacher.source,
-        teacher_spec=options.teacher,
-        student_spec=options.student,
-        select_head=options.select_head,
-        allow_partial=True,
-        write=False,
-        teacher_origin=teacher_origin(teacher),
-        progress=progress,
-        **selection_options(options, teacher, progress),
-    )
+    compiled = compile_pair(options, teacher, student, progress, allow_partial=True, write=False)
     if output:
         reports.write_report(compiled.plan, output, fmt=fmt, force=options.force)
         if not options.quiet:

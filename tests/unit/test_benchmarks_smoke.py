@@ -65,6 +65,15 @@ def test_speed_smoke_times_both_sides_and_the_students_agree(tmp_path, monkeypat
     assert smoke_row.rstrip().endswith("| yes |")
 
 
+def test_trace_once_gives_the_whole_models_ir(tmp_path, monkeypatch):
+    argv = ["trace_once.py", "--only", "convnext_atto", "--repeats", "1", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(BENCHMARKS / "trace_once.py"), run_name="__main__")  # exits 1 when an IR differs
+    with (tmp_path / "trace_once.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["model"], row["cut"], row["same_ir"]) for row in rows] == [("timm:convnext_atto", "yes", "yes")]
+
+
 def _run_smoke(script: str, tmp_path: Path, monkeypatch, *options: str) -> tuple[list[dict], str]:
     """Run ``script --smoke`` in-process; returns its summary rows and markdown report."""
     pytest.importorskip("matplotlib")
