@@ -466,7 +466,8 @@ def collection_paused() -> Iterator[None]:
     NOTE: nearly every object a command creates lives until it ends: the modules torch, timm and
     transformers import, the models, their graphs. Each full collection scans them all again, 0.6 to
     0.9 s of a 5 s ``init`` of the paper's pairs and 1 s at 7B. Reference counting still frees all
-    that is not in a cycle: the 7B run of ``benchmarks/scale.py`` peaks at the same RSS either way.
+    that is not in a cycle: the 7B ``init`` of ``benchmarks/scale.py`` peaked at 1.32 GB with
+    collection paused and 1.30 GB without.
     """
     enabled = gc.isenabled()
     gc.disable()
