@@ -197,7 +197,7 @@ class SafetensorsSource:
         start, end = self._header[key]["data_offsets"]
         shape = self.shape(key)
         if shape and shape[0]:
-            row_bytes = (end - start) // shape[0]
+            row_bytes = self._row_bytes(key)
             lo, hi, _ = rows.indices(shape[0])
             start, end = start + lo * row_bytes, start + max(lo, hi) * row_bytes
         if end > start:  # NOTE: a length of 0 would mean "to the end of the file"
@@ -284,7 +284,7 @@ class SafetensorsSource:
         return out
 
     def _read_selected(self, key: str, box: list[slice], inner: list[torch.Tensor | slice]) -> torch.Tensor:
-        """Map the file, read ``box``, and pick ``inner`` (positions relative to the box) from it."""
+        """Read ``box`` through the file's mapping, and pick ``inner`` (positions relative to the box) from it."""
         self._will_need(key, box[0])
         out = self._count(self._mapping().get_slice(key)[tuple(box)])
         # Evenly spaced positions (the uniform rule's steps) become a strided view: no gather.

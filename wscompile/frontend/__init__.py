@@ -47,8 +47,9 @@ def trace(
 ) -> nx.DiGraph:
     """Trace ``model`` with the first frontend that succeeds.
 
-    With ``blocks_once``, each run of identical blocks is traced as two and the IR of the others
-    copied from the second (``frontend.repeated``); where that does not apply, the whole model is traced.
+    With ``blocks_once``, each run of identical blocks is traced as its first ``repeated.KEEP`` and
+    the IR of the others copied from them (``frontend.repeated``); where that does not apply, the
+    whole model is traced.
 
     Raises:
         TraceError: no frontend traced the model; the message names each frontend's failure.
@@ -122,7 +123,7 @@ def _trace_cut(
     tree: dict[str, list[str]],
     runs: list[repeated.Run],
 ) -> nx.DiGraph | None:
-    """The IR of ``model`` traced with its ``runs`` cut to two blocks, then expanded; None when the
+    """The IR of ``model`` traced with its ``runs`` cut to ``repeated.KEEP`` blocks, then expanded; None when the
     cut model does not trace or its IR does not show the blocks plainly (``repeated.expand``)."""
     with repeated.cut([m for m in (model, twin) if m is not None], runs):
         try:

@@ -31,9 +31,9 @@ from torch import nn
 
 from wscompile import ir
 
-KEEP = (
-    4  # blocks of a run the cut model keeps: enough to see what a block reads from the one before and from earlier ones
-)
+# Blocks of a run the cut model keeps: enough to see twice what a block reads from the one before
+# it and from earlier ones.
+KEEP = 4
 MIN_LENGTH = KEEP + 2  # shorter runs are traced whole: cutting them saves too little
 
 
@@ -234,7 +234,7 @@ def _expand_run(graph: nx.DiGraph, run: Run) -> nx.DiGraph | None:
         edges += [(node(block, a), node(block, b), arg) for a, b, arg in inner[0]]
         edges += [(a, node(block, b), arg) for a, b, arg in into[min(block, 1)]]
         for earlier in range(block):
-            pattern = next_block[0] if earlier == block - 1 else farther[0] if farther else set()
+            pattern = next_block[0] if earlier == block - 1 else farther[0]
             edges += [(node(earlier, a), node(block, b), arg) for a, b, arg in pattern]
         after = out_of[-1] if block == length - 1 else out_of[0]
         edges += [(node(block, a), shifted(b), arg) for a, b, arg in after]
